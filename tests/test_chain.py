@@ -1,0 +1,58 @@
+"""Splitting models into stages (ALGORITHM.md section 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hessinv import build_chain
+
+
+def test_stages_prefix_and_names():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Dropout(0.0),
+                          nn.Linear(3, 3, bias=False), nn.Linear(3, 2), nn.Tanh()).eval()
+    chain = build_chain(model)
+    assert len(chain.prefix) == 1
+    assert [len(s.modules) for s in chain.stages] == [3, 1, 2]
+    assert chain.param_names == tuple(n for n, _ in model.named_parameters())
+    assert [s.num_params for s in chain.stages] == [15, 9, 8]
+
+
+def test_list_of_modules_and_frozen_parameters():
+    first = nn.Linear(2, 2)
+    first.bias.requires_grad_(False)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    chain = build_chain([first, nn.Tanh(), frozen, nn.Linear(2, 1)])
+    assert [s.param_names for s in chain.stages] == [("0.weight",), ("3.weight", "3.bias")]
+    assert chain.stages[0].modules[-1] is frozen  # frozen modules are parameter-free here
+
+
+def test_stage_apply_matches_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2))
+    chain = build_chain(model)
+    z = torch.randn(5, 3)
+    out = z
+    for s in chain.stages:
+        out = s.apply(s.flat_params(), out)
+    assert torch.allclose(out, model(z))
+    x = chain.stages[0].flat_params()
+    split = chain.stages[0].split_params(x)
+    assert torch.equal(split["weight"], model[0].weight.detach())
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="Sequential"):
+        build_chain(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Sequential"):
+        build_chain([nn.Linear(2, 2), "tanh"])
+    with pytest.raises(ValueError, match="no trainable"):
+        build_chain(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="training mode"):
+        build_chain(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="shared"):
+        build_chain([shared, nn.Sequential(shared)])
+    with pytest.raises(ValueError, match="couples"):
+        build_chain(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)))

@@ -1,0 +1,79 @@
+"""Smoke test of the paper experiments: one tiny configuration each, into a tmp dir."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from paper import e1_depth, e2_width_batch, e3_accuracy, e4_pearlmutter  # noqa: E402
+from paper.common import Config, fit_loglog_slope, peak_memory  # noqa: E402
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _num(s):
+    return None if s in ("", None) else float(s)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Config(quick=True, device=torch.device("cpu"), outdir=tmp_path, seed=0)
+    torch.set_num_threads(threads)
+
+
+def test_e1_tiny(cfg):
+    md = e1_depth.run(cfg, depths=[2, 3], width=3, batch=2, repeats=1)
+    assert "E1" in md
+    for stem in ("e1_depth", "e1_depth_raw", "e1_slopes"):
+        assert (cfg.outdir / f"{stem}.csv").exists() and (cfg.outdir / f"{stem}.md").exists()
+    assert (cfg.outdir / "e1_depth.png").stat().st_size > 0
+    for row in _rows(cfg.outdir / "e1_depth_raw.csv"):
+        assert _num(row["err_riccati"]) < 1e-10  # against the dense solve
+        if row["err_cg"]:
+            assert _num(row["err_cg"]) < 1e-5
+
+
+def test_e2_tiny(cfg):
+    e2_width_batch.run(cfg, depth=2, widths=[2, 3], batches=[2, 3], width_batch=2,
+                       batch_width=2, repeats=1)
+    assert (cfg.outdir / "e2_width_batch.png").exists()
+    rows = _rows(cfg.outdir / "e2_width_batch_raw.csv")
+    assert len(rows) == 4
+    assert all(_num(r["err_riccati"]) < 1e-10 for r in rows)
+
+
+def test_e3_tiny(cfg):
+    e3_accuracy.run(cfg, depth=3, width=3, batch=2, eps=[1e-3, 1.0])
+    assert (cfg.outdir / "e3_accuracy.png").exists()
+    rows = _rows(cfg.outdir / "e3_accuracy.csv")
+    assert {r["net"] for r in rows} == {"tanh", "relu"}
+    for r in rows:
+        assert _num(r["err ric f64"]) < 1e-6
+        assert _num(r["err ric f32"]) < 1e-1
+        assert r["inertia ok"] == "True"
+
+
+def test_e4_tiny(cfg):
+    e4_pearlmutter.run(cfg, depths=[2, 3], ks=[1, 2], amortise_depth=2, repeats=1, width=3,
+                       batch=2)
+    assert (cfg.outdir / "e4_pearlmutter.png").exists()
+    for r in _rows(cfg.outdir / "e4_pearlmutter.csv"):
+        assert _num(r["max rel err"]) < 1e-12
+    for r in _rows(cfg.outdir / "e4_amortised.csv"):
+        assert _num(r["block rel err"]) < 1e-12
+
+
+def test_helpers():
+    assert abs(fit_loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) - 2.0) < 1e-12
+    mem = peak_memory(lambda: torch.ones(2_000_000, dtype=torch.float64).sum())
+    if mem is not None:  # Linux: a forked child; 16 MB allocated
+        assert 10e6 < mem < 40e6

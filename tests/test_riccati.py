@@ -1,0 +1,116 @@
+"""Stage-wise (Riccati) factorization: solve, logdet, inertia, fallback (ALGORITHM.md section 5)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _chains import ACTIVATIONS, make_problem, relative_error, solve_tolerance
+
+import hessinv
+
+
+def _dense(problem):
+    return hessinv.dense_hessian(*problem)
+
+
+def _eig_counts(M):
+    ev = torch.linalg.eigvalsh(M)
+    return int((ev > 0).sum()), int((ev < 0).sum()), 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_logdet_inertia_solve_against_dense(seed):
+    rng = random.Random(seed)
+    problem = make_problem(
+        depth=rng.randint(2, 6), width=rng.randint(2, 5), batch=rng.randint(1, 5),
+        activation=rng.choice(sorted(ACTIVATIONS)), loss=rng.choice(["ce", "mse", "mse_sum"]),
+        seed=seed,
+    )
+    H = hessinv.ChainHessian(*problem)
+    D = _dense(problem)
+    n = H.num_params
+    indefinite = bool(torch.linalg.eigvalsh(D).min() < -1e-3)
+    for eps in (1e-4, 1e-2, 1.0, 10.0, float(torch.linalg.eigvalsh(D).min().abs()) + 0.5):
+        M = D + eps * torch.eye(n, dtype=torch.float64)
+        F = H.factorize(eps)
+        sign, logabsdet = F.logdet()
+        ref_sign, ref_logabsdet = torch.linalg.slogdet(M)
+        assert sign == ref_sign
+        assert abs(float(logabsdet - ref_logabsdet)) < 1e-9 * max(1.0, abs(float(ref_logabsdet)))
+        assert F.inertia() == _eig_counts(M)
+        assert F.is_positive_definite == (F.inertia()[1] == 0)
+        if eps == 1e-4 and indefinite:
+            assert F.inertia()[1] > 0
+        g = torch.randn(n, 3, dtype=torch.float64)
+        ref = torch.linalg.solve(M, g)
+        assert relative_error(F.solve(g), ref) < solve_tolerance(M)
+        # Without refinement the recursion alone is accurate to about cond * 1e-13 here.
+        cond = float(torch.linalg.cond(M))
+        assert relative_error(F.solve(g, refine=0), ref) < max(1e-10, 1e-12 * cond)
+
+
+def test_spectrum_slicing_with_negative_damping():
+    problem = make_problem(depth=4, width=4, batch=4, seed=21)
+    H = hessinv.ChainHessian(*problem)
+    ev = torch.linalg.eigvalsh(_dense(problem))
+    for sigma in (-0.5, -0.01, 0.01, 0.3, 2.0):  # 0 is exactly singular (softmax)
+        below = int((ev < sigma).sum())
+        assert H.factorize(-sigma).inertia()[1] == below
+
+
+def test_multi_rhs_and_reuse():
+    problem = make_problem(depth=5, width=4, batch=3, loss="mse", seed=22)
+    H = hessinv.ChainHessian(*problem)
+    F = H.factorize(0.1)
+    G = torch.randn(H.num_params, 6, dtype=torch.float64)
+    X = F.solve(G)
+    for j in range(6):
+        assert torch.allclose(F.solve(G[:, j]), X[:, j], rtol=1e-12, atol=1e-14)
+    M = _dense(problem) + 0.1 * torch.eye(H.num_params, dtype=torch.float64)
+    assert relative_error(X, torch.linalg.solve(M, G)) < 1e-10
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-2, 1.0, 10.0])
+def test_riccati_agrees_with_tridiagonal(eps):
+    problem = make_problem(depth=6, width=3, batch=4, activation="silu", seed=23)
+    H = hessinv.ChainHessian(*problem)
+    g = torch.randn(H.num_params, 2, dtype=torch.float64)
+    a = H.solve(g, damping=eps, method="riccati")
+    b = H.solve(g, damping=eps, method="tridiagonal")
+    M = _dense(problem) + eps * torch.eye(H.num_params, dtype=torch.float64)
+    assert relative_error(a, b) < 2 * solve_tolerance(M)
+
+
+def test_singular_stage_falls_back_to_tridiagonal():
+    """G_L = A_L + eps I singular while H + eps I is not: warn, solve via section 4."""
+    problem = make_problem(depth=2, width=3, batch=4, loss="mse", seed=24)
+    H = hessinv.ChainHessian(*problem)
+    A_last = H.stage_derivatives()[-1].A
+    eps = -float(torch.linalg.eigvalsh(A_last)[-1])  # makes G_L singular
+    D = _dense(problem)
+    M = D + eps * torch.eye(H.num_params, dtype=torch.float64)
+    assert float(torch.linalg.svdvals(M).min()) > 1e-6
+    with pytest.warns(RuntimeWarning, match="singular"):
+        F = H.factorize(eps)
+    assert F.method == "tridiagonal" and "G_2" in F.fallback_reason
+    g = torch.randn(H.num_params, dtype=torch.float64)
+    assert relative_error(F.solve(g), torch.linalg.solve(M, g)) < solve_tolerance(M)
+    with pytest.raises(RuntimeError, match="Riccati"):
+        F.logdet()
+    with pytest.raises(RuntimeError, match="Riccati"):
+        F.inertia()
+
+
+def test_stage_factor_kinds():
+    problem = make_problem(depth=3, width=4, batch=3, seed=25)
+    H = hessinv.ChainHessian(*problem)
+    assert H.factorize(100.0).is_positive_definite
+    F = H.factorize(1e-3)
+    assert not F.is_positive_definite
+    assert {f.kind for f in F._factors} <= {"cholesky", "ldl"}
+    with pytest.raises(TypeError):
+        H.factorize("big")
+    with pytest.raises(ValueError):
+        H.factorize(float("nan"))
