@@ -67,7 +67,7 @@ class HessianFactorization:
                 self.fallback_reason = str(err)
                 warnings.warn(
                     f"{err}; falling back to the pivoted block-tridiagonal solve (ALGORITHM.md "
-                    "section 4). logdet() and inertia() are not available from it.",
+                    "section 4); inertia() is not available from it.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -108,10 +108,16 @@ class HessianFactorization:
         return self._factors
 
     def logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sign, log|det(H + eps I)|)`` as 0-d tensors (sum over the stage ``G_l``)."""
-        factors = self._need_riccati("logdet()")
-        sign = torch.stack([f.sign for f in factors]).prod()
-        return sign, torch.stack([f.logabsdet for f in factors]).sum()
+        """``(sign, log|det(H + eps I)|)`` as 0-d tensors.
+
+        Riccati: the sum over the stage Schur complements ``G_l``. Tridiagonal: the
+        determinant of the augmented system, which equals ``det(H + eps I)`` because
+        eliminating the tangents and adjoints has unit determinant (section 4).
+        """
+        if self._factors is None:
+            return self._augmented.lu.slogdet()
+        sign = torch.stack([f.sign for f in self._factors]).prod()
+        return sign, torch.stack([f.logabsdet for f in self._factors]).sum()
 
     def inertia(self) -> tuple[int, int, int]:
         """``(n_positive, n_negative, n_zero)`` eigenvalue counts of ``H + eps I``."""

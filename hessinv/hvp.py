@@ -29,9 +29,9 @@ def hessian_vector_product(
     tangents: list[torch.Tensor | None] = [None]  # tangents[l] = t_l (t_0 = 0)
     for l in range(L - 1):
         d = stages[l]
-        t = torch.einsum("bop,pk->bok", d.Dx, v[l])
+        t = (d.Dx.reshape(-1, v[l].shape[0]) @ v[l]).reshape(*d.Dx.shape[:2], -1)
         if tangents[-1] is not None:
-            t = t + torch.einsum("boi,bik->bok", d.Dz, tangents[-1])
+            t = t + torch.bmm(d.Dz, tangents[-1])
         tangents.append(t)
     out: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     u = None  # u_L = 0
@@ -40,15 +40,13 @@ def hessian_vector_product(
         t_prev = tangents[l]
         r = d.A @ v[l]
         if t_prev is not None:
-            r = r + torch.einsum("bpi,bik->pk", d.C, t_prev)
+            r = r + torch.bmm(d.C, t_prev).sum(0)
         if u is not None:
-            r = r + torch.einsum("bop,bok->pk", d.Dx, u)
+            r = r + d.Dx.reshape(-1, r.shape[0]).T @ u.reshape(-1, u.shape[2])
         out[l] = r
         if l > 0:  # here t_prev = t_{l-1} exists
-            u_prev = torch.einsum("bpi,pk->bik", d.C, v[l]) + torch.einsum(
-                "bij,bjk->bik", d.Q, t_prev
-            )
+            u_prev = torch.matmul(d.C.transpose(1, 2), v[l]) + torch.bmm(d.Q, t_prev)
             if u is not None:
-                u_prev = u_prev + torch.einsum("boi,bok->bik", d.Dz, u)
+                u_prev = u_prev + torch.bmm(d.Dz.transpose(1, 2), u)
             u = u_prev
     return out

@@ -163,9 +163,9 @@ def riccati_solve(
             s_new = -(f.gain.T @ kvec)
             if s is not None:
                 B, h, h_in = d.Dz.shape
-                s_new = s_new + torch.einsum(
-                    "boi,bok->bik", d.Dz, s.reshape(B, h, -1)
-                ).reshape(B * h_in, -1)
+                s_new = s_new + torch.bmm(d.Dz.transpose(1, 2), s.reshape(B, h, -1)).reshape(
+                    B * h_in, -1
+                )
             s = s_new
     out: list[torch.Tensor] = []
     t = None  # t_{l-1}, (a_{l-1}, k)
@@ -180,8 +180,6 @@ def riccati_solve(
             t_new = d.Dx.reshape(-1, p) @ v
             if t is not None:
                 B, h, h_in = d.Dz.shape
-                t_new = t_new + torch.einsum(
-                    "boi,bik->bok", d.Dz, t.reshape(B, h_in, -1)
-                ).reshape(B * h, -1)
+                t_new = t_new + torch.bmm(d.Dz, t.reshape(B, h_in, -1)).reshape(B * h, -1)
             t = t_new
     return out

@@ -1,0 +1,391 @@
+"""Time and peak memory of hessinv's exact solves against dense and CG, over depth.
+
+Each measurement runs in a fresh child process, so that its peak memory (peak RSS
+growth on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) is its own. Times are
+medians over ``--repeats`` runs.
+
+Suites:
+
+* ``core`` (issue 3): tanh MLP width 16, batch 16, input 8, 4 classes, depth
+  4..128: time of the stage derivatives, of one ``matvec``, of ``solve`` (Riccati
+  and tridiagonal), of dense ``torch.func.hessian`` + ``torch.linalg.solve`` (while
+  ``n <= --dense-limit``) and of CG to relative residual 1e-8.
+* ``scaling`` (issue 4): depth 8..512 for (width, batch) in (16, 16), (16, 32),
+  (32, 8): Riccati, tridiagonal, dense and CG, fitted exponents of time and memory in
+  depth, the cost of one more right-hand side with a kept factorization, and the
+  share of time in the derivative oracle.
+
+Damping: ``1e-2`` for the exact solves. ``H + 1e-2 I`` is indefinite for these
+networks, where CG breaks down; CG is therefore run on the shifted, positive
+definite system ``H + (1e-2 - lambda_min) I``, with ``lambda_min`` found (untimed) by
+bisection on the exact inertia, and its iterations are reported.
+
+    python benchmarks/bench_solve.py --suite core
+    python benchmarks/bench_solve.py --suite scaling [--quick] [--device cuda --max-depth 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+DAMPING = 1e-2
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, repeats, device):
+    times, out = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _problem(depth, width, batch, device, seed=0):
+    from hessinv.demo import tall_skinny_mlp
+
+    model = tall_skinny_mlp(depth, width, 8, 4, torch.float64, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(batch, 8, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randint(0, 4, (batch,), generator=gen).to(device)
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def _pd_shift(H, damping) -> float:
+    """Smallest (to 1%) shift ``s >= 0`` with ``H + (damping + s) I`` positive definite."""
+    from hessinv import SingularStageError
+
+    def pd(s):
+        try:
+            return H.factorize(damping + s, fallback=False).is_positive_definite
+        except SingularStageError:
+            return False
+
+    if pd(0.0):
+        return 0.0
+    lo, hi = 0.0, 1e-3
+    while not pd(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 0.01 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if pd(mid) else (mid, hi)
+    return hi
+
+
+def _warm_up(device):
+    """Run every code path once on a tiny problem: one-time library start-up is not timed."""
+    import hessinv
+
+    H = hessinv.ChainHessian(*_problem(3, 4, 4, device))
+    g = H.gradient()
+    H @ g
+    for damping in (DAMPING, 10.0):
+        H.factorize(damping).solve(g)
+    H.solve(g, damping=DAMPING, method="tridiagonal")
+    hessinv.conjugate_gradient(H.matvec, g, 10.0, maxiter=5)
+    hessinv.dense_hessian(*_problem(3, 4, 4, device))
+
+
+def worker(spec: dict) -> dict:
+    """Run one (problem, method) measurement; return times (s) and peak memory (bytes)."""
+    import hessinv
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    repeats = spec["repeats"]
+    _warm_up(device)
+    model, loss_fn, X, y = _problem(spec["depth"], spec["width"], spec["batch"], device)
+    out: dict = {}
+    H = hessinv.ChainHessian(model, loss_fn, X, y)
+    out["n"] = H.num_params
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    method = spec["method"]
+    if method in ("riccati", "tridiagonal"):
+
+        def fresh_derivatives():
+            h = hessinv.ChainHessian(model, loss_fn, X, y)
+            h.stage_derivatives()
+            return h
+
+        out["derivatives"], H = _median_time(fresh_derivatives, repeats, device)
+        g = H.gradient()
+        if method == "riccati":
+            v = torch.randn_like(g)
+            out["matvec"], _ = _median_time(lambda: H @ v, repeats, device)
+            out["factorize"], F = _median_time(lambda: H.factorize(DAMPING), repeats, device)
+            out["solve"], x = _median_time(lambda: F.solve(g), repeats, device)
+            out["extra_rhs"], _ = _median_time(lambda: F.solve(v), repeats, device)
+            out["extra_rhs_norefine"], _ = _median_time(lambda: F.solve(v, refine=0), repeats,
+                                                        device)
+            out["total"] = out["derivatives"] + out["factorize"] + out["solve"]
+        else:
+            reps = 1 if spec["depth"] > 16 else repeats
+            out["solve"], x = _median_time(
+                lambda: H.solve(g, damping=DAMPING, method="tridiagonal"), reps, device
+            )
+            out["total"] = out["derivatives"] + out["solve"]
+        r = H @ x + DAMPING * x - g
+        out["residual"] = float(torch.linalg.norm(r) / torch.linalg.norm(g))
+    elif method == "dense":
+        n = H.num_params
+
+        def dense_solve():
+            D = hessinv.dense_hessian(model, loss_fn, X, y)
+            eye = torch.eye(n, dtype=D.dtype, device=D.device)
+            return torch.linalg.solve(D + DAMPING * eye, H.gradient())
+
+        out["total"], _ = _median_time(dense_solve, 1, device)
+    elif method == "cg":
+        H.stage_derivatives()
+        g = H.gradient()
+        first = hessinv.conjugate_gradient(H.matvec, g, DAMPING, rtol=1e-8, maxiter=5 * H.num_params)
+        out["cg_breakdown_iter"] = first.iterations if not first.converged else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        shift = _pd_shift(H, DAMPING)
+        out["shift"] = shift
+        t, res = _median_time(
+            lambda: hessinv.conjugate_gradient(
+                H.matvec, g, DAMPING + shift, rtol=1e-8, maxiter=20 * H.num_params
+            ),
+            1,
+            device,
+        )
+        out["total"] = t
+        out["cg_iterations"] = res.iterations
+        out["cg_converged"] = res.converged
+    else:
+        raise ValueError(method)
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    else:
+        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return out
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def run_child(spec: dict, timeout: float) -> dict | None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout:.0f}s"}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        return {"error": tail[0][:120]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def slope(xs, ys) -> float:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y and y > 0]
+    if len(pts) < 2:
+        return float("nan")
+    mx = statistics.fmean(p[0] for p in pts)
+    my = statistics.fmean(p[1] for p in pts)
+    num = sum((x - mx) * (y - my) for x, y in pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return num / den
+
+
+def _fmt_t(v):
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _fmt_mb(v):
+    return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def _progress(items, desc):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        return items
+
+
+def measure(configs, methods, args, limits):
+    """``results[(depth, width, batch)][method] = dict``; skips past a method's limits."""
+    results = {}
+    stopped = set()
+    jobs = [(c, m) for c in configs for m in methods]
+    for (depth, width, batch), method in _progress(jobs, "bench"):
+        key = (depth, width, batch)
+        results.setdefault(key, {})
+        n_est = depth * (width * width + width)
+        a = width * batch
+        p = width * width + width
+        if (width, batch, method) in stopped or not limits[method](depth, n_est, p, a):
+            continue
+        spec = dict(depth=depth, width=width, batch=batch, method=method, device=args.device,
+                    threads=args.threads, repeats=args.repeats)
+        res = run_child(spec, args.timeout)
+        results[key][method] = res
+        if "error" in res:
+            stopped.add((width, batch, method))
+            print(f"  {method} at {key}: {res['error']} (larger depths skipped)", file=sys.stderr)
+    return results
+
+
+def core_table(results) -> str:
+    lines = [
+        "| depth | n | derivatives (s) | matvec (s) | riccati factor+solve (s) | tridiagonal solve (s) "
+        "| dense hessian+solve (s) | CG to 1e-8 (s) | CG iters (shift) | CG at eps=1e-2 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for (depth, _, _), r in sorted(results.items()):
+        ric, tri, den, cg = (r.get(m, {}) for m in ("riccati", "tridiagonal", "dense", "cg"))
+        n = ric.get("n", "-")
+        fs = ric["factorize"] + ric["solve"] if "factorize" in ric else None
+        cg_iters = (
+            f"{cg['cg_iterations']}{'' if cg.get('cg_converged') else ' (no conv.)'} "
+            f"(+{cg['shift']:.2f})" if "cg_iterations" in cg else "-"
+        )
+        breakdown = (
+            f"breakdown at it. {cg['cg_breakdown_iter']}" if cg.get("cg_breakdown_iter")
+            else ("converged" if "total" in cg else "-")
+        )
+        lines.append(
+            f"| {depth} | {n} | {_fmt_t(ric.get('derivatives'))} | {_fmt_t(ric.get('matvec'))} | "
+            f"{_fmt_t(fs)} | {_fmt_t(tri.get('solve'))} | {_fmt_t(den.get('total'))} | "
+            f"{_fmt_t(cg.get('total'))} | {cg_iters} | {breakdown} |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_tables(results, shapes) -> str:
+    out = []
+    for width, batch in shapes:
+        rows = sorted((k, v) for k, v in results.items() if k[1:] == (width, batch))
+        out.append(f"\n### width {width}, batch {batch}\n")
+        out.append(
+            "| depth | n | riccati total (s) | riccati peak MB | derivatives share | extra RHS (s) "
+            "| factor+solve / extra RHS | same, refine=0 | tridiagonal total (s) | tridiagonal peak MB "
+            "| tri / riccati | dense (s) | dense peak MB | CG (s) | CG iters |"
+        )
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for (depth, _, _), r in rows:
+            ric, tri, den, cg = (r.get(m, {}) for m in ("riccati", "tridiagonal", "dense", "cg"))
+            share = ric["derivatives"] / ric["total"] if "total" in ric else None
+            fs = ric["factorize"] + ric["solve"] if "factorize" in ric else None
+            ratio_rhs = fs / ric["extra_rhs"] if fs else None
+            ratio_rhs0 = fs / ric["extra_rhs_norefine"] if fs else None
+            tri_ratio = tri["total"] / ric["total"] if "total" in tri and "total" in ric else None
+            out.append(
+                f"| {depth} | {ric.get('n', '-')} | {_fmt_t(ric.get('total'))} | "
+                f"{_fmt_mb(ric.get('peak_bytes'))} | {'-' if share is None else f'{share:.0%}'} | "
+                f"{_fmt_t(ric.get('extra_rhs'))} | {'-' if ratio_rhs is None else f'{ratio_rhs:.0f}x'} | "
+                f"{'-' if ratio_rhs0 is None else f'{ratio_rhs0:.0f}x'} | "
+                f"{_fmt_t(tri.get('total'))} | {_fmt_mb(tri.get('peak_bytes'))} | "
+                f"{'-' if tri_ratio is None else f'{tri_ratio:.1f}x'} | {_fmt_t(den.get('total'))} | "
+                f"{_fmt_mb(den.get('peak_bytes'))} | {_fmt_t(cg.get('total'))} | "
+                f"{cg.get('cg_iterations', '-')} |"
+            )
+        fits = []
+        for method, field in (("riccati", "total"), ("riccati", "peak_bytes"),
+                              ("tridiagonal", "total"), ("tridiagonal", "peak_bytes"),
+                              ("dense", "total"), ("dense", "peak_bytes")):
+            pts = [(k[0], v[method][field]) for k, v in rows
+                   if field in v.get(method, {}) and k[0] >= 16]
+            if len(pts) >= 2:
+                xs, ys = zip(*pts, strict=True)
+                fits.append(f"{method} {'time' if field == 'total' else 'peak memory'}: "
+                            f"{slope(xs, ys):.2f} (depth {min(xs)}..{max(xs)})")
+        out.append("\nFitted exponents in depth (log-log least squares, depth >= 16): "
+                   + "; ".join(fits) + ".")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--suite", choices=["core", "scaling", "all"], default="core")
+    parser.add_argument("--quick", action="store_true", help="smaller depths")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600.0, help="per measurement (s)")
+    parser.add_argument("--max-depth", type=int, default=512)
+    parser.add_argument("--dense-limit", type=int, default=6000, help="max n for dense")
+    parser.add_argument("--tri-bytes", type=float, default=6e9,
+                        help="skip tridiagonal when its estimated storage exceeds this")
+    parser.add_argument("--cg-max-depth", type=int, default=128)
+    parser.add_argument("--shapes", nargs="+", default=["16x16", "16x32", "32x8"],
+                        help="scaling suite: WIDTHxBATCH pairs")
+    parser.add_argument("--out", help="also write the markdown here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    limits = {
+        "riccati": lambda L, n, p, a: True,
+        "tridiagonal": lambda L, n, p, a: 10 * 8 * L * (p + 2 * a) ** 2 <= args.tri_bytes,
+        "dense": lambda L, n, p, a: n <= args.dense_limit,
+        "cg": lambda L, n, p, a: L <= args.cg_max_depth,
+    }
+    methods = ["riccati", "tridiagonal", "dense", "cg"]
+    header = (f"device {args.device}, {args.threads} threads, float64, damping {DAMPING}, "
+              f"median of {args.repeats}\n")
+    text = [header]
+    if args.suite in ("core", "all"):
+        depths = [4, 8, 16, 32] if args.quick else [4, 8, 16, 32, 64, 128]
+        res = measure([(L, 16, 16) for L in depths if L <= args.max_depth], methods, args, limits)
+        text.append("## core: tanh MLP width 16, batch 16, input 8, 4 classes\n")
+        text.append(core_table(res))
+    if args.suite in ("scaling", "all"):
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        depths = [8, 16, 32, 64] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
+        configs = [(L, w, b) for (w, b) in shapes for L in depths if L <= args.max_depth]
+        res = measure(configs, methods, args, limits)
+        text.append("\n## scaling in depth")
+        text.append(scaling_tables(res, shapes))
+        key = (32, 16, 32)
+        if "total" in res.get(key, {}).get("tridiagonal", {}):
+            ratio = res[key]["tridiagonal"]["total"] / res[key]["riccati"]["total"]
+            text.append(f"\nriccati speed-up over tridiagonal at depth 32, width 16, batch 32: "
+                        f"{ratio:.1f}x")
+    report = "\n".join(text)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
