@@ -307,7 +307,7 @@ def _logistic_problem():
         W, b = t[:15].reshape(3, 5), t[15:]
         loss = loss_fn(X @ W.T + b, y)
         (grad,) = torch.autograd.grad(loss, t)
-        return float(loss), grad.numpy()
+        return float(loss.detach()), grad.numpy()
 
     ref = minimize(f_and_g, flat_params(model).numpy(), jac=True, method="BFGS",
                    options={"gtol": 1e-11, "maxiter": 2000})
@@ -320,7 +320,7 @@ def test_convex_logistic_regression_converges(cls, kwargs):
     model, loss_fn, X, y, fmin = _logistic_problem()
     opt = cls(model, loss_fn, **kwargs)
     losses = [opt.step(X, y) for _ in range(10)]
-    final = float(loss_fn(model(X), y))
+    final = float(loss_fn(model(X), y).detach())
     assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))  # monotone
     assert losses[0] - fmin > 0.1  # started far from the minimum
     assert final - fmin < 1e-9
