@@ -27,12 +27,20 @@ from collections.abc import Sequence
 
 import torch
 
-from block_partitioned_matrices import Tridiagonal
+from block_partitioned_matrices import (
+    BlockGrid,
+    Diagonal,
+    LowerBidiagonal,
+    Tridiagonal,
+    UpperBidiagonal,
+    Zero,
+    blockwise_transpose,
+)
 
 from .derivatives import StageDerivatives
 from .riccati import _block_diagonal
 
-__all__ = ["augmented_tridiagonal", "AugmentedSolver"]
+__all__ = ["augmented_grid", "augmented_tridiagonal", "AugmentedSolver"]
 
 
 def _dense_C(d: StageDerivatives) -> torch.Tensor:
@@ -41,44 +49,52 @@ def _dense_C(d: StageDerivatives) -> torch.Tensor:
     return d.C.permute(1, 0, 2).reshape(p, B * h_in)
 
 
-def augmented_tridiagonal(stages: Sequence[StageDerivatives], damping: float) -> Tridiagonal:
-    """The blockwise-transposed augmented system as a :class:`Tridiagonal` over stages."""
+def augmented_grid(stages: Sequence[StageDerivatives], damping: float) -> BlockGrid:
+    """The paper's 3x3 block system over unknowns ``(v_1..v_L; t_1..t_L; u_1..u_L)``.
+
+    Each entry is block-diagonal or block-bidiagonal over the ``L`` stages::
+
+        [ diag(A_l + eps I)    lower(C_l)               diag(Dx_l^T)     ]
+        [ diag(-Dx_l)          M = unit lower(-Dz_l)    0                ]
+        [ upper(-C_{l+1}^T)    diag(-Q_{l+1})           M^T              ]
+
+    The loss stage's ``t_L``, ``u_L`` have size 0 (they do not enter ``H``).
+    """
     L = len(stages)
-    ref = stages[0].A
-    kw = {"dtype": ref.dtype, "device": ref.device}
+    kw = {"dtype": stages[0].A.dtype, "device": stages[0].A.device}
     p = [d.A.shape[0] for d in stages]
-    a = [d.Dx.shape[0] * d.Dx.shape[1] for d in stages[:-1]]
-    size = [p[l] + 2 * a[l] for l in range(L - 1)] + [p[-1]]
-    diagonal, lower, upper = [], [], []
-    for l in range(L):
-        d = stages[l]
-        D = torch.zeros(size[l], size[l], **kw)
-        D[: p[l], : p[l]] = d.A + damping * torch.eye(p[l], **kw)
-        if l < L - 1:
-            Dx = d.Dx.reshape(a[l], p[l])
-            v, t, u = slice(0, p[l]), slice(p[l], p[l] + a[l]), slice(p[l] + a[l], size[l])
-            D[v, u] = Dx.T
-            D[t, v] = -Dx
-            D[t, t] = torch.eye(a[l], **kw)
-            D[u, t] = -_block_diagonal(stages[l + 1].Q)
-            D[u, u] = torch.eye(a[l], **kw)
-        diagonal.append(D)
-        if l > 0:  # block (l, l-1): couples to t_{l-1}
-            Lo = torch.zeros(size[l], size[l - 1], **kw)
-            t_prev = slice(p[l - 1], p[l - 1] + a[l - 1])
-            Lo[: p[l], t_prev] = _dense_C(d)
-            if l < L - 1:
-                Lo[p[l] : p[l] + a[l], t_prev] = -_block_diagonal(d.Dz)
-            lower.append(Lo)
-        if l < L - 1:  # block (l, l+1): the u_l rows couple to v_{l+1} and u_{l+1}
-            nxt = stages[l + 1]
-            Up = torch.zeros(size[l], size[l + 1], **kw)
-            u_rows = slice(p[l] + a[l], size[l])
-            Up[u_rows, : p[l + 1]] = -_dense_C(nxt).T
-            if l + 1 < L - 1:
-                Up[u_rows, p[l + 1] + a[l + 1] :] = -_block_diagonal(nxt.Dz).transpose(0, 1)
-            upper.append(Up)
-    return Tridiagonal(diagonal=diagonal, lower=lower, upper=upper)
+    a = [d.Dx.shape[0] * d.Dx.shape[1] for d in stages[:-1]] + [0]
+    Dx = [d.Dx.reshape(-1, p[l]) for l, d in enumerate(stages[:-1])]
+    Dx.append(torch.zeros(0, p[-1], **kw))
+    # Dz_l and Q_l of stage l act on the output of stage l-1; the loss stage's t_L is empty.
+    Dz = [_block_diagonal(d.Dz)[: a[l]] for l, d in enumerate(stages) if l > 0]
+    C = [_dense_C(d) for d in stages[1:]]
+    Q = [-_block_diagonal(d.Q) for d in stages[1:]] + [torch.zeros(0, 0, **kw)]
+    eye = [torch.eye(n, **kw) for n in p]
+    return BlockGrid(
+        [
+            [
+                Diagonal([d.A + damping * e for d, e in zip(stages, eye, strict=True)]),
+                LowerBidiagonal([Zero(p[l], a[l]) for l in range(L)], C),
+                Diagonal([m.T for m in Dx]),
+            ],
+            [
+                Diagonal([-m for m in Dx]),
+                LowerBidiagonal(None, [-m for m in Dz], sizes=a),
+                Zero(sum(a), sum(a)),
+            ],
+            [
+                UpperBidiagonal([Zero(a[l], p[l]) for l in range(L)], [-c.T for c in C]),
+                Diagonal(Q),
+                UpperBidiagonal(None, [-m.T for m in Dz], sizes=a),
+            ],
+        ]
+    )
+
+
+def augmented_tridiagonal(stages: Sequence[StageDerivatives], damping: float) -> Tridiagonal:
+    """The blockwise transpose of :func:`augmented_grid`: a :class:`Tridiagonal` over stages."""
+    return blockwise_transpose(augmented_grid(stages, damping))
 
 
 class AugmentedSolver:

@@ -25,9 +25,7 @@ from .common import (
     save_figure,
     write_table,
 )
-from .e1_depth import measure_point
-
-METHODS = ("derivatives", "matvec", "riccati", "tridiagonal", "cg", "dense")
+from .e1_depth import METHODS, measure_point
 
 
 def settings(cfg: Config) -> dict:
