@@ -76,27 +76,6 @@ def _problem(depth, width, batch, device, seed=0):
     return model, nn.CrossEntropyLoss(), X, y
 
 
-def _pd_shift(H, damping) -> float:
-    """Smallest (to 1%) shift ``s >= 0`` with ``H + (damping + s) I`` positive definite."""
-    from hessinv import SingularStageError
-
-    def pd(s):
-        try:
-            return H.factorize(damping + s, fallback=False).is_positive_definite
-        except SingularStageError:
-            return False
-
-    if pd(0.0):
-        return 0.0
-    lo, hi = 0.0, 1e-3
-    while not pd(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 0.01 * hi:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if pd(mid) else (mid, hi)
-    return hi
-
-
 def _warm_up(device):
     """Run every code path once on a tiny problem: one-time library start-up is not timed."""
     import hessinv
@@ -171,7 +150,7 @@ def worker(spec: dict) -> dict:
         out["cg_breakdown_iter"] = first.iterations if not first.converged else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        shift = _pd_shift(H, DAMPING)
+        shift = H.positive_definite_shift(DAMPING)
         out["shift"] = shift
         t, res = _median_time(
             lambda: hessinv.conjugate_gradient(

@@ -325,6 +325,41 @@ class ChainHessian:
         """
         return HessianFactorization(self, damping, method, fallback)
 
+    def positive_definite_shift(
+        self, damping: float = 0.0, start: float = 1e-3, rel_tol: float = 0.01,
+        max_doublings: int = 60,
+    ) -> float:
+        """The smallest ``s >= 0`` (to ``rel_tol``) with ``H + (damping + s) I`` positive definite.
+
+        Bisection on ``s`` using only whether the Riccati factorization has a Cholesky
+        factor at every stage (the exact inertia, ALGORITHM.md section 5): each probe is
+        one linear-time factorization, no eigensolver. The bracket is found by doubling
+        from ``start``. ``damping + s`` estimates ``-lambda_min(H)`` when ``s > 0``.
+        """
+        damping = _check_damping(damping)
+        if not (start > 0 and 0 < rel_tol < 1):
+            raise ValueError(f"need start > 0 and 0 < rel_tol < 1, got {start}, {rel_tol}")
+
+        def positive_definite(shift: float) -> bool:
+            try:
+                return self.factorize(damping + shift, fallback=False).is_positive_definite
+            except SingularStageError:
+                return False
+
+        if positive_definite(0.0):
+            return 0.0
+        lo, hi = 0.0, start
+        for _ in range(max_doublings):
+            if positive_definite(hi):
+                break
+            lo, hi = hi, 2 * hi
+        else:
+            raise RuntimeError(f"H + {damping + hi} I is still not positive definite")
+        while hi - lo > rel_tol * hi:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if positive_definite(mid) else (mid, hi)
+        return hi
+
     def solve(self, g, damping: float = 0.0, method: str = "riccati", refine: int = 1):
         """``(H + damping I)^-1 g``, exactly; ``g`` of any kind :meth:`matvec` takes.
 

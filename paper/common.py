@@ -453,35 +453,11 @@ def progress(items, desc: str, quiet: bool = False):
 def positive_definite_shift(H, margin: float = 1.25, rel_tol: float = 0.02, max_doublings: int = 60):
     """A damping ``eps`` making ``H + eps I`` positive definite: ``margin * (-lambda_min)``.
 
-    ``-lambda_min(H)`` is bracketed by bisection on ``eps`` using only the exact
-    inertia of the Riccati factorization (ALGORITHM.md section 5): ``H + eps I`` is
-    positive definite iff every stage Schur complement has a Cholesky factor. Each
-    probe costs one linear-time factorization, no eigenvalue solver. Returns
-    ``(eps, lambda_min_estimate)``; ``lambda_min`` is accurate to ``rel_tol``.
-    If ``H`` is already positive definite, returns ``(0.0, None)``.
+    ``-lambda_min(H)`` comes from :meth:`hessinv.ChainHessian.positive_definite_shift`
+    (bisection on the exact inertia, doubling from 1). Returns
+    ``(eps, lambda_min_estimate)``; ``(0.0, None)`` if ``H`` is positive definite.
     """
-    import warnings
-
-    def pd(eps: float) -> bool:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            F = H.factorize(eps)
-            try:
-                return F.is_positive_definite
-            except RuntimeError:  # fell back to the tridiagonal solve: not PD-checked
-                return False
-
-    if pd(0.0):
+    shift = H.positive_definite_shift(start=1.0, rel_tol=rel_tol, max_doublings=max_doublings)
+    if shift == 0.0:
         return 0.0, None
-    lo, hi = 0.0, 1.0
-    for _ in range(max_doublings):
-        if pd(hi):
-            break
-        lo, hi = hi, 2 * hi
-    while hi - lo > rel_tol * hi:
-        mid = 0.5 * (lo + hi)
-        if pd(mid):
-            hi = mid
-        else:
-            lo = mid
-    return margin * hi, -hi
+    return margin * shift, -shift

@@ -118,3 +118,16 @@ def test_stage_factor_kinds():
         H.factorize("big")
     with pytest.raises(ValueError):
         H.factorize(float("nan"))
+
+
+def test_positive_definite_shift_brackets_smallest_eigenvalue():
+    problem = make_problem(depth=4, width=4, batch=4, seed=26)
+    H = hessinv.ChainHessian(*problem)
+    lam_min = float(torch.linalg.eigvalsh(_dense(problem))[0])
+    assert lam_min < 0
+    for damping in (0.0, 1e-2):
+        s = H.positive_definite_shift(damping, rel_tol=1e-3)
+        assert -lam_min <= damping + s <= -lam_min + 1e-3 * s + 1e-12
+    assert H.positive_definite_shift(-lam_min + 0.1) == 0.0
+    with pytest.raises(ValueError):
+        H.positive_definite_shift(rel_tol=2.0)
