@@ -1,28 +1,37 @@
 """hessinv: the exact Hessian of deep chain networks, in time linear in depth.
 
 Hessian-vector products, the exact damped Newton solve ``(H + eps I)^-1 g``,
-log-determinant, inertia and diagonal of the Hessian of
-``loss_fn(model(inputs), targets)`` for a model that is a chain of stages
-(an ``nn.Sequential``). See ``ALGORITHM.md`` for the mathematics.
+log-determinant, inertia, diagonal and spectrum tools of the Hessian (and of the
+generalized Gauss-Newton matrix) of ``loss_fn(model(inputs), targets)`` for a model
+that is a chain of stages (an ``nn.Sequential``). The mathematics is in
+``docs/algorithm.md``; the sections are cited in the docstrings.
 """
 
-from .chain import Chain, Stage, build_chain
-from .derivatives import StageDerivatives
-from .hessian import ChainHessian, HessianFactorization
+from . import optim
+from .errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
+from .factorization import Factorization, RiccatiFactorization, TridiagonalFactorization
+from .hessian import ChainGGN, ChainHessian
+from .optim import DampedNewton, TrustRegionNewton, trust_region_subproblem
 from .reference import conjugate_gradient, dense_hessian
-from .riccati import SingularStageError
+from .spectrum import EigenvalueBracket
 from .vectors import flatten, unflatten
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ChainHessian",
-    "HessianFactorization",
-    "StageDerivatives",
-    "SingularStageError",
-    "Chain",
-    "Stage",
-    "build_chain",
+    "ChainGGN",
+    "Factorization",
+    "RiccatiFactorization",
+    "TridiagonalFactorization",
+    "EigenvalueBracket",
+    "SingularMatrixError",
+    "MemoryBudgetError",
+    "AccuracyWarning",
+    "DampedNewton",
+    "TrustRegionNewton",
+    "trust_region_subproblem",
+    "optim",
     "flatten",
     "unflatten",
     "dense_hessian",

@@ -1,24 +1,22 @@
-"""The paper's solve: the augmented block-tridiagonal system (ALGORITHM.md section 4).
+"""The paper's solve: the augmented block-tridiagonal system (docs/algorithm.md section 4).
 
 With forward tangents ``t_l`` and second-order adjoints ``u_l`` as extra unknowns,
-``(H + eps I) v = g`` is equivalent to the sparse system (0-based stages, ``a_l``
-the output size of stage ``l``)::
+``(H + eps I) v = g`` is equivalent to the sparse system (0-based stages ``l < L``,
+``a_l = B h_l`` the output size of stage ``l``, ``S`` the loss Hessian blocks)::
 
-    (A_l + eps I) v_l + C_l t_{l-1} + Dx_l^T u_l                 = g_l
-    -Dx_l v_l + t_l - Dz_l t_{l-1}                                = 0   (l < L-1)
-    -C_{l+1}^T v_{l+1} - Q_{l+1} t_l + u_l - Dz_{l+1}^T u_{l+1}   = 0   (l < L-1)
+    (Dxx_l + eps I) v_l + Dzx_l t_{l-1} + Dx_l^T u_l                   = g_l
+    -Dx_l v_l + t_l - Dz_l t_{l-1}                                      = 0
+    -Dzx_{l+1}^T v_{l+1} - Dzz_{l+1} t_l + u_l - Dz_{l+1}^T u_{l+1}     = 0   (l < L-1)
+    -S t_{L-1} + u_{L-1}                                                = 0
 
-This is the paper's 3x3 block matrix of block-banded blocks. Ordering the
-unknowns stage by stage, ``(v_1, t_1, u_1, ..., v_L)`` -- the blockwise transpose
-of ``(v_1..v_L, t_1..t_L, u_1..u_L)`` -- makes it block-tridiagonal with blocks of
-size ``p_l + 2 a_l`` (``p_L`` for the loss stage, whose ``t_L``, ``u_L`` drop out).
-It is solved by the pivoted block LU of
-:class:`block_partitioned_matrices.Tridiagonal`. Time and memory are linear in
-``L`` but cubic/quadratic in ``p + 2a``: section 5 (:mod:`hessinv.riccati`) is the
-faster route to the same answer.
-
-Since the elimination of ``(t, u)`` has unit determinant, the determinant of the
-augmented matrix equals ``det(H + eps I)``.
+This is the paper's 3x3 block matrix of block-banded blocks. Ordering the unknowns
+stage by stage, ``(v_1, t_1, u_1, ..., v_L, t_L, u_L)`` -- the blockwise transpose of
+``(v_1..v_L, t_1..t_L, u_1..u_L)`` -- makes it block-tridiagonal with blocks of size
+``p_l + 2 a_l``, solved by the pivoted block LU of
+:class:`block_partitioned_matrices.Tridiagonal`. Eliminating ``(t, u)`` has unit
+determinant, so the augmented determinant equals ``det(H + eps I)``. The blocks are
+dense in parameter space: this path is for narrow stages and for comparison with
+section 5 (:mod:`hessinv.riccati`), which is much faster.
 """
 
 from __future__ import annotations
@@ -37,44 +35,35 @@ from block_partitioned_matrices import (
     blockwise_transpose,
 )
 
-from .derivatives import StageDerivatives
-from .riccati import _block_diagonal
+from .derivatives import StageDerivatives, block_diagonal
 
 __all__ = ["augmented_grid", "augmented_tridiagonal", "AugmentedSolver"]
 
 
-def _dense_C(d: StageDerivatives) -> torch.Tensor:
-    """``C_l`` as a dense ``(p_l, a_{l-1})`` matrix."""
-    B, p, h_in = d.C.shape
-    return d.C.permute(1, 0, 2).reshape(p, B * h_in)
-
-
-def augmented_grid(stages: Sequence[StageDerivatives], damping: float) -> BlockGrid:
+def augmented_grid(
+    stages: Sequence[StageDerivatives], S: torch.Tensor, damping: float
+) -> BlockGrid:
     """The paper's 3x3 block system over unknowns ``(v_1..v_L; t_1..t_L; u_1..u_L)``.
 
     Each entry is block-diagonal or block-bidiagonal over the ``L`` stages::
 
-        [ diag(A_l + eps I)    lower(C_l)               diag(Dx_l^T)     ]
-        [ diag(-Dx_l)          M = unit lower(-Dz_l)    0                ]
-        [ upper(-C_{l+1}^T)    diag(-Q_{l+1})           M^T              ]
-
-    The loss stage's ``t_L``, ``u_L`` have size 0 (they do not enter ``H``).
+        [ diag(Dxx_l + eps I)     lower(Dzx_l)              diag(Dx_l^T) ]
+        [ diag(-Dx_l)             M = unit lower(-Dz_l)     0            ]
+        [ upper(-Dzx_{l+1}^T)     diag(-Dzz_{l+1}; -S)      M^T          ]
     """
     L = len(stages)
-    kw = {"dtype": stages[0].A.dtype, "device": stages[0].A.device}
-    p = [d.A.shape[0] for d in stages]
-    a = [d.Dx.shape[0] * d.Dx.shape[1] for d in stages[:-1]] + [0]
-    Dx = [d.Dx.reshape(-1, p[l]) for l, d in enumerate(stages[:-1])]
-    Dx.append(torch.zeros(0, p[-1], **kw))
-    # Dz_l and Q_l of stage l act on the output of stage l-1; the loss stage's t_L is empty.
-    Dz = [_block_diagonal(d.Dz)[: a[l]] for l, d in enumerate(stages) if l > 0]
-    C = [_dense_C(d) for d in stages[1:]]
-    Q = [-_block_diagonal(d.Q) for d in stages[1:]] + [torch.zeros(0, 0, **kw)]
-    eye = [torch.eye(n, **kw) for n in p]
+    dense = [d.dense() for d in stages]
+    p = [d.num_params for d in stages]
+    a = [d.batch * d.out_size for d in stages]
+    Dx = [dd.Dx.reshape(-1, pl) for dd, pl in zip(dense, p, strict=True)]
+    Dz = [block_diagonal(dd.Dz) for dd in dense[1:]]
+    C = [dd.Dzx.permute(1, 0, 2).reshape(pl, -1) for dd, pl in zip(dense[1:], p[1:], strict=True)]
+    Q = [-block_diagonal(dd.Dzz) for dd in dense[1:]] + [-block_diagonal(S)]
+    eye = [torch.eye(n, dtype=S.dtype, device=S.device) for n in p]
     return BlockGrid(
         [
             [
-                Diagonal([d.A + damping * e for d, e in zip(stages, eye, strict=True)]),
+                Diagonal([dd.Dxx + damping * e for dd, e in zip(dense, eye, strict=True)]),
                 LowerBidiagonal([Zero(p[l], a[l]) for l in range(L)], C),
                 Diagonal([m.T for m in Dx]),
             ],
@@ -92,18 +81,20 @@ def augmented_grid(stages: Sequence[StageDerivatives], damping: float) -> BlockG
     )
 
 
-def augmented_tridiagonal(stages: Sequence[StageDerivatives], damping: float) -> Tridiagonal:
+def augmented_tridiagonal(
+    stages: Sequence[StageDerivatives], S: torch.Tensor, damping: float
+) -> Tridiagonal:
     """The blockwise transpose of :func:`augmented_grid`: a :class:`Tridiagonal` over stages."""
-    return blockwise_transpose(augmented_grid(stages, damping))
+    return blockwise_transpose(augmented_grid(stages, S, damping))
 
 
 class AugmentedSolver:
     """Factorized augmented system: :meth:`solve` maps per-stage ``g`` blocks to ``v`` blocks."""
 
-    def __init__(self, stages: Sequence[StageDerivatives], damping: float):
-        self.system = augmented_tridiagonal(stages, damping)
+    def __init__(self, stages: Sequence[StageDerivatives], S: torch.Tensor, damping: float):
+        self.system = augmented_tridiagonal(stages, S, damping)
         self.lu = self.system.factorize()
-        self._p = [d.A.shape[0] for d in stages]
+        self._p = [d.num_params for d in stages]
         self._sizes = list(self.system.block_sizes)
 
     def solve(self, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -111,9 +102,7 @@ class AugmentedSolver:
         k = g[0].shape[1]
         rhs = []
         for gl, p, m in zip(g, self._p, self._sizes, strict=True):
-            rhs.append(gl)
-            if m > p:
-                rhs.append(gl.new_zeros(m - p, k))
+            rhs += [gl, gl.new_zeros(m - p, k)]
         sol = self.lu.solve(torch.cat(rhs))
         out, offset = [], 0
         for p, m in zip(self._p, self._sizes, strict=True):

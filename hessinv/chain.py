@@ -1,14 +1,27 @@
-"""Splitting a model into the stages of a chain (ALGORITHM.md section 1).
+"""Splitting a model into the stages of a chain (docs/algorithm.md section 1).
 
-A network is a chain of ``L`` stages ``z_l = f_l(z_{l-1}; x_l)``. Every child
-module that owns trainable parameters starts a new stage; parameter-free
-children (activations, ``Flatten``, ...) join the stage before them, and those
-in front of the first parameterised child are a fixed *prefix* applied to the
-input batch. The last stage is later fused with the loss.
+A network is a chain of ``L`` stages ``z_l = f_l(z_{l-1}; x_l)``. Every child module
+that owns a *selected* parameter starts a new stage; the other children (activations,
+``Flatten``, modules whose parameters are all held fixed) join the stage before them,
+and those in front of the first stage are a fixed *prefix* applied to the input batch.
+
+The selected parameters are the ones with ``requires_grad=True``, or exactly those given
+as ``params=`` (tensors or names from ``named_parameters()``); unselected parameters are
+constants, also inside a stage (a frozen bias beside a selected weight).
+
+Each stage keeps its own deep copy of its modules, made when the chain is built: later
+changes to the model (an optimizer step, a frozen weight edited in place) do not leak
+into a Hessian already made. In the copies, activations built with ``inplace=True`` run
+out of place (``torch.func`` cannot differentiate in-place updates of its inputs).
+
+A child that appears twice in an ``nn.Sequential`` is applied twice (``named_children()``
+would list it once); a module with selected parameters appearing twice, or a parameter
+shared by two stages, is weight tying across stages, which is refused.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,10 +49,10 @@ class Stage:
 
     Attributes:
         index: position of the stage, 0-based.
-        modules: the parameterised module first, then the parameter-free modules
-            that follow it.
-        param_names: full names (as in the model's ``named_parameters()``) of the
-            stage's trainable parameters, in order.
+        modules: copies of the first module (the one with selected parameters) and of the
+            modules that follow it.
+        param_names: full names (as in the model's ``named_parameters()``) of the stage's
+            selected parameters, in order.
         local_names: the same names relative to ``modules[0]``.
         param_shapes: their shapes.
     """
@@ -52,7 +65,7 @@ class Stage:
 
     @property
     def num_params(self) -> int:
-        """``p_l``: the number of trainable parameters of the stage."""
+        """``p_l``: the number of selected parameters of the stage."""
         return sum(int(torch.Size(s).numel()) for s in self.param_shapes)
 
     def split_params(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,12 +79,12 @@ class Stage:
         return out
 
     def flat_params(self) -> torch.Tensor:
-        """The stage's current parameters as one flat ``(p_l,)`` tensor (detached)."""
+        """The stage's selected parameters as one flat ``(p_l,)`` tensor (detached)."""
         named = dict(self.modules[0].named_parameters())
         return torch.cat([named[n].detach().reshape(-1) for n in self.local_names])
 
-    def apply(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``f_l(z; x)`` for a batch ``z`` of shape ``(B, ...)`` and flat parameters ``x``."""
+    def apply(self, x: torch.Tensor, z) -> torch.Tensor:
+        """``f_l(z; x)`` for a batch ``z`` (batch first) and flat selected parameters ``x``."""
         out = functional_call(self.modules[0], self.split_params(x), (z,))
         for module in self.modules[1:]:
             out = module(out)
@@ -89,16 +102,12 @@ class Chain:
     def param_names(self) -> tuple[str, ...]:
         return tuple(n for s in self.stages for n in s.param_names)
 
-    def apply_prefix(self, inputs: torch.Tensor) -> torch.Tensor:
+    def apply_prefix(self, inputs):
         """``z_0``: the input batch after the parameter-free modules in front."""
         z = inputs
         for module in self.prefix:
             z = module(z)
         return z
-
-
-def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def _check_supported(name: str, module: nn.Module) -> None:
@@ -117,16 +126,72 @@ def _check_supported(name: str, module: nn.Module) -> None:
             )
 
 
-def build_chain(model: nn.Module | Sequence[nn.Module]) -> Chain:
-    """Split ``model`` into stages (ALGORITHM.md section 1).
+def _snapshot(module: nn.Module) -> nn.Module:
+    """A deep copy in which every ``inplace=True`` submodule runs out of place."""
+    out = copy.deepcopy(module)
+    for sub in out.modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+    return out
+
+
+def _children(model) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        return list(model._modules.items())  # keeps a module that appears twice
+    if isinstance(model, (list, tuple)) and model and all(isinstance(m, nn.Module) for m in model):
+        return [(str(i), m) for i, m in enumerate(model)]
+    raise TypeError(
+        f"model must be a torch.nn.Sequential or a non-empty list of nn.Module stages, got "
+        f"{type(model).__name__}; wrap a custom network as nn.Sequential(block_1, ..., block_L)"
+    )
+
+
+def _selected_ids(model, children, params) -> set[int]:
+    """``id``s of the selected parameters (``params`` resolved, or ``requires_grad``)."""
+    everything = {}
+    names = {}
+    for name, child in children:
+        for local, p in child.named_parameters():
+            everything.setdefault(id(p), p)
+            names.setdefault(f"{name}.{local}", p)
+    if params is None:
+        return {i for i, p in everything.items() if p.requires_grad}
+    if isinstance(params, (torch.Tensor, str)) or not isinstance(params, Sequence):
+        raise TypeError("params must be a list of parameter tensors or of parameter names")
+    if not params:
+        raise ValueError("params is empty: there is no Hessian to take")
+    chosen = set()
+    for item in params:
+        if isinstance(item, str):
+            if item not in names:
+                raise ValueError(
+                    f"params: no parameter named {item!r}; the model's parameters are "
+                    f"{sorted(names)}"
+                )
+            chosen.add(id(names[item]))
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in everything:
+                raise ValueError(
+                    f"params: a tensor of shape {tuple(item.shape)} is not a parameter of the model"
+                )
+            chosen.add(id(item))
+        else:
+            raise TypeError(f"params entries must be tensors or names, got {type(item).__name__}")
+    return chosen
+
+
+def build_chain(model: nn.Module | Sequence[nn.Module], params=None) -> Chain:
+    """Split ``model`` into stages (docs/algorithm.md section 1).
 
     Args:
         model: an ``nn.Sequential`` or a list/tuple of modules (one child each).
+        params: ``None`` (the parameters with ``requires_grad``) or a list of parameter
+            tensors or names from ``model.named_parameters()``.
 
     Returns:
-        a :class:`Chain`. Parameter names follow ``model.named_parameters()`` for an
-        ``nn.Sequential``; for a list, the ``i``-th module's parameters are named
-        ``"{i}.{name}"`` as ``nn.Sequential(*modules)`` would name them.
+        a :class:`Chain` of copies of the modules. Parameter names follow
+        ``model.named_parameters()``; for a list, the ``i``-th module's parameters are
+        named ``"{i}.{name}"`` as ``nn.Sequential(*modules)`` would name them.
 
     >>> from torch import nn
     >>> chain = build_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
@@ -134,48 +199,53 @@ def build_chain(model: nn.Module | Sequence[nn.Module]) -> Chain:
     [('1.weight', '1.bias'), ('3.weight', '3.bias')]
     >>> len(chain.prefix), [len(s.modules) for s in chain.stages]
     (1, [2, 1])
+    >>> [s.param_names for s in build_chain(nn.Sequential(nn.Linear(4, 3), nn.Tanh(),
+    ...                                     nn.Linear(3, 2)), params=["0.weight", "2.bias"]).stages]
+    [('0.weight',), ('2.bias',)]
     """
-    if isinstance(model, nn.Sequential):
-        children = list(model.named_children())
-    elif isinstance(model, (list, tuple)) and all(isinstance(m, nn.Module) for m in model):
-        children = [(str(i), m) for i, m in enumerate(model)]
-    else:
-        raise TypeError(
-            f"model must be a torch.nn.Sequential or a list of nn.Module stages, got "
-            f"{type(model).__name__}; wrap a custom network as nn.Sequential(block_1, ..., block_L)"
-        )
+    children = _children(model)
+    selected = _selected_ids(model, children, params)
     prefix: list[nn.Module] = []
     groups: list[list[tuple[str, nn.Module]]] = []
+    owner: dict[int, str] = {}
+    positions: dict[int, str] = {}
     for name, module in children:
         _check_supported(name, module)
-        if _trainable(module):
+        mine = [(local, p) for local, p in module.named_parameters() if id(p) in selected]
+        if mine and id(module) in positions:
+            raise ValueError(
+                f"module {name!r} is the same object as module {positions[id(module)]!r} and owns "
+                "selected parameters: that is weight tying across stages, which is not supported "
+                "(use two modules, or hold the tied parameters fixed with params=...)"
+            )
+        positions.setdefault(id(module), name)
+        for local, p in mine:
+            if id(p) in owner:
+                raise ValueError(
+                    f"parameter {name}.{local} is shared with {owner[id(p)]} (tied weights across "
+                    "stages); parameters shared between stages are not supported"
+                )
+            owner[id(p)] = f"{name}.{local}"
+        if mine:
             groups.append([(name, module)])
         elif groups:
             groups[-1].append((name, module))
         else:
             prefix.append(module)
     if not groups:
-        raise ValueError("the model has no trainable parameters: there is no Hessian to take")
+        raise ValueError("the model has no selected (trainable) parameters: there is no Hessian")
 
     stages = []
-    seen: dict[int, str] = {}
     for index, group in enumerate(groups):
         name, first = group[0]
-        params = _trainable(first)
-        for local, p in params:
-            if id(p) in seen:
-                raise ValueError(
-                    f"parameter {name}.{local} is shared with {seen[id(p)]}; parameters shared "
-                    "between stages are not supported"
-                )
-            seen[id(p)] = f"{name}.{local}"
+        mine = [(local, p) for local, p in first.named_parameters() if id(p) in selected]
         stages.append(
             Stage(
                 index=index,
-                modules=tuple(m for _, m in group),
-                param_names=tuple(f"{name}.{local}" for local, _ in params),
-                local_names=tuple(local for local, _ in params),
-                param_shapes=tuple(p.shape for _, p in params),
+                modules=tuple(_snapshot(m) for _, m in group),
+                param_names=tuple(f"{name}.{local}" for local, _ in mine),
+                local_names=tuple(local for local, _ in mine),
+                param_shapes=tuple(p.shape for _, p in mine),
             )
         )
-    return Chain(prefix=tuple(prefix), stages=tuple(stages))
+    return Chain(prefix=tuple(_snapshot(m) for m in prefix), stages=tuple(stages))

@@ -1,13 +1,16 @@
-"""Exact Hessian-vector products in matrix form (ALGORITHM.md section 3).
+"""Exact Hessian-vector products in matrix form (docs/algorithm.md section 3).
 
-For ``v = (v_1..v_L)`` (each ``(p_l, k)``: ``k`` vectors at once)::
+For ``v = (v_1..v_L)`` (each ``(p_l, k)``: ``k`` vectors at once), with the loss Hessian
+blocks ``S`` at the model output::
 
     forward tangent : t_0 = 0,  t_l = Dx_l v_l + Dz_l t_{l-1}
-    backward        : u_L = 0,  u_{l-1} = Dz_l^T u_l + C_l^T v_l + Q_l t_{l-1}
-    result          : (Hv)_l = A_l v_l + C_l t_{l-1} + Dx_l^T u_l
+    backward        : u_L = S t_L,  u_{l-1} = Dz_l^T u_l + Dzx_l^T v_l + Dzz_l t_{l-1}
+    result          : (Hv)_l = Dxx_l v_l + Dzx_l t_{l-1} + Dx_l^T u_l
 
-Tangents and adjoints are kept per sample, ``(B, h_l, k)``; the cost is linear in
-``L`` and in the batch size.
+Tangents and adjoints are kept per sample, ``(B, h_l, k)``; each stage costs what its
+derivative class's products cost (``O(B h_out m k)`` for a ``Linear`` stage: Pearlmutter's
+cost), so the whole product is linear in depth and batch. For the Gauss-Newton matrix the
+second-order terms are zero and this is ``J^T S J v``.
 """
 
 from __future__ import annotations
@@ -22,31 +25,22 @@ __all__ = ["hessian_vector_product"]
 
 
 def hessian_vector_product(
-    stages: Sequence[StageDerivatives], v: Sequence[torch.Tensor]
+    stages: Sequence[StageDerivatives], S: torch.Tensor, v: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``H v`` for per-stage blocks ``v[l]`` of shape ``(p_l, k)``; returns the same layout."""
-    L = len(stages)
-    tangents: list[torch.Tensor | None] = [None]  # tangents[l] = t_l (t_0 = 0)
-    for l in range(L - 1):
-        d = stages[l]
-        t = (d.Dx.reshape(-1, v[l].shape[0]) @ v[l]).reshape(*d.Dx.shape[:2], -1)
-        if tangents[-1] is not None:
-            t = t + torch.bmm(d.Dz, tangents[-1])
+    """``H v`` for per-stage blocks ``v[l]`` ``(p_l, k)`` and loss blocks ``S`` ``(B, K, K)``."""
+    tangents: list[torch.Tensor] = []
+    t = None
+    for d, vl in zip(stages, v, strict=True):
+        t = d.Dx(vl) if t is None else d.Dx(vl) + d.Dz(t)
         tangents.append(t)
-    out: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    u = None  # u_L = 0
-    for l in range(L - 1, -1, -1):
+    u = torch.bmm(S, tangents[-1])
+    out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
+    for l in range(len(stages) - 1, -1, -1):
         d = stages[l]
-        t_prev = tangents[l]
-        r = d.A @ v[l]
-        if t_prev is not None:
-            r = r + torch.bmm(d.C, t_prev).sum(0)
-        if u is not None:
-            r = r + d.Dx.reshape(-1, r.shape[0]).T @ u.reshape(-1, u.shape[2])
+        r = d.Dxx(v[l]) + d.Dx_T(u)
+        if l > 0:
+            t_prev = tangents[l - 1]
+            r = r + d.Dzx(t_prev)
+            u = d.Dz_T(u) + d.Dzx_T(v[l]) + d.Dzz(t_prev)
         out[l] = r
-        if l > 0:  # here t_prev = t_{l-1} exists
-            u_prev = torch.matmul(d.C.transpose(1, 2), v[l]) + torch.bmm(d.Q, t_prev)
-            if u is not None:
-                u_prev = u_prev + torch.bmm(d.Dz.transpose(1, 2), u)
-            u = u_prev
     return out

@@ -1,185 +1,239 @@
-"""Stage-wise (Riccati) factorization of ``H + eps I`` (ALGORITHM.md section 5).
+"""Stage-wise (Riccati) factorization of ``H + eps I`` (docs/algorithm.md sections 5, 8, 10).
 
-Minimising ``1/2 x^T (H + eps I) x - g^T x`` is a linear-quadratic control problem
-with state ``t_{l-1}`` and control ``v_l``. Backward, with ``V_{L+1} = 0``::
+Minimising ``1/2 x^T (H + eps I) x - g^T x`` is a linear-quadratic control problem with
+state ``t_{l-1}`` (the tangent entering stage ``l``) and control ``v_l``. Backward, with
+``V_{L+1} = blockdiag(S)`` (the loss Hessian blocks)::
 
-    G_l = A_l + eps I + Dx_l^T V_{l+1} Dx_l              (p_l x p_l)
-    F_l = C_l + Dx_l^T V_{l+1} Dz_l                      (p_l x a_{l-1})
-    V_l = Q_l + Dz_l^T V_{l+1} Dz_l - F_l^T G_l^-1 F_l   (a_{l-1} x a_{l-1})
+    G_l = Dxx_l + eps I + Dx_l^T V_{l+1} Dx_l            (control block)
+    F_l = Dzx_l + Dx_l^T V_{l+1} Dz_l                    (control-state coupling)
+    V_l = Dzz_l + Dz_l^T V_{l+1} Dz_l - F_l^T G_l^-1 F_l
 
-The ``G_l`` and the gains ``K_l = G_l^-1 F_l`` do not depend on the right-hand
-side and are kept. A solve for ``g`` then runs, with ``s_{L+1} = 0``::
+Each stage works in its basis ``Y_l`` (section 8): ``G_l`` and ``F_l`` are formed as
+``Y^T G Y`` and ``Y^T F`` (``N_l`` rows instead of ``p_l``). The directions outside
+``span(Y_l)`` have ``G = eps I``; they couple to the state only through ``E`` (the
+stage's :class:`~hessinv.derivatives.Complement`) and are eliminated in closed form,
 
-    k_l = Dx_l^T s_{l+1} - g_l,   s_l = Dz_l^T s_{l+1} - K_l^T k_l      (backward)
-    v_l = -(G_l^-1 k_l + K_l t_{l-1}),   t_l = Dz_l t_{l-1} + Dx_l v_l   (forward)
+    V_l -= E^T (I - Y Y^T) E / eps,     v_comp = (I - Y Y^T)(g_l - E t_{l-1}) / eps,
 
-and ``x = v``. The ``G_l`` are the successive Schur complements of ``H + eps I``,
-so ``det(H + eps I) = prod det G_l`` and (Haynsworth) the inertia of ``H + eps I``
-is the sum of the inertias of the ``G_l``. Each ``G_l`` is factored by Cholesky
-when it is positive definite and by a Bunch-Kaufman ``LDL^T`` otherwise; a
-singular ``G_l`` raises :class:`SingularStageError` so the caller can fall back
-to the pivoted block-tridiagonal solve (section 4).
+when ``|eps| >= tau ||(I - Y Y^T) E||`` (mode ``"closed"``). Otherwise (tiny ``eps``) the
+coupled ones join the front as extra controls and only the exact null directions of
+``H`` are eliminated in closed form (mode ``"split"``).
 
-``V_l`` couples samples (it is a dense ``a x a`` matrix with ``a = B h``), but only
-one is alive at a time; ``Dz`` stays block-diagonal throughout.
+Each front is eliminated by :func:`hessinv.fronts.factor_front` with threshold pivoting;
+directions that fail the test are *delayed* into the next stage's front as extra state
+(section 10). A solve for ``g`` then runs backward for the linear term ``s`` and forward
+for the controls, with the kept factors; its cost is a few products per stage.
+
+The inertia of ``H + eps I`` is the sum of the inertias of the eliminated pivots and of
+``(number of closed-form complement directions) x sign(eps)``; ``log|det|`` likewise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
-from .derivatives import StageDerivatives
+from .derivatives import StageDerivatives, block_diagonal
+from .errors import SingularMatrixError
+from .fronts import DEFAULT_TAU, factor_front
+from .progress import progress_bar
 
-__all__ = ["StageFactor", "SingularStageError", "riccati_factorize", "riccati_solve"]
-
-
-class SingularStageError(ValueError):
-    """A Schur complement ``G_l`` is singular (to working precision) at stage ``stage``."""
-
-    def __init__(self, stage: int, message: str):
-        super().__init__(message)
-        self.stage = stage
+__all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
 
 
-class StageFactor(NamedTuple):
-    """The kept factorization of one stage.
+@dataclass
+class StageFactor:
+    """What one stage keeps for solves.
 
-    ``kind`` is ``"cholesky"`` (``factor`` is the lower Cholesky factor of ``G_l``) or
-    ``"ldl"`` (``factor``/``pivots`` from ``torch.linalg.ldl_factor``). ``gain`` is
-    ``K_l = G_l^-1 F_l`` ``(p_l, a_{l-1})`` (``None`` for the first stage).
-    ``sign``/``logabsdet`` describe ``det G_l`` and ``inertia`` is
-    ``(n_positive, n_negative, n_zero)`` of ``G_l``.
+    ``front``: the eliminated front; ``mode``: ``"none"`` (``Y = I``), ``"closed"`` or
+    ``"split"`` (see the module docstring); ``n_alpha`` (``N``), ``n_w`` (coupled
+    complement directions in the front), ``n_delayed_in`` (delayed variables received
+    from the next stage); ``complement_count``: directions eliminated in closed form
+    with pivot ``eps``.
     """
 
-    kind: str
-    factor: torch.Tensor
-    pivots: torch.Tensor | None
-    gain: torch.Tensor | None
+    front: object
+    mode: str
+    n_alpha: int
+    n_w: int
+    n_delayed_in: int
+    complement_count: int
+
+
+@dataclass
+class RiccatiFactors:
+    """All stage factors, first stage first, with the totals."""
+
+    factors: list[StageFactor]
+    damping: float
+    inertia: tuple[int, int, int]
     sign: torch.Tensor
     logabsdet: torch.Tensor
-    inertia: tuple[int, int, int]
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``G_l^-1 rhs`` for ``rhs`` of shape ``(p_l, k)``."""
-        if self.kind == "cholesky":
-            return torch.cholesky_solve(rhs, self.factor)
-        return torch.linalg.ldl_solve(self.factor, self.pivots, rhs)
+    n_delayed: int  #: total number of delayed pivots (0 when no front needed them)
 
 
-def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """Dense ``(B h, B h')`` matrix from ``B`` blocks ``(B, h, h')``."""
-    B, h, w = blocks.shape
-    eye = torch.eye(B, dtype=blocks.dtype, device=blocks.device)
-    return torch.einsum("bij,bc->bicj", blocks, eye).reshape(B * h, B * w)
+def _complement_mode(d: StageDerivatives, damping: float, tau: float) -> tuple[str, int]:
+    """``(mode, complement directions eliminated in closed form)`` for stage ``d``."""
+    comp = d.complement
+    if comp is None or comp.dim == 0:
+        return "none", 0
+    if comp.coupled_dim == 0 or (damping != 0 and abs(damping) >= tau * comp.coupling_norm()):
+        return "closed", comp.dim
+    return "split", comp.dim - comp.coupled_dim
 
 
-def _factor_stage(G: torch.Tensor, stage: int) -> StageFactor:
-    p = G.shape[0]
-    chol, info = torch.linalg.cholesky_ex(G)
-    if int(info) == 0:
-        diag = torch.diagonal(chol)
-        return StageFactor(
-            "cholesky", chol, None, None, torch.ones((), dtype=G.dtype, device=G.device),
-            2 * torch.log(diag).sum(), (p, 0, 0),
-        )
-    LD, pivots, info = torch.linalg.ldl_factor_ex(G)
-    d = torch.diagonal(LD)
-    two = pivots < 0  # members of 2x2 pivot blocks (Bunch-Kaufman, LAPACK convention)
-    starts = torch.nonzero(two).flatten()[0::2]
-    # Each Bunch-Kaufman 2x2 pivot has a negative determinant: one + and one - eigenvalue.
-    det2 = d[starts] * d[starts + 1] - LD[starts + 1, starts] ** 2
-    one = d[~two]
-    scale = G.abs().max()
-    tol = p * torch.finfo(G.dtype).eps * scale
-    n_zero = int((one.abs() <= tol).sum())
-    if int(info) != 0 or n_zero > 0 or not bool(torch.isfinite(LD).all()):
-        raise SingularStageError(
-            stage,
-            f"the Schur complement G_{stage + 1} ({p}x{p}) of H + eps I is singular to working "
-            f"precision (pivot below {float(tol):.2e})",
-        )
-    n_pos = int((one > 0).sum()) + len(starts)
-    n_neg = int((one < 0).sum()) + len(starts)
-    sign = torch.prod(torch.sign(one)) * (-1.0) ** len(starts)
-    logabsdet = torch.log(one.abs()).sum() + torch.log(det2.abs()).sum()
-    return StageFactor("ldl", LD, pivots, None, sign, logabsdet, (n_pos, n_neg, 0))
+def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, mode: str):
+    """The front of stage ``d``: control block ``G``, coupling ``F``, state block ``Q``."""
+    B, h_out, N = d.batch, d.out_size, d.basis_size
+    n_t = B * h_out
+    V_tt, V_td, V_dd = V[:n_t, :n_t], V[:n_t, n_t:], V[n_t:, n_t:]
+    comp = d.complement
+    n_w = comp.coupled_dim if mode == "split" else 0
+    X = d.DxY_T(V_tt.reshape(B, h_out, n_t))  # (N, n_t) = (Dx Y)^T V_tt
+    G_aa = d.Y_T_Dxx_Y() + d.DxY_T(X.T.reshape(B, h_out, N))
+    G_aa.diagonal().add_(damping)
+    G_ad = d.DxY_T(V_td.reshape(B, h_out, n_delay))  # (N, n_delay)
+    n = N + n_w + n_delay
+    G = V.new_zeros(n, n)
+    G[:N, :N] = G_aa
+    G[:N, N + n_w:] = G_ad
+    G[N + n_w:, :N] = G_ad.T
+    G[N + n_w:, N + n_w:] = V_dd
+    if n_w:
+        G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
+    G = 0.5 * (G + G.T)
+    if not d.has_input:
+        return G, V.new_zeros(n, 0), V.new_zeros(0, 0)
+    a_in = B * d.in_size
+    Z = d.Dz_T(V_tt.reshape(B, h_out, n_t)).reshape(a_in, n_t)  # Dz^T V_tt
+    F_a = d.Y_T_Dzx() + d.DxY_T(Z.T.reshape(B, h_out, a_in))
+    F_d = d.Dz_T(V_td.reshape(B, h_out, n_delay)).reshape(a_in, n_delay).T
+    parts = [F_a] + ([comp.coupled_F()] if n_w else []) + [F_d]
+    F = torch.cat(parts, dim=0)
+    Q = d.Dzz_dense() + d.Dz_T(Z.T.reshape(B, h_out, a_in)).reshape(a_in, a_in)
+    if mode == "closed" and comp.coupled_dim:
+        Q = Q - comp.gram() / damping
+    return G, F, 0.5 * (Q + Q.T)
 
 
 def riccati_factorize(
-    stages: Sequence[StageDerivatives], damping: float
-) -> list[StageFactor]:
-    """Backward Riccati sweep: one :class:`StageFactor` per stage (first to last)."""
+    stages: Sequence[StageDerivatives],
+    S: torch.Tensor,
+    damping: float,
+    *,
+    tau: float = DEFAULT_TAU,
+    force_eigen: bool = False,
+    progress: bool = True,
+) -> RiccatiFactors:
+    """Backward sweep over the stages (last first); see the module docstring.
+
+    Args:
+        stages: the stages' derivatives (first to last).
+        S: the loss Hessian blocks ``(B, K, K)``.
+        damping: ``eps``.
+        tau: threshold of the pivot test (multipliers up to ``1/tau`` accepted).
+        force_eigen: use the eigen-decomposed, threshold-pivoted front at every stage.
+
+    Raises:
+        SingularMatrixError: ``H + eps I`` is singular to working precision, or has an
+            exact null space (``eps = 0`` on a wide layer: section 8).
+    """
     L = len(stages)
     factors: list[StageFactor] = [None] * L  # type: ignore[list-item]
-    V = None  # V_{l+1}, dense (a_l, a_l); None means 0
+    V = block_diagonal(S)
+    n_delay = 0
+    n_pos = n_neg = n_delayed = 0
+    sign = S.new_ones(())
+    logabsdet = S.new_zeros(())
+    bar = progress_bar(total=L, desc="factorization", disable=not progress)
     for l in range(L - 1, -1, -1):
         d = stages[l]
-        p = d.A.shape[0]
-        eye = torch.eye(p, dtype=d.A.dtype, device=d.A.device)
-        G = d.A + damping * eye
-        if V is not None:
-            Dx = d.Dx.reshape(-1, p)
-            VDx = V @ Dx
-            G = G + Dx.T @ VDx
-        G = 0.5 * (G + G.T)
-        factor = _factor_stage(G, l)
+        mode, count = _complement_mode(d, damping, tau)
+        if count and damping == 0:
+            raise SingularMatrixError(
+                f"H + 0 I is singular: stage {l + 1} has {d.num_params} parameters but its "
+                f"inputs span only {d.basis_size // max(d.out_size, 1)} dimensions per output "
+                f"unit (batch {d.batch} < input width + 1), so H has a null space of dimension "
+                f"at least {count} there (docs/algorithm.md section 8); use damping > 0",
+                damping, nullity=count,
+            )
+        G, F, Q = _front(d, V, n_delay, damping, mode)
+        front = factor_front(G, F, tau, root=l == 0, stage=l, damping=damping,
+                             force_eigen=force_eigen)
+        factors[l] = StageFactor(front, mode, d.basis_size,
+                                 d.complement.coupled_dim if mode == "split" else 0,
+                                 n_delay, count)
+        n_pos += front.inertia[0]
+        n_neg += front.inertia[1]
+        sign = sign * front.sign
+        logabsdet = logabsdet + front.logabsdet
+        if count:
+            n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
+            sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
+            logabsdet = logabsdet + count * torch.log(torch.tensor(abs(damping), dtype=S.dtype))
+        n_delayed += front.n_rejected
         if l > 0:
-            B, _, h_in = d.C.shape
-            F = d.C.permute(1, 0, 2)  # (p, B, h_in)
-            Vin = _block_diagonal(d.Q)
-            if V is not None:
-                h = d.Dz.shape[1]
-                F = F + torch.einsum("pbo,boi->pbi", VDx.T.reshape(p, B, h), d.Dz)
-                V4 = V.reshape(B, h, B, h)
-                VDz = torch.einsum("bocq,cqj->bocj", V4, d.Dz)
-                Vin = Vin + torch.einsum("boi,bocj->bicj", d.Dz, VDz).reshape(B * h_in, B * h_in)
-            F = F.reshape(p, B * h_in)
-            K = factor.solve(F)
-            Vin = Vin - F.T @ K
-            V = 0.5 * (Vin + Vin.T)
-            factor = factor._replace(gain=K)
-        factors[l] = factor
-    return factors
+            V = front.next_state(F, Q)
+            n_delay = front.n_rejected
+        bar.update()
+    bar.close()
+    return RiccatiFactors(factors, damping, (n_pos, n_neg, 0), sign, logabsdet, n_delayed)
 
 
 def riccati_solve(
-    stages: Sequence[StageDerivatives], factors: Sequence[StageFactor], g: Sequence[torch.Tensor]
+    stages: Sequence[StageDerivatives], rf: RiccatiFactors, g: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` of shape ``(p_l, k)``."""
+    """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` ``(p_l, k)``."""
     L = len(stages)
+    eps = rf.damping
+    k = g[0].shape[1]
     y: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    s = None  # s_{l+1}, (a_l, k)
-    for l in range(L - 1, -1, -1):
-        d, f = stages[l], factors[l]
-        p = d.A.shape[0]
-        kvec = -g[l]
-        if s is not None:
-            kvec = kvec + d.Dx.reshape(-1, p).T @ s
-        y[l] = f.solve(kvec)
+    s = None
+    for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
+        d, f = stages[l], rf.factors[l]
+        B, h_out = d.batch, d.out_size
+        n_t = B * h_out
+        if s is None:
+            s = g[l].new_zeros(n_t, k)
+        s_t, s_d = s[:n_t], s[n_t:]
+        parts = [d.DxY_T(s_t.reshape(B, h_out, k)) - d.Y_T(g[l])]
+        if f.n_w:
+            parts.append(-d.complement.coupled_T(g[l]))
+        parts.append(s_d)
+        kc = torch.cat(parts, dim=0)
+        k_a = f.front.accepted(kc)
+        y[l] = f.front.pivot_solve(k_a)
         if l > 0:
-            s_new = -(f.gain.T @ kvec)
-            if s is not None:
-                B, h, h_in = d.Dz.shape
-                s_new = s_new + torch.bmm(d.Dz.transpose(1, 2), s.reshape(B, h, -1)).reshape(
-                    B * h_in, -1
-                )
-            s = s_new
+            st = d.Dz_T(s_t.reshape(B, h_out, k)).reshape(-1, k)
+            if f.mode == "closed" and d.complement.coupled_dim:
+                st = st + d.complement.coupling_T(g[l]).reshape(-1, k) / eps
+            st = st - f.front.gain.T @ k_a
+            s = torch.cat([st, f.front.rejected(kc)], dim=0)
     out: list[torch.Tensor] = []
-    t = None  # t_{l-1}, (a_{l-1}, k)
-    for l in range(L):
-        d, f = stages[l], factors[l]
-        v = -y[l]
-        if t is not None:
-            v = v - f.gain @ t
+    t = None  # t_{l-1}, (B, h_in, k)
+    delayed = g[0].new_zeros(0, k)
+    for l in range(L):  # forward: the controls
+        d, f = stages[l], rf.factors[l]
+        beta = -y[l] if t is None else -(y[l] + f.front.gain @ t.reshape(-1, k))
+        c = f.front.combine(beta, delayed)
+        N, n_w = f.n_alpha, f.n_w
+        alpha, w, delayed = c[:N], c[N:N + n_w], c[N + n_w:]
+        v = d.Y(alpha)
+        comp = d.complement
+        if f.mode == "closed":
+            rhs = comp.project(g[l])
+            if t is not None and comp.coupled_dim:
+                rhs = rhs - comp.coupling(t)
+            v = v + rhs / eps
+        elif f.mode == "split":
+            v = v + comp.coupled(w)
+            if f.complement_count:
+                v = v + (comp.project(g[l]) - comp.coupled(comp.coupled_T(g[l]))) / eps
         out.append(v)
-        if l < L - 1:
-            p = d.A.shape[0]
-            t_new = d.Dx.reshape(-1, p) @ v
-            if t is not None:
-                B, h, h_in = d.Dz.shape
-                t_new = t_new + torch.bmm(d.Dz, t.reshape(B, h_in, -1)).reshape(B * h, -1)
-            t = t_new
+        t_new = d.DxY(alpha)
+        if t is not None:
+            t_new = t_new + d.Dz(t)
+        t = t_new
     return out

@@ -1,10 +1,12 @@
-"""Forward pass and backward derivative sweep over a chain (ALGORITHM.md sections 1-2).
+"""Forward pass and backward derivative sweep over a chain (docs/algorithm.md sections 1-2).
 
-The forward pass stores every stage input ``z_{l-1}``. The backward sweep starts
-at the loss stage (``b_L = 1``) and walks to the first, computing each stage's
-:class:`~hessinv.derivatives.StageDerivatives` with the current adjoint ``b_l``
-and then ``b_{l-1} = Dz_l^T b_l``. The gradient falls out on the way:
-``g_l = Dx_l^T b_l``.
+The forward pass stores every stage input ``z_{l-1}`` and the model output ``o``. The
+loss head gives the loss, ``b_L = dL/do`` and the per-sample loss Hessian blocks ``S``.
+The backward sweep then walks from the last stage to the first, building each stage's
+:class:`~hessinv.derivatives.StageDerivatives` with its adjoint ``b_l`` and passing
+``b_{l-1} = Dz_l^T b_l`` on; the gradient falls out on the way, ``g_l = Dx_l^T b_l``.
+For the Gauss-Newton matrix (``second_order=False``) the stages drop their second-order
+terms but the loss curvature ``S`` stays.
 """
 
 from __future__ import annotations
@@ -12,83 +14,116 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
-from .chain import Chain
-from .derivatives import (
-    StageDerivatives,
-    check_per_sample,
-    loss_head,
-    loss_stage_derivatives,
-    stage_derivatives,
-)
+from .chain import Chain, Stage
+from .derivatives import LossHead, StageDerivatives, loss_head, stage_derivatives
+from .derivatives import _is_linear_stage as is_structured
+from .progress import progress_bar
 
-__all__ = ["ChainDerivatives", "compute_derivatives"]
+__all__ = ["ChainDerivatives", "compute_derivatives", "batch_size"]
 
 
 class ChainDerivatives(NamedTuple):
-    """Everything one backward sweep yields.
-
-    ``loss``: the scalar loss; ``stages``: one :class:`StageDerivatives` per stage;
-    ``gradient``: one ``(p_l,)`` tensor per stage.
-    """
+    """Everything one sweep yields: the loss, its head, the stages' derivatives, the gradient."""
 
     loss: torch.Tensor
+    head: LossHead
     stages: tuple[StageDerivatives, ...]
     gradient: tuple[torch.Tensor, ...]
+
+
+def batch_size(inputs) -> int:
+    """``B``: the leading size shared by every tensor of ``inputs`` (a tensor or a pytree)."""
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise TypeError("inputs must be a tensor or a tuple/dict of tensors with the batch first")
+    sizes = {t.shape[0] if t.dim() else None for t in leaves}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+        raise ValueError(
+            f"every input tensor must have the same non-empty batch dimension first; got leading "
+            f"sizes {sorted(str(s) for s in sizes)}"
+        )
+    return sizes.pop()
+
+
+def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> None:
+    """Raise ``ValueError`` if the stage's batch output differs from its per-sample outputs."""
+    try:
+        single = vmap(lambda zi: stage.apply(x, tree_map(lambda t: t.unsqueeze(0), zi)).squeeze(0))(z)
+    except Exception as err:  # torch.func refuses some operations (in-place on inputs, .item())
+        raise ValueError(
+            f"stage {stage.index} ({', '.join(stage.param_names)}) cannot be differentiated one "
+            f"sample at a time by torch.func ({type(err).__name__}: {err}); in-place updates of "
+            "a module's input and data-dependent Python control flow are not supported"
+        ) from err
+    if single.shape != out.shape:
+        raise ValueError(
+            f"stage {stage.index} ({stage.param_names[0]}...) maps a batch to shape "
+            f"{tuple(out.shape)} but one sample to {tuple(single.shape[1:])}; stages must keep "
+            "the batch dimension first and act on each sample independently"
+        )
+    tol = 1e3 * torch.finfo(out.dtype).eps * (1.0 + out.abs().max())
+    if (single - out).abs().max() > tol:
+        raise ValueError(
+            f"stage {stage.index} ({', '.join(stage.param_names)}) couples the samples of a batch "
+            "(its output for one sample depends on the others); this is not supported"
+        )
 
 
 def compute_derivatives(
     chain: Chain,
     params: list[torch.Tensor],
-    inputs: torch.Tensor,
+    inputs,
     loss_fn,
     targets,
+    *,
+    second_order: bool = True,
     oracle: str = "auto",
-    check: bool = True,
+    progress: bool = True,
 ) -> ChainDerivatives:
     """Run the forward pass and the backward derivative sweep.
 
     Args:
         chain: the stages.
-        params: flat ``(p_l,)`` parameters of each stage.
-        inputs: the input batch ``(B, ...)``.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        oracle: ``"auto"``, ``"analytic"`` or ``"generic"`` (see ``hessinv.derivatives``).
-        check: verify that every hidden stage acts on each sample independently.
+        params: flat ``(p_l,)`` selected parameters of each stage.
+        inputs: the input batch (a tensor ``(B, ...)`` or a pytree of them).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, a sum of per-sample terms.
+        second_order: False for the Gauss-Newton matrix.
+        oracle: ``"auto"``, ``"analytic"`` or ``"generic"`` (see :mod:`hessinv.derivatives`).
+        progress: show a progress bar when the sweep takes more than a couple of seconds.
     """
     L = len(chain.stages)
+    B = batch_size(inputs)
     with torch.no_grad():
         zs = [chain.apply_prefix(inputs)]
-        for stage, x in zip(chain.stages[:-1], params[:-1], strict=True):
-            out = stage.apply(x, zs[-1])
-            if check:
-                check_per_sample(stage, x, zs[-1], out)
+        for stage, x in zip(chain.stages, params, strict=True):
+            z = zs[-1]
+            out = stage.apply(x, z)
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != B:
+                raise ValueError(
+                    f"stage {stage.index} ({', '.join(stage.param_names)}) returned "
+                    f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
+                    f"dimension ({B}) first"
+                )
+            if not is_structured(stage, z):
+                _check_per_sample(stage, x, z, out)
             zs.append(out)
-        last = chain.stages[-1]
-        outputs = last.apply(params[-1], zs[-1])
-        if check:
-            check_per_sample(last, params[-1], zs[-1], outputs)
-    B = inputs.shape[0]
-    for l, z in enumerate(zs):
-        if z.dim() == 0 or z.shape[0] != B:
-            raise ValueError(
-                f"the input of stage {l} has shape {tuple(z.shape)}; every stage must keep the "
-                f"batch dimension ({B}) first"
-            )
-    head = loss_head(loss_fn, outputs, targets, oracle=oracle)
+    head = loss_head(loss_fn, zs[-1], targets, oracle=oracle)
     derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    d = loss_stage_derivatives(
-        last, zs[-1], head, need_input=L > 1, x=params[-1], oracle=oracle
-    )
-    derivs[-1] = d
-    grads[-1] = d.Dx[0, 0]
-    b = d.Dz[:, 0, :] if L > 1 else None
-    for l in range(L - 2, -1, -1):
-        stage = chain.stages[l]
-        d = stage_derivatives(stage, zs[l], b, need_input=l > 0, x=params[l], oracle=oracle)
+    b = head.grad
+    bar = progress_bar(total=L, desc="derivatives", disable=not progress)
+    for l in range(L - 1, -1, -1):
+        d = stage_derivatives(
+            chain.stages[l], params[l], zs[l], b, has_input=l > 0, second_order=second_order,
+            oracle=oracle,
+        )
         derivs[l] = d
-        grads[l] = torch.einsum("bo,bop->p", b, d.Dx)
+        grads[l] = d.Dx_T(b[:, :, None])[:, 0]
         if l > 0:
-            b = torch.einsum("bo,boi->bi", b, d.Dz)
-    return ChainDerivatives(head.value, tuple(derivs), tuple(grads))
+            b = d.Dz_T(b[:, :, None])[:, :, 0]
+        bar.update()
+    bar.close()
+    return ChainDerivatives(head.value, head, tuple(derivs), tuple(grads))

@@ -1,6 +1,6 @@
 """Parameter-space vectors: flat tensors, dicts shaped like the parameters, lists.
 
-ALGORITHM.md section 7: a flat vector is the concatenation, in the model's
+docs/algorithm.md section 7: a flat vector is the concatenation, in the model's
 ``named_parameters()`` order, of every parameter flattened row-major.
 
 >>> import torch

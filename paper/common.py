@@ -450,14 +450,14 @@ def progress(items, desc: str, quiet: bool = False):
 
 # ----------------------------------------------------------------------------- spectrum
 
-def positive_definite_shift(H, margin: float = 1.25, rel_tol: float = 0.02, max_doublings: int = 60):
+def positive_definite_shift(H, margin: float = 1.25, rel_tol: float = 0.02):
     """A damping ``eps`` making ``H + eps I`` positive definite: ``margin * (-lambda_min)``.
 
     ``-lambda_min(H)`` comes from :meth:`hessinv.ChainHessian.positive_definite_shift`
-    (bisection on the exact inertia, doubling from 1). Returns
+    (Lanczos, certified by the exact inertia). Returns
     ``(eps, lambda_min_estimate)``; ``(0.0, None)`` if ``H`` is positive definite.
     """
-    shift = H.positive_definite_shift(start=1.0, rel_tol=rel_tol, max_doublings=max_doublings)
+    shift = H.positive_definite_shift(rel_tol=rel_tol)
     if shift == 0.0:
         return 0.0, None
     return margin * shift, -shift

@@ -1,6 +1,6 @@
 """E4: our Hessian-vector product against Pearlmutter's forward-over-reverse HVP.
 
-Claim: the product computed from the stored stage derivatives (ALGORITHM.md section 3)
+Claim: the product computed from the stored stage derivatives (docs/algorithm.md section 3)
 is the same exact Hessian-vector product that ``torch.func`` computes by
 forward-mode differentiation of the gradient (agreement to rounding), at a cost linear
 in depth for both. Computing the stage derivatives costs a few products; after that

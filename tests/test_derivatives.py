@@ -1,4 +1,9 @@
-"""The derivative oracles: analytic fast path against torch.func, shapes, loss heads."""
+"""Per-stage derivative classes (docs/algorithm.md sections 2 and 8) against torch.func.
+
+Tolerances: every quantity here is a short sum of products of O(1) numbers, so its
+rounding error is a small multiple of the unit roundoff u = 2.2e-16 times the size of
+the terms; 1e-12 relative to the largest entry leaves a factor ~5000 for that.
+"""
 
 from __future__ import annotations
 
@@ -8,66 +13,146 @@ from _chains import ACTIVATIONS, make_problem
 from torch import nn
 
 import hessinv
-from hessinv.derivatives import loss_head, stage_derivatives
+from hessinv.chain import build_chain
+from hessinv.derivatives import (
+    GenericDerivatives,
+    LinearDerivatives,
+    loss_head,
+    stage_derivatives,
+)
+
+TOL = 1e-12
+
+
+def _close(x, y, tol=TOL):
+    scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
+    return x.shape == y.shape and bool((x - y).abs().max() <= tol * scale) if y.numel() else True
+
+
+def _stages(problem, oracle):
+    return hessinv.ChainHessian(*problem, oracle=oracle).stage_derivatives()
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("loss", ["ce", "mse", "mse_sum"])
-def test_analytic_equals_generic(activation, bias, loss):
-    problem = make_problem(depth=3, width=4, batch=5, activation=activation, bias=bias, loss=loss,
-                           seed=31)
-    fast = hessinv.ChainHessian(*problem, oracle="analytic").stage_derivatives()
-    slow = hessinv.ChainHessian(*problem, oracle="generic").stage_derivatives()
+@pytest.mark.parametrize("batch", [2, 7])  # below and above the input width + 1: compressed or not
+def test_structured_equals_generic(activation, bias, batch):
+    problem = make_problem(depth=3, width=5, batch=batch, activation=activation, bias=bias,
+                           loss="ce", seed=31)
+    fast, slow = _stages(problem, "analytic"), _stages(problem, "generic")
     for l, (a, b) in enumerate(zip(fast, slow, strict=True)):
-        for name in a._fields:
-            x, y = getattr(a, name), getattr(b, name)
-            if x is None:
-                assert y is None and l == 0
+        assert isinstance(a, LinearDerivatives) and isinstance(b, GenericDerivatives)
+        for name, x, y in zip(a.dense()._fields, a.dense(), b.dense(), strict=True):
+            if y is None:
+                assert x is None and l == 0
                 continue
-            assert x.shape == y.shape, (l, name)
-            assert torch.allclose(x, y, rtol=0, atol=1e-12 * max(1.0, float(y.abs().max()))), (
-                l, name, float((x - y).abs().max()))
+            assert _close(x, y), (l, name, float((x - y).abs().max()))
 
 
-def test_shapes_keep_batch_structure():
-    B, h, d_in, k = 6, 5, 3, 4
-    problem = make_problem(depth=3, width=h, batch=B, d_in=d_in, d_out=k, seed=32)
-    stages = hessinv.ChainHessian(*problem).stage_derivatives()
-    p = [h * d_in + h, h * h + h, k * h + k]
-    first, middle, last = stages
-    assert first.Dx.shape == (B, h, p[0]) and first.Dz is None and first.C is None
-    assert middle.Dx.shape == (B, h, p[1]) and middle.Dz.shape == (B, h, h)
-    assert middle.A.shape == (p[1], p[1]) and middle.C.shape == (B, p[1], h)
-    assert middle.Q.shape == (B, h, h)
-    assert last.Dx.shape == (1, 1, p[2]) and last.Dz.shape == (B, 1, h)
-    assert last.Q.shape == (B, h, h)
-    for d in stages:
-        assert torch.allclose(d.A, d.A.T, atol=1e-14)
-    assert torch.allclose(middle.Q, middle.Q.transpose(1, 2), atol=1e-14)
+def test_compression_is_taken_when_batch_is_below_width():
+    problem = make_problem(depth=3, width=8, batch=3, seed=2)
+    d = _stages(problem, "auto")[1]
+    assert d.basis_size == 8 * 3 < d.num_params == 8 * 9
+    assert d.complement is not None and d.complement.dim == 8 * 6
+    wide_batch = make_problem(depth=3, width=4, batch=9, seed=2)
+    assert _stages(wide_batch, "auto")[1].complement is None
+
+
+@pytest.mark.parametrize("case", ["plain", "duplicated_samples", "zero_input", "dead_relu",
+                                  "frozen_bias", "weight_only", "bias_only"])
+def test_linear_basis_and_complement_identities(case):
+    """Section 8: span(Y) holds range(Dxx) and range(Dx^T); the complement's closed forms."""
+    gen = torch.Generator().manual_seed(7)
+    B, h_in, h_out = 3, 6, 5
+    z = torch.randn(B, h_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(B, h_out, generator=gen, dtype=torch.float64)
+    W = torch.randn(h_out, h_in, generator=gen, dtype=torch.float64)
+    c = torch.randn(h_out, generator=gen, dtype=torch.float64)
+    act, wsel, bsel = nn.Tanh(), True, True
+    if case == "duplicated_samples":
+        z[1] = z[0]
+    elif case == "zero_input":
+        z[:, 2] = 0.0
+    elif case == "dead_relu":
+        act, c = nn.ReLU(), c - 10.0  # every unit dead: s' = s'' = 0
+    elif case == "frozen_bias":
+        bsel = False
+    elif case == "weight_only":
+        wsel, bsel = True, False
+    elif case == "bias_only":
+        wsel, bsel = False, True
+    d = LinearDerivatives(W, c, (act,), z, b, weight_selected=wsel, bias_selected=bsel,
+                          has_input=True)
+    p, N = d.num_params, d.basis_size
+    eye_N = torch.eye(N, dtype=torch.float64)
+    Y = d.Y(eye_N)  # (p, N)
+    assert _close(Y.T @ Y, eye_N)
+    assert _close(d.Y_T(Y), eye_N)
+    dense = d.dense()
+    Dx = dense.Dx.reshape(-1, p)
+    Dzx = dense.Dzx.permute(1, 0, 2).reshape(p, -1)
+    P = torch.eye(p, dtype=torch.float64) - Y @ Y.T
+    assert _close(Dx @ P, torch.zeros_like(Dx))  # range(Dx^T) in span(Y)
+    assert _close(dense.Dxx @ P, torch.zeros_like(dense.Dxx))  # range(Dxx) in span(Y)
+    assert _close(d.DxY(eye_N).reshape(-1, N), Dx @ Y)
+    w = torch.randn(B, h_out, 2, generator=gen, dtype=torch.float64)
+    assert _close(d.DxY_T(w), Y.T @ Dx.T @ w.reshape(-1, 2))
+    assert _close(d.Y_T_Dxx_Y(), Y.T @ dense.Dxx @ Y)
+    assert _close(d.Y_T_Dzx(), Y.T @ Dzx)
+    comp = d.complement
+    if comp is None:
+        assert N == p
+        return
+    assert comp.dim == p - N
+    E = P @ Dzx  # the part of Dzx outside span(Y)
+    assert _close(comp.gram(), E.T @ E)
+    assert abs(comp.coupling_norm() - float(torch.linalg.matrix_norm(E, 2))) <= 1e-12 * max(
+        1.0, comp.coupling_norm())
+    t = torch.randn(B, h_in, 2, generator=gen, dtype=torch.float64)
+    v = torch.randn(p, 2, generator=gen, dtype=torch.float64)
+    assert _close(comp.coupling(t), E @ t.reshape(-1, 2))
+    assert _close(comp.coupling_T(v).reshape(-1, 2), E.T @ v)
+    assert _close(comp.project(v), P @ v)
+    Uc = comp.coupled(torch.eye(comp.coupled_dim, dtype=torch.float64))
+    assert _close(Uc.T @ Uc, torch.eye(comp.coupled_dim, dtype=torch.float64))
+    assert _close(Y.T @ Uc, torch.zeros(N, comp.coupled_dim, dtype=torch.float64))
+    assert _close(comp.coupled_F(), Uc.T @ E)
+    assert _close(Uc @ Uc.T @ E, E)  # U_c spans range(E): the rest are null directions
+    assert int(torch.linalg.matrix_rank(E)) == comp.coupled_dim
 
 
 def test_second_derivative_blocks_against_hessian_of_weighted_output():
-    """A, C, Q are the Hessian blocks of b . f(z, x) (ALGORITHM.md section 2)."""
+    """Dxx, Dzx, Dzz are the Hessian blocks of b . f(z, x) (docs/algorithm.md section 2)."""
     torch.manual_seed(33)
-    stage = hessinv.build_chain(nn.Sequential(nn.Linear(3, 4), nn.GELU())).stages[0]
-    stage.modules[0].double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU()).double()
+    stage = build_chain(model).stages[0]
     z = torch.randn(2, 3, dtype=torch.float64)
     b = torch.randn(2, 4, dtype=torch.float64)
     x = stage.flat_params()
-    d = stage_derivatives(stage, z, b, need_input=True)
+    for oracle in ("analytic", "generic"):
+        d = stage_derivatives(stage, x, z, b, has_input=True, oracle=oracle).dense()
 
-    def phi(xx, zz):
-        return (stage.apply(xx, zz) * b).sum()
+        def phi(xx, zz):
+            return (stage.apply(xx, zz) * b).sum()
 
-    (Hxx, Hxz), (_, Hzz) = torch.func.hessian(phi, argnums=(0, 1))(x, z)
-    assert torch.allclose(d.A, Hxx, atol=1e-13)
-    for i in range(2):
-        assert torch.allclose(d.C[i], Hxz[:, i, :], atol=1e-13)
-        assert torch.allclose(d.Q[i], Hzz[i, :, i, :], atol=1e-13)
-        assert torch.allclose(Hzz[0, :, 1, :], torch.zeros(3, 3, dtype=torch.float64))
-    J = torch.func.jacrev(lambda xx: stage.apply(xx, z))(x)
-    assert torch.allclose(d.Dx, J, atol=1e-14)
+        (Hxx, Hxz), (_, Hzz) = torch.func.hessian(phi, argnums=(0, 1))(x, z)
+        assert _close(d.Dxx, Hxx)
+        for i in range(2):
+            assert _close(d.Dzx[i], Hxz[:, i, :])
+            assert _close(d.Dzz[i], Hzz[i, :, i, :])
+        assert _close(Hzz[0, :, 1, :], torch.zeros(3, 3, dtype=torch.float64))
+        J = torch.func.jacrev(lambda xx: stage.apply(xx, z))(x)
+        assert _close(d.Dx, J)
+
+
+def test_gauss_newton_stages_have_no_second_order_terms():
+    problem = make_problem(depth=3, width=4, batch=5, seed=3)
+    for oracle in ("analytic", "generic"):
+        for d in hessinv.ChainGGN(*problem, oracle=oracle).stage_derivatives():
+            dense = d.dense()
+            assert float(dense.Dxx.abs().max()) == 0.0
+            if dense.Dzx is not None:
+                assert float(dense.Dzx.abs().max()) == 0.0 and float(dense.Dzz.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse", "mse_sum"])
@@ -77,27 +162,57 @@ def test_loss_heads_analytic_equal_generic(loss):
     a = loss_head(problem.loss_fn, out, problem.targets, oracle="analytic")
     g = loss_head(problem.loss_fn, out, problem.targets, oracle="generic")
     for x, y in zip(a, g, strict=True):
-        assert torch.allclose(x, y, atol=1e-14)
+        assert _close(x, y)
 
 
-def test_cross_entropy_variants_use_generic_path():
+@pytest.mark.parametrize("kind", ["smoothing", "weight", "ignore", "weight_ignore", "sum_ignore"])
+def test_cross_entropy_variants_against_torch_func(kind):
+    out = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2, 1])
+    w = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    loss_fn = {
+        "smoothing": nn.CrossEntropyLoss(label_smoothing=0.1),
+        "weight": nn.CrossEntropyLoss(weight=w),
+        "ignore": nn.CrossEntropyLoss(ignore_index=2),
+        "weight_ignore": nn.CrossEntropyLoss(weight=w, ignore_index=1),
+        "sum_ignore": nn.CrossEntropyLoss(reduction="sum", ignore_index=0),
+    }[kind]
+    head = loss_head(loss_fn, out, y, oracle="analytic")
+    assert _close(head.value, loss_fn(out, y))
+    assert _close(head.grad, torch.func.grad(lambda o: loss_fn(o, y))(out))
+    ref = torch.func.hessian(lambda o: loss_fn(o, y))(out)
+    for i in range(5):
+        assert _close(head.hess[i], ref[i, :, i, :])
+
+
+def test_loss_head_errors():
     out = torch.randn(4, 3, dtype=torch.float64)
-    y = torch.tensor([0, 2, 1, 2])
-    smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
-    with pytest.raises(ValueError, match="no analytic form"):
-        loss_head(smooth, out, y, oracle="analytic")
-    head = loss_head(smooth, out, y)
-    ref = torch.func.hessian(lambda o: smooth(o, y))(out)
-    for i in range(4):
-        assert torch.allclose(head.hess[i], ref[i, :, i, :], atol=1e-14)
+    y = torch.tensor([1, 1, 1, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        loss_head(nn.CrossEntropyLoss(ignore_index=1), out, y)  # every target ignored
+    with pytest.raises(ValueError, match="no closed form"):
+        loss_head(nn.HuberLoss(), out, torch.randn(4, 3, dtype=torch.float64), oracle="analytic")
     with pytest.raises(ValueError, match="oracle"):
-        loss_head(smooth, out, y, oracle="fast")
+        loss_head(nn.CrossEntropyLoss(), out, y, oracle="fast")
+
+
+def test_confident_classifier_with_label_smoothing_is_not_called_coupled():
+    """The separability check's tolerance follows the rounding of the product itself."""
+    out = torch.randn(6, 4, dtype=torch.float64) * 0.1
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    out[torch.arange(6), y] += 11.0  # p_max ~ 0.99997
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    head = loss_head(loss_fn, out, y, oracle="generic")
+    ref = torch.func.hessian(lambda o: loss_fn(o, y))(out)
+    for i in range(6):
+        assert _close(head.hess[i], ref[i, :, i, :])
+    with pytest.raises(ValueError, match="couples"):
+        loss_head(lambda o, t: (o.sum(0) ** 2).sum() * 1e-6, out, y, oracle="generic")
 
 
 def test_analytic_oracle_refuses_other_stages():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)).double()
     X = torch.randn(3, 1, 4, dtype=torch.float64)
-    H = hessinv.ChainHessian(model, nn.MSELoss(), X, torch.randn(3, 2, dtype=torch.float64),
-                             oracle="analytic")
     with pytest.raises(ValueError, match="not nn.Linear"):
-        H.stage_derivatives()
+        hessinv.ChainHessian(model, nn.MSELoss(), X, torch.randn(3, 2, dtype=torch.float64),
+                             oracle="analytic")

@@ -1,4 +1,4 @@
-"""Exact diagonal and diagonal blocks (ALGORITHM.md section 6) against the dense Hessian."""
+"""Exact diagonal and diagonal blocks (docs/algorithm.md section 6) against the dense Hessian."""
 
 from __future__ import annotations
 

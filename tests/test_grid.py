@@ -19,7 +19,7 @@ from block_partitioned_matrices import (
 
 
 def paper_system(p, a, dtype=torch.float64, seed=0, eps=0.5):
-    """The 3x3 block system of ALGORITHM.md section 4 with random stage derivatives.
+    """The 3x3 block system of docs/algorithm.md section 4 with random stage derivatives.
 
     Unknowns x_l (p_l), y_l (a_l), z_l (a_l), l = 1..n.
     """

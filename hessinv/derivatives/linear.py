@@ -1,0 +1,351 @@
+"""``nn.Linear`` followed by elementwise activations, in Kronecker form (docs/algorithm.md section 8).
+
+For ``z_out[i] = act(W z_in[i] + c)`` write the selected parameters of the stage as one
+``(h_out, m)`` matrix ``Theta`` whose columns are the weight's (when it is selected) and
+then the bias (when it is selected), and stack the matching inputs as
+``Zt = [Z_in, 1]`` (``(B, m)``). With ``s' = act'(u)``, ``s'' = act''(u)`` at the
+pre-activation ``u`` (``(B, h_out)``), the adjoint ``b`` and ``beta = b s''``,
+``gamma = b s'``:
+
+* ``Dx v = s' * (Zt V^T)`` per sample, ``V`` the ``(h_out, m)`` matrix of ``v``;
+* ``Dz t = s' * (W t)``;
+* ``Dxx = sum_o e_o e_o^T (x) Zt^T diag(beta[:, o]) Zt``;
+* ``Dzx[(o, m), (i, k)] = beta[i, o] W[o, k] Zt[i, m] + gamma[i, o] [m is input column k]``;
+* ``Dzz_i = W^T diag(beta_i) W``.
+
+Nothing of size ``p x p`` or ``B h_out x p`` is stored: only ``Zt``, ``s'``, ``beta``,
+``gamma`` and ``W``, so a product costs ``O(B h_out m)`` per vector (Pearlmutter's cost).
+
+The basis of the stage-wise factorization is ``Y = I_{h_out} (x) Q`` with ``Q`` (``m x r``)
+an orthonormal basis of the row space of ``Zt``: ``range(Dxx)`` and ``range(Dx^T)`` lie in
+``span(Y)``, so the factorization works with ``N = h_out r`` numbers per stage instead of
+``p = h_out m`` (``r <= min(B, m)``). The rest, :class:`LinearComplement`, couples to the
+stage input only through the ``gamma`` term of ``Dzx`` and is handled in closed form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp
+
+from .base import Complement, StageDerivatives
+
+__all__ = ["LinearDerivatives", "LinearComplement", "elementwise_derivatives"]
+
+
+def elementwise_derivatives(acts, pre: torch.Tensor):
+    """``(sigma(u), sigma'(u), sigma''(u))`` for the composition ``sigma`` of elementwise ``acts``.
+
+    Exact (forward-mode AD of the activation modules themselves, no finite differences).
+    """
+
+    def sigma(u):
+        for m in acts:
+            u = m(u)
+        return u
+
+    ones = torch.ones_like(pre)
+
+    def first(u):
+        return jvp(sigma, (u,), (ones,))
+
+    (out, d1), (_, d2) = jvp(first, (pre,), (ones,))
+    return out, d1, d2
+
+
+def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Rank from singular values ``s`` (descending), with ``torch.linalg.matrix_rank``'s tolerance."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = max(shape) * torch.finfo(s.dtype).eps * s[0]
+    return int((s > tol).sum())
+
+
+class LinearDerivatives(StageDerivatives):
+    """Derivatives of ``act(W z + c)`` in Kronecker form (see the module docstring).
+
+    Args:
+        weight, bias: the module's current weight ``(h_out, h_in)`` and bias (or ``None``).
+        acts: the elementwise activation modules that follow, in order.
+        z: the stage input ``(B, h_in)``.
+        b: the adjoint ``dL/dz_out`` ``(B, h_out)``.
+        weight_selected, bias_selected: which of the two are parameters of ``H`` (the others
+            are constants).
+        has_input: False for the first stage (its input is data).
+        second_order: False for the Gauss-Newton matrix (``Dxx = Dzx = Dzz = 0``).
+        compress: use the row-space basis ``Y`` when ``Zt`` has rank below ``m``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> lin = nn.Linear(3, 2).double()
+    >>> z, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    >>> d = LinearDerivatives(lin.weight.detach(), lin.bias.detach(), (nn.Tanh(),), z, b,
+    ...                       weight_selected=True, bias_selected=True, has_input=True)
+    >>> d.num_params, d.basis_size  # rank(Zt) = 4 = m: no compression
+    (8, 8)
+    >>> v = torch.randn(8, 1, dtype=torch.float64)
+    >>> torch.allclose(d.Dx(v)[:, :, 0], d.dense().Dx @ v[:, 0])
+    True
+    """
+
+    def __init__(self, weight, bias, acts, z, b, *, weight_selected: bool, bias_selected: bool,
+                 has_input: bool, second_order: bool = True, compress: bool = True):
+        if not (weight_selected or bias_selected):
+            raise ValueError("a Linear stage needs its weight or its bias as parameters")
+        B, h_in = z.shape
+        h_out = weight.shape[0]
+        pre = z @ weight.T
+        if bias is not None:
+            pre = pre + bias
+        _, s1, s2 = elementwise_derivatives(acts, pre)
+        cols = ([z] if weight_selected else []) + ([z.new_ones(B, 1)] if bias_selected else [])
+        Zt = torch.cat(cols, dim=1)
+        self.W = weight
+        self.Zt = Zt
+        self.s1 = s1
+        if second_order:
+            self.beta, self.gamma = b * s2, b * s1
+        else:
+            self.beta, self.gamma = torch.zeros_like(s1), torch.zeros_like(s1)
+        self.batch, self.out_size = B, h_out
+        self.in_size = h_in if has_input else 0
+        self.has_input = has_input
+        self.weight_selected, self.bias_selected = weight_selected, bias_selected
+        self.n_weight_cols = h_in if weight_selected else 0
+        self.m = Zt.shape[1]
+        self.num_params = h_out * self.m
+        self.dtype, self.device = z.dtype, z.device
+        # the row-space basis Q of Zt (section 8); Q = None means Q = I
+        self.Q = None
+        self.Zr = Zt
+        self.r = self.m
+        if compress:
+            _, S, Vh = torch.linalg.svd(Zt, full_matrices=False)
+            r = _numerical_rank(S, tuple(Zt.shape))
+            if r < self.m:
+                self.Q = Vh[:r].T.contiguous()
+                self.Zr = Zt @ self.Q
+                self.r = r
+        self._complement = LinearComplement(self) if self.Q is not None else None
+
+    # ------------------------------------------------------------ layout
+    def to_matrix(self, v: torch.Tensor) -> torch.Tensor:
+        """``(p, k)`` in parameter order (weight row-major, then bias) -> ``(h_out, m, k)``."""
+        h_out, k = self.out_size, v.shape[-1]
+        nw = h_out * self.n_weight_cols
+        parts = []
+        if self.weight_selected:
+            parts.append(v[:nw].reshape(h_out, self.n_weight_cols, k))
+        if self.bias_selected:
+            parts.append(v[nw:].reshape(h_out, 1, k))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def from_matrix(self, M: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_matrix`."""
+        k = M.shape[-1]
+        nw = self.n_weight_cols
+        parts = []
+        if self.weight_selected:
+            parts.append(M[:, :nw].reshape(M.shape[0] * nw, k))
+        if self.bias_selected:
+            parts.append(M[:, nw:].reshape(M.shape[0], k))
+        return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+    # ------------------------------------------------------------ first order
+    def Dx(self, v):
+        return self.s1[:, :, None] * torch.einsum("bm,omk->bok", self.Zt, self.to_matrix(v))
+
+    def Dx_T(self, w):
+        return self.from_matrix(torch.einsum("bok,bm->omk", self.s1[:, :, None] * w, self.Zt))
+
+    def Dz(self, t):
+        return self.s1[:, :, None] * torch.einsum("oi,bik->bok", self.W, t)
+
+    def Dz_T(self, w):
+        return torch.einsum("oi,bok->bik", self.W, self.s1[:, :, None] * w)
+
+    # ------------------------------------------------------------ second order
+    def Dxx(self, v):
+        T = torch.einsum("bm,omk->bok", self.Zt, self.to_matrix(v))
+        return self.from_matrix(torch.einsum("bm,bok->omk", self.Zt, self.beta[:, :, None] * T))
+
+    def _E(self, t):
+        """``E t`` in matrix form ``(h_out, m, k)``: the ``gamma`` term of ``Dzx``."""
+        Et = torch.einsum("bo,bik->oik", self.gamma, t)
+        pad = self.m - self.n_weight_cols
+        if pad:
+            Et = torch.cat([Et, Et.new_zeros(Et.shape[0], pad, Et.shape[2])], dim=1)
+        return Et
+
+    def _E_T(self, M):
+        """``E^T`` of a matrix-form ``(h_out, m, k)``: ``(B, h_in, k)``."""
+        return torch.einsum("bo,oik->bik", self.gamma, M[:, : self.n_weight_cols])
+
+    def Dzx(self, t):
+        WT = torch.einsum("oi,bik->bok", self.W, t)
+        out = torch.einsum("bm,bok->omk", self.Zt, self.beta[:, :, None] * WT)
+        if self.weight_selected:
+            out = out + self._E(t)
+        return self.from_matrix(out)
+
+    def Dzx_T(self, v):
+        M = self.to_matrix(v)
+        T = torch.einsum("bm,omk->bok", self.Zt, M)
+        out = torch.einsum("oi,bok->bik", self.W, self.beta[:, :, None] * T)
+        if self.weight_selected:
+            out = out + self._E_T(M)
+        return out
+
+    def Dzz(self, t):
+        Wt = torch.einsum("oj,bjk->bok", self.W, t)
+        return torch.einsum("oi,bok->bik", self.W, self.beta[:, :, None] * Wt)
+
+    # ------------------------------------------------------------ curvature (section 6)
+    def propagate_curvature(self, R):
+        inner = self.s1[:, :, None] * R * self.s1[:, None, :] + torch.diag_embed(self.beta)
+        return torch.einsum("oi,bop,pj->bij", self.W, inner, self.W)
+
+    def diagonal(self, R):
+        weight = self.beta + self.s1**2 * torch.diagonal(R, dim1=1, dim2=2)
+        diag = torch.einsum("bo,bm->om", weight, self.Zt**2)
+        return self.from_matrix(diag[:, :, None])[:, 0]
+
+    def diagonal_block(self, R):
+        K = self.s1[:, :, None] * R * self.s1[:, None, :] + torch.diag_embed(self.beta)
+        h_out, m = self.out_size, self.m
+        block = torch.einsum("bop,bm,bn->ompn", K, self.Zt, self.Zt).reshape(h_out * m, h_out * m)
+        perm = self.from_matrix(
+            torch.arange(h_out * m, device=self.device).reshape(h_out, m, 1)
+        )[:, 0]
+        return block[perm][:, perm]
+
+    # ------------------------------------------------------------ basis (section 8)
+    @property
+    def basis_size(self):
+        return self.out_size * self.r
+
+    @property
+    def complement(self):
+        return self._complement
+
+    def Y_T(self, v):
+        M = self.to_matrix(v)
+        if self.Q is not None:
+            M = torch.einsum("omk,mr->ork", M, self.Q)
+        return M.reshape(self.basis_size, v.shape[-1])
+
+    def Y(self, alpha):
+        A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
+        if self.Q is not None:
+            A = torch.einsum("ork,mr->omk", A, self.Q)
+        return self.from_matrix(A)
+
+    def DxY(self, alpha):
+        A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
+        return self.s1[:, :, None] * torch.einsum("br,ork->bok", self.Zr, A)
+
+    def DxY_T(self, w):
+        out = torch.einsum("bok,br->ork", self.s1[:, :, None] * w, self.Zr)
+        return out.reshape(self.basis_size, w.shape[-1])
+
+    def Y_T_Dxx_Y(self):
+        h_out, r = self.out_size, self.r
+        blocks = torch.einsum("br,bo,bs->ors", self.Zr, self.beta, self.Zr)
+        out = blocks.new_zeros(h_out, r, h_out, r)
+        idx = torch.arange(h_out, device=self.device)
+        out[idx, :, idx, :] = blocks
+        return out.reshape(h_out * r, h_out * r)
+
+    def Y_T_Dzx(self):
+        B, h_in, h_out, r = self.batch, self.in_size, self.out_size, self.r
+        out = torch.einsum("bo,oi,br->orbi", self.beta, self.W, self.Zr)
+        if self.weight_selected:
+            Qh = self.Q[:h_in] if self.Q is not None else torch.eye(
+                self.m, dtype=self.dtype, device=self.device)[:h_in]
+            out = out + torch.einsum("bo,ir->orbi", self.gamma, Qh)
+        return out.reshape(h_out * r, B * h_in)
+
+
+class LinearComplement(Complement):
+    """The directions of a :class:`LinearDerivatives` stage outside ``Y = I (x) Q`` (section 8).
+
+    ``E = Gamma^T (x) Pi`` with ``Gamma = gamma`` (``B x h_out``) and ``Pi`` the input
+    columns of the ``m`` columns, so ``E^T (I - Y Y^T) E = Gamma Gamma^T (x) (I - Qh Qh^T)``
+    (``Qh`` the input rows of ``Q``). The coupled directions are ``U_Gamma (x) P_c`` with
+    ``U_Gamma`` an orthonormal basis of ``range(Gamma^T)`` and ``P_c`` one of
+    ``range((I - Q Q^T) Pi)``; the rest are null vectors of ``H``.
+    """
+
+    def __init__(self, stage: LinearDerivatives):
+        self.stage = stage
+        Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
+        self.dim = h_out * (m - r)
+        nw = stage.n_weight_cols
+        eps = torch.finfo(stage.dtype).eps
+        if nw and stage.has_input:
+            _, sg, vgh = torch.linalg.svd(stage.gamma, full_matrices=False)
+            rho = _numerical_rank(sg, tuple(stage.gamma.shape))
+            self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
+            self._sigma_max = float(sg[0]) if rho else 0.0
+            Qh = Q[:nw]
+            self.P = torch.eye(nw, dtype=stage.dtype, device=stage.device) - Qh @ Qh.T
+            mu, vecs = torch.linalg.eigh(self.P)
+            keep = mu > max(nw, m) * eps
+            mu, vecs = mu[keep], vecs[:, keep]
+            X = torch.cat([vecs, vecs.new_zeros(m - nw, vecs.shape[1])], dim=0)
+            self.Pc = (X - Q @ (Q.T @ X)) / torch.sqrt(mu)  # (m, c), orthonormal, _|_ Q
+            self._mu_max = float(mu.max()) if mu.numel() else 0.0
+        else:  # no weight columns or no stage input: E = 0
+            self.U_gamma = Q.new_zeros(h_out, 0)
+            self.P = None
+            self.Pc = Q.new_zeros(m, 0)
+            self._sigma_max = self._mu_max = 0.0
+        self.coupled_dim = self.U_gamma.shape[1] * self.Pc.shape[1]
+
+    def project(self, v):
+        s = self.stage
+        M = s.to_matrix(v)
+        M = M - torch.einsum("omk,mr,nr->onk", M, s.Q, s.Q)
+        return s.from_matrix(M)
+
+    def _project_matrix(self, M):
+        Q = self.stage.Q
+        return M - torch.einsum("omk,mr,nr->onk", M, Q, Q)
+
+    def coupling(self, t):
+        s = self.stage
+        if self.coupled_dim == 0:
+            return t.new_zeros(s.num_params, t.shape[-1])
+        return s.from_matrix(self._project_matrix(s._E(t)))
+
+    def coupling_T(self, v):
+        s = self.stage
+        if self.coupled_dim == 0:
+            return v.new_zeros(s.batch, s.in_size, v.shape[-1])
+        return s._E_T(self._project_matrix(s.to_matrix(v)))
+
+    def gram(self):
+        s = self.stage
+        a_in = s.batch * s.in_size
+        if self.coupled_dim == 0:
+            return s.Zt.new_zeros(a_in, a_in)
+        G = torch.einsum("bo,co,ij->bicj", s.gamma, s.gamma, self.P)
+        return G.reshape(a_in, a_in)
+
+    def coupling_norm(self):
+        return self._sigma_max * self._mu_max**0.5
+
+    def coupled_T(self, v):
+        M = self.stage.to_matrix(v)
+        return torch.einsum("oa,omk,mc->ack", self.U_gamma, M, self.Pc).reshape(
+            self.coupled_dim, v.shape[-1])
+
+    def coupled(self, w):
+        W = w.reshape(self.U_gamma.shape[1], self.Pc.shape[1], w.shape[-1])
+        return self.stage.from_matrix(torch.einsum("oa,ack,mc->omk", self.U_gamma, W, self.Pc))
+
+    def coupled_F(self):
+        s = self.stage
+        GU = s.gamma @ self.U_gamma  # (B, rho)
+        F = torch.einsum("ba,ic->acbi", GU, self.Pc[: s.n_weight_cols])
+        return F.reshape(self.coupled_dim, s.batch * s.in_size)

@@ -1,0 +1,186 @@
+"""Eliminating one stage's *front*: threshold pivoting with delayed pivots (docs/algorithm.md section 10).
+
+At stage ``l`` the stage-wise factorization (section 5) holds a symmetric *front*
+
+    [ G   F ]     G: the control block (n x n), F: its coupling to the state (n x a),
+    [ F^T Q ]     Q: the state block (a x a)
+
+and eliminates the control block: ``V = Q - F^T G^-1 F``. That is one step of a block
+``LDL^T`` factorization of ``H + eps I`` in a fixed order, and like unpivoted Gaussian
+elimination it is unstable when ``G`` has an eigenvalue that is small compared with the
+coupling of its eigenvector to the state (the multipliers ``G^-1 F`` are large). The
+remedy used by multifrontal sparse ``LDL^T`` solvers is threshold pivoting with
+*delayed pivots*: eliminate only the directions that pass a threshold test and hand
+the others to the next front, where they meet the variables they are coupled to.
+
+Two strategies, two classes:
+
+* :class:`DirectFront` -- Cholesky (or Bunch-Kaufman ``LDL^T`` when ``G`` is indefinite)
+  of the whole control block. Accepted when every multiplier satisfies
+  ``|(G^-1 F)_ij| <= 1/tau`` (or at the root, where there is no state).
+* :class:`EigenFront` -- ``G = U diag(lambda) U^T``; direction ``q`` is eliminated when
+  ``|lambda_q| > tol`` and ``max_j |(U^T F)_qj| / |lambda_q| <= 1/tau``; the others are
+  *delayed*: they become extra state variables with ``V`` block ``diag(lambda_r)`` and
+  coupling ``U_r^T F``.
+
+Both give the inertia and ``log|det|`` of the eliminated block exactly (Sylvester's law:
+the congruence by ``U`` or by the triangular factor keeps the inertia), so the sum over
+fronts is the inertia of ``H + eps I`` (Haynsworth).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SingularMatrixError
+
+__all__ = ["DirectFront", "EigenFront", "factor_front", "DEFAULT_TAU"]
+
+#: threshold of the pivot test: multipliers up to ``1/tau`` are accepted.
+DEFAULT_TAU = 1e-2
+
+
+def _singular_tol(lam_abs_max: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    return max(n, 1) * torch.finfo(dtype).eps * lam_abs_max
+
+
+def _ldl_inertia(LD: torch.Tensor, pivots: torch.Tensor):
+    """``(n_pos, n_neg, sign, logabsdet, min |pivot|)`` from a Bunch-Kaufman factor."""
+    d = torch.diagonal(LD)
+    two = pivots < 0  # members of 2x2 pivot blocks (LAPACK convention)
+    starts = torch.nonzero(two).flatten()[0::2]
+    # a Bunch-Kaufman 2x2 pivot has a negative determinant: one + and one - eigenvalue
+    det2 = d[starts] * d[starts + 1] - LD[starts + 1, starts] ** 2
+    one = d[~two]
+    n2 = int(starts.numel())
+    n_pos = int((one > 0).sum()) + n2
+    n_neg = int((one < 0).sum()) + n2
+    sign = torch.prod(torch.sign(one)) * (-1.0) ** n2
+    logabsdet = torch.log(one.abs()).sum() + torch.log(det2.abs()).sum()
+    smallest = torch.cat([one.abs(), det2.abs().sqrt()]).min() if d.numel() else d.new_ones(())
+    return n_pos, n_neg, sign, logabsdet, smallest
+
+
+class DirectFront:
+    """All of ``G`` eliminated by Cholesky or Bunch-Kaufman ``LDL^T``.
+
+    Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``,
+    ``gain`` ``K = G^-1 F`` ``(n, a)``, ``inertia`` ``(n_pos, n_neg)``, ``sign``,
+    ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or ``"ldl"``).
+    """
+
+    def __init__(self, kind, factor, pivots, F, inertia, sign, logabsdet):
+        self.kind, self.factor, self.pivots = kind, factor, pivots
+        self.n = factor.shape[0]
+        self.n_accepted, self.n_rejected = self.n, 0
+        self.gain = self.pivot_solve(F) if F.shape[1] else F
+        self.inertia, self.sign, self.logabsdet = inertia, sign, logabsdet
+
+    def pivot_solve(self, k: torch.Tensor) -> torch.Tensor:
+        """``G^-1 k`` for ``k`` ``(n, r)``."""
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(k, self.factor)
+        return torch.linalg.ldl_solve(self.factor, self.pivots, k)
+
+    def accepted(self, kc):
+        return kc
+
+    def rejected(self, kc):
+        return kc[:0]
+
+    def combine(self, beta, delayed):
+        return beta
+
+    def next_state(self, F, Q):
+        """``V = Q - F^T G^-1 F`` over the state (no delayed variables)."""
+        V = Q - F.T @ self.gain
+        return 0.5 * (V + V.T)
+
+
+class EigenFront:
+    """``G = U diag(lambda) U^T`` with threshold pivoting: accepted directions eliminated, others delayed."""
+
+    def __init__(self, lam, U, F, accept):
+        self.n = lam.shape[0]
+        self.U_a, self.U_r = U[:, accept], U[:, ~accept]
+        self.lam_a, self.lam_r = lam[accept], lam[~accept]
+        self.n_accepted, self.n_rejected = self.U_a.shape[1], self.U_r.shape[1]
+        self.kind = "eigen"
+        UF_a = self.U_a.T @ F
+        self.gain = UF_a / self.lam_a[:, None]  # G_a^-1 F_a in eigen coordinates
+        self._UF_r = self.U_r.T @ F
+        self._UF_a = UF_a
+        self.inertia = (int((self.lam_a > 0).sum()), int((self.lam_a < 0).sum()))
+        self.sign = torch.prod(torch.sign(self.lam_a))
+        self.logabsdet = torch.log(self.lam_a.abs()).sum()
+
+    def pivot_solve(self, k_a):
+        return k_a / self.lam_a[:, None]
+
+    def accepted(self, kc):
+        return self.U_a.T @ kc
+
+    def rejected(self, kc):
+        return self.U_r.T @ kc
+
+    def combine(self, beta, delayed):
+        return self.U_a @ beta + self.U_r @ delayed
+
+    def next_state(self, F, Q):
+        """The next front's state block over ``(state, delayed)``:
+        ``[[Q - F_a^T G_a^-1 F_a, F_r^T], [F_r, diag(lambda_r)]]``."""
+        top = Q - self._UF_a.T @ self.gain
+        top = 0.5 * (top + top.T)
+        return torch.cat(
+            [torch.cat([top, self._UF_r.T], 1),
+             torch.cat([self._UF_r, torch.diag(self.lam_r)], 1)], 0)
+
+
+def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
+    return SingularMatrixError(
+        f"H + {damping:g} I is singular to working precision ({detail}, met while "
+        f"eliminating stage {stage + 1}); use a damping that is not an eigenvalue of -H, "
+        "e.g. damping > 0 for a positive semi-definite H",
+        damping,
+    )
+
+
+def factor_front(G, F, tau: float, root: bool, stage: int, damping: float, force_eigen=False):
+    """Factor the control block ``G`` (``(n, n)``) of a front with coupling ``F`` (``(n, a)``).
+
+    Tries :class:`DirectFront` and keeps it when it passes the threshold test (always at
+    the root, where ``a = 0``); otherwise, or with ``force_eigen``, returns an
+    :class:`EigenFront`. Raises :class:`SingularMatrixError` when a pivot at the root, or a
+    pivot that cannot be delayed, is zero to working precision.
+    """
+    n = G.shape[0]
+    if n == 0:
+        empty = G.new_zeros(0, 0)
+        return DirectFront("cholesky", empty, None, F, (0, 0), G.new_ones(()), G.new_zeros(()))
+    scale = G.abs().max()
+    if not force_eigen:
+        chol, info = torch.linalg.cholesky_ex(G)
+        front = None
+        if int(info) == 0:
+            diag = torch.diagonal(chol)
+            if bool(diag.min() ** 2 > _singular_tol(scale, n, G.dtype)):
+                front = DirectFront("cholesky", chol, None, F, (n, 0), G.new_ones(()),
+                                    2 * torch.log(diag).sum())
+        else:
+            LD, pivots, info = torch.linalg.ldl_factor_ex(G)
+            if int(info) == 0 and bool(torch.isfinite(LD).all()):
+                n_pos, n_neg, sign, logabsdet, smallest = _ldl_inertia(LD, pivots)
+                if bool(smallest > _singular_tol(scale, n, G.dtype)):
+                    front = DirectFront("ldl", LD, pivots, F, (n_pos, n_neg), sign, logabsdet)
+        if front is not None and (root or F.shape[1] == 0 or bool(front.gain.abs().max() <= 1 / tau)):
+            return front
+    lam, U = torch.linalg.eigh(G)
+    tol = _singular_tol(lam.abs().max(), n, G.dtype)
+    if root:
+        if bool((lam.abs() <= tol).any()):
+            raise _singular(stage, damping, f"a pivot {float(lam.abs().min()):.1e} at or below "
+                            f"{float(tol):.1e} in the last front")
+        return EigenFront(lam, U, F, torch.ones_like(lam, dtype=torch.bool))
+    coupling = (U.T @ F).abs().amax(1) if F.shape[1] else lam.new_zeros(n)
+    accept = (lam.abs() > tol) & (coupling <= lam.abs() / tau)
+    return EigenFront(lam, U, F, accept)

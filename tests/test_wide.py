@@ -1,0 +1,167 @@
+"""Wide Linear stages: the compressed factorization of docs/algorithm.md section 8 against dense.
+
+Batch below the input width + 1 takes the compressed path (asserted); batch above it the
+dense-basis path; mixed structured and generic chains; rank-deficient inputs; eps from
+1e-8 to negative. Bounds are in ``_dense_checks.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _dense_checks import check_factorization
+from torch import nn
+
+import hessinv
+from hessinv.derivatives import GenericDerivatives, LinearDerivatives
+
+EPS = (1e-8, 1e-3, 1.0, -0.3)
+
+
+def _model(width, depth=3, d_in=3, d_out=3, act=nn.Tanh, bias=True, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    layers, d = [], d_in
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, width, bias=bias), act()]
+        d = width
+    layers.append(nn.Linear(d, d_out, bias=bias))
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
+                    / max(1, p.shape[-1]) ** 0.5)
+    return model
+
+
+def _data(batch, d_in=3, d_out=3, loss="ce", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, d_in, generator=gen, dtype=torch.float64)
+    if loss == "ce":
+        return X, torch.randint(0, d_out, (batch,), generator=gen), nn.CrossEntropyLoss()
+    return X, torch.randn(batch, d_out, generator=gen, dtype=torch.float64), nn.MSELoss()
+
+
+def _check_all(model, loss_fn, X, y, eps_values=EPS):
+    H = hessinv.ChainHessian(model, loss_fn, X, y)
+    D = hessinv.dense_hessian(model, loss_fn, X, y)
+    scale = float(D.abs().max())
+    V = torch.randn(H.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert float((H @ V - D @ V).abs().max()) <= 1e-12 * scale * float(V.abs().max()) * 10
+    diag = hessinv.flatten(H.diagonal())
+    assert float((diag - D.diagonal()).abs().max()) <= 1e-13 * scale
+    assert abs(float(H.trace() - D.trace())) <= 1e-12 * scale * H.num_params
+    for eps in eps_values:
+        check_factorization(H, D, eps)
+    return H
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_compressed_path_is_taken_and_exact(loss, bias):
+    X, y, loss_fn = _data(batch=3, loss=loss)
+    H = _check_all(_model(width=8, bias=bias), loss_fn, X, y)
+    hidden = H.stage_derivatives()[1]
+    assert isinstance(hidden, LinearDerivatives)
+    assert hidden.complement is not None and hidden.basis_size == 8 * 3 < hidden.num_params
+
+
+def test_batch_above_width_uses_the_full_basis():
+    X, y, loss_fn = _data(batch=12)
+    H = _check_all(_model(width=5), loss_fn, X, y)
+    assert all(d.complement is None for d in H.stage_derivatives())
+
+
+@pytest.mark.parametrize("case", ["duplicated", "zero_column", "dead_relu"])
+def test_rank_deficient_inputs(case):
+    X, y, loss_fn = _data(batch=4)
+    act = nn.ReLU if case == "dead_relu" else nn.Tanh
+    model = _model(width=7, act=act, seed=3)
+    if case == "duplicated":
+        X[2] = X[0]
+    elif case == "zero_column":
+        X[:, 1] = 0.0
+    else:
+        with torch.no_grad():
+            model[0].bias[:3] -= 50.0  # three dead units in the first hidden layer
+    H = _check_all(model, loss_fn, X, y)
+    assert H.stage_derivatives()[0].r < 4 or case != "duplicated"
+
+
+def test_mixed_structured_and_generic_stages():
+    class Residual(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.lin = nn.Linear(h, h)
+
+        def forward(self, z):
+            return z + torch.tanh(self.lin(z))
+
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), Residual(6), nn.Linear(6, 6), nn.SiLU(),
+                          nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    X, y, loss_fn = _data(batch=3, seed=2)
+    H = _check_all(model, loss_fn, X, y)
+    kinds = [type(d) for d in H.stage_derivatives()]
+    assert kinds == [LinearDerivatives, GenericDerivatives, LinearDerivatives, LinearDerivatives]
+    assert H.stage_derivatives()[2].complement is not None
+
+
+def test_zero_damping_on_a_wide_layer_names_the_null_space():
+    X, y, loss_fn = _data(batch=2)
+    H = hessinv.ChainHessian(_model(width=6), loss_fn, X, y)
+    with pytest.raises(hessinv.SingularMatrixError, match="null space of dimension at least") as err:
+        H.factorize(0.0)
+    D = hessinv.dense_hessian(_model(width=6), loss_fn, X, y)
+    nullity = int((torch.linalg.eigvalsh(D).abs() <= 1e-10 * float(D.abs().max())).sum())
+    assert err.value.nullity is not None and 0 < err.value.nullity <= nullity
+
+
+def test_float32_wide_layers_stay_on_the_riccati_path():
+    X, y, loss_fn = _data(batch=4)
+    model = _model(width=24, seed=6)
+    H64 = hessinv.ChainHessian(model, loss_fn, X, y)
+    H32 = hessinv.ChainHessian(model.float(), loss_fn, X.float(), y)
+    g = torch.randn(H64.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for eps in (1e-1, 1.0):
+        F32 = H32.factorize(eps)
+        x32 = F32.solve(g.float())
+        x64 = H64.factorize(eps).solve(g)
+        assert F32.method.startswith("riccati")
+        assert F32.backward_error <= 1e-5
+        M = hessinv.dense_hessian(model.double(), loss_fn, X, y) + eps * torch.eye(
+            H64.num_params, dtype=torch.float64)
+        cond = float(torch.linalg.cond(M))
+        # float32 contract: backward error <= 1e-5, so forward error <= ~2 cond 1e-5
+        assert float(torch.linalg.norm(x32.double() - x64) / torch.linalg.norm(x64)) <= 10 * cond * 1e-5
+        assert F32.inertia() == H64.factorize(eps).inertia()
+        model.float()
+
+
+def test_memory_estimate_and_refusal():
+    X, y, loss_fn = _data(batch=3)
+    H = hessinv.ChainHessian(_model(width=8), loss_fn, X, y)
+    est = H.memory_estimate()
+    assert set(est) == {"derivatives", "riccati", "tridiagonal", "dense"}
+    assert 0 < est["riccati"] < est["tridiagonal"]
+    with pytest.raises(hessinv.MemoryBudgetError, match="max_memory") as err:
+        H.factorize(0.1, max_memory=1000)
+    assert err.value.required == est["riccati"] and err.value.available == 1000
+    H.factorize(0.1, max_memory=est["riccati"])  # fits exactly
+
+
+def test_diagonal_blocks_of_chosen_stages():
+    X, y, loss_fn = _data(batch=3)
+    model = _model(width=6)
+    H = hessinv.ChainHessian(model, loss_fn, X, y)
+    D = hessinv.dense_hessian(model, loss_fn, X, y)
+    (block,) = H.diagonal_blocks([1])
+    start = H.stage_sizes[0]
+    ref = D[start : start + H.stage_sizes[1], start : start + H.stage_sizes[1]]
+    assert float((block - ref).abs().max()) <= 1e-13 * float(D.abs().max())
+    with pytest.raises(ValueError, match="stage indices"):
+        H.diagonal_blocks([7])
+    with pytest.raises(hessinv.MemoryBudgetError):
+        H.diagonal_blocks(max_memory=10)
