@@ -260,7 +260,7 @@ class _ChainCurvature:
         return self.factorize(damping, method).solve(g, refine=refine)
 
     # ------------------------------------------------------------------ spectrum
-    def spectrum_estimate(self, steps: int = 30) -> tuple[float, float]:
+    def spectrum_estimate(self, steps: int = 12) -> tuple[float, float]:
         """Lanczos estimates ``(theta_min, theta_max)`` (cached): inside ``[lambda_min, lambda_max]``."""
         if self._spectrum is None:
             theta, _ = lanczos(self._flat_matvec, self.num_params, steps, self.dtype, self.device)

@@ -48,6 +48,17 @@ def batch_size(inputs) -> int:
     return sizes.pop()
 
 
+def _copy(z):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, z)
+
+
+def _equal(z, probe) -> bool:
+    """Whether ``probe`` (a copy of ``z`` a stage was applied to) still equals ``z``."""
+    same = tree_map(lambda a, b: bool(torch.equal(a, b)) if isinstance(a, torch.Tensor) else True,
+                    z, probe)
+    return all(tree_flatten(same)[0])
+
+
 def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> None:
     """Raise ``ValueError`` if the stage's batch output differs from its per-sample outputs."""
     try:
@@ -100,14 +111,22 @@ def compute_derivatives(
         zs = [chain.apply_prefix(inputs)]
         for stage, x in zip(chain.stages, params, strict=True):
             z = zs[-1]
-            out = stage.apply(x, z)
+            structured = is_structured(stage, z)
+            probe = z if structured else _copy(z)
+            out = stage.apply(x, probe)
+            if not structured and not _equal(z, probe):
+                raise ValueError(
+                    f"stage {stage.index} ({', '.join(stage.param_names)}) modifies its input in "
+                    "place (e.g. z.add_(...)); the chain's derivatives need stages that leave their "
+                    "input intact: write z = z + ... instead"
+                )
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != B:
                 raise ValueError(
                     f"stage {stage.index} ({', '.join(stage.param_names)}) returned "
                     f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
                     f"dimension ({B}) first"
                 )
-            if not is_structured(stage, z):
+            if not structured:
                 _check_per_sample(stage, x, z, out)
             zs.append(out)
     head = loss_head(loss_fn, zs[-1], targets, oracle=oracle)

@@ -37,7 +37,9 @@ def _check_all(problem, eps_values=EPS_VALUES, methods=("riccati", "tridiagonal"
         ref = torch.linalg.solve(M, v)
         tol = solve_tolerance(M)
         for method in methods:
-            err = relative_error(H.solve(v, damping=eps, method=method), ref)
+            F = H.factorize(eps, method=method)
+            err = relative_error(F.solve(v), ref)
+            assert F.backward_error <= 1e-12, (method, eps, F.backward_error)
             assert err < tol, (method, eps, err, tol)
             worst = max(worst, err)
     return worst

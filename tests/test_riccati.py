@@ -68,10 +68,11 @@ def test_multi_rhs_and_reuse():
     F = H.factorize(0.1)
     G = torch.randn(H.num_params, 6, dtype=torch.float64)
     X = F.solve(G)
-    for j in range(6):
-        assert torch.allclose(F.solve(G[:, j]), X[:, j], rtol=1e-12, atol=1e-14)
     M = _dense(problem) + 0.1 * torch.eye(H.num_params, dtype=torch.float64)
-    assert relative_error(X, torch.linalg.solve(M, G)) < 1e-10
+    tol = solve_tolerance(M)  # columns may take different refinement steps alone
+    for j in range(6):
+        assert relative_error(F.solve(G[:, j]), X[:, j]) < 2 * tol
+    assert relative_error(X, torch.linalg.solve(M, G)) < tol
 
 
 @pytest.mark.parametrize("eps", [1e-4, 1e-2, 1.0, 10.0])

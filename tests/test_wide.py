@@ -165,3 +165,17 @@ def test_diagonal_blocks_of_chosen_stages():
         H.diagonal_blocks([7])
     with pytest.raises(hessinv.MemoryBudgetError):
         H.diagonal_blocks(max_memory=10)
+
+
+def test_complement_basis_has_exactly_m_minus_r_columns():
+    """Regression (property suite seed 1740): a bias-free last stage with r = m - 1 once got a
+    rounding-level singular vector counted as a coupled complement direction."""
+    from _chains import check_contract, random_chain, require_contract
+
+    chain = random_chain(1740)
+    require_contract(check_contract(chain))
+    H = chain.hessian()
+    for d in H.stage_derivatives():
+        comp = getattr(d, "complement", None)
+        if comp is not None and d.weight_selected and d.has_input:
+            assert comp.Pc.shape[1] == d.m - d.r

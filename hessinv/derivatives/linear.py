@@ -281,20 +281,21 @@ class LinearComplement(Complement):
         Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
         self.dim = h_out * (m - r)
         nw = stage.n_weight_cols
-        eps = torch.finfo(stage.dtype).eps
         if nw and stage.has_input:
             _, sg, vgh = torch.linalg.svd(stage.gamma, full_matrices=False)
             rho = _numerical_rank(sg, tuple(stage.gamma.shape))
             self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
             self._sigma_max = float(sg[0]) if rho else 0.0
-            Qh = Q[:nw]
-            self.P = torch.eye(nw, dtype=stage.dtype, device=stage.device) - Qh @ Qh.T
-            mu, vecs = torch.linalg.eigh(self.P)
-            keep = mu > max(nw, m) * eps
-            mu, vecs = mu[keep], vecs[:, keep]
-            X = torch.cat([vecs, vecs.new_zeros(m - nw, vecs.shape[1])], dim=0)
-            self.Pc = (X - Q @ (Q.T @ X)) / torch.sqrt(mu)  # (m, c), orthonormal, _|_ Q
-            self._mu_max = float(mu.max()) if mu.numel() else 0.0
+            # A = (I - Q Q^T) Pi (m x nw) and P = A^T A = I - Qh Qh^T. range(A) has dimension
+            # exactly m - r: without a bias Pi = I and A is the projector onto span(Q)'s
+            # complement; with one, every row of Zt ends in 1, so span(Q) + span(Pi) = R^m.
+            # P_c = its leading m - r left singular vectors (no rank tolerance involved).
+            Pi = torch.eye(m, nw, dtype=stage.dtype, device=stage.device)
+            A = Pi - Q @ Q[:nw].T
+            self.P = A.T @ A
+            U, S, _ = torch.linalg.svd(A, full_matrices=False)
+            self.Pc = U[:, : m - r]
+            self._mu_max = float(S[0]) ** 2 if S.numel() else 0.0
         else:  # no weight columns or no stage input: E = 0
             self.U_gamma = Q.new_zeros(h_out, 0)
             self.P = None
