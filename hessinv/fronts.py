@@ -16,8 +16,9 @@ the others to the next front, where they meet the variables they are coupled to.
 Two strategies, two classes:
 
 * :class:`DirectFront` -- Cholesky (or Bunch-Kaufman ``LDL^T`` when ``G`` is indefinite)
-  of the whole control block. Accepted when every multiplier satisfies
-  ``|(G^-1 F)_ij| <= 1/tau`` (or at the root, where there is no state).
+  of the whole control block. Accepted when the element growth of the update is bounded,
+  ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|) / tau`` (always at the root, where there is no
+  state).
 * :class:`EigenFront` -- ``G = U diag(lambda) U^T``; direction ``q`` is eliminated when
   ``|lambda_q| > tol`` and ``max_j |(U^T F)_qj| / |lambda_q| <= 1/tau``; the others are
   *delayed*: they become extra state variables with ``V`` block ``diag(lambda_r)`` and
@@ -36,7 +37,7 @@ from .errors import SingularMatrixError
 
 __all__ = ["DirectFront", "EigenFront", "factor_front", "DEFAULT_TAU"]
 
-#: threshold of the pivot test: multipliers up to ``1/tau`` are accepted.
+#: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
 DEFAULT_TAU = 1e-2
 
 
@@ -64,23 +65,47 @@ def _ldl_inertia(LD: torch.Tensor, pivots: torch.Tensor):
 class DirectFront:
     """All of ``G`` eliminated by Cholesky or Bunch-Kaufman ``LDL^T``.
 
-    Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``,
-    ``gain`` ``K = G^-1 F`` ``(n, a)``, ``inertia`` ``(n_pos, n_neg)``, ``sign``,
-    ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or ``"ldl"``).
+    Cholesky ``G = L L^T`` keeps ``W = L^-1 F``: the update is ``F^T G^-1 F = W^T W`` (one
+    triangular solve instead of two). For an indefinite ``G`` the ``LDL^T`` factor gives the
+    inertia and ``log|det|`` and an ``LU`` factor of the same ``G`` gives ``K = G^-1 F`` and
+    the solves (LAPACK's ``sytrs`` works column by column and is several times slower than
+    ``getrs`` for the ``a`` right-hand sides of ``K``).
+
+    Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
+    (``F^T G^-1 F``, ``(a, a)``, until :meth:`next_state` consumes it), ``inertia``
+    ``(n_pos, n_neg)``, ``sign``, ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or
+    ``"ldl"``).
     """
 
     def __init__(self, kind, factor, pivots, F, inertia, sign, logabsdet):
         self.kind, self.factor, self.pivots = kind, factor, pivots
         self.n = factor.shape[0]
         self.n_accepted, self.n_rejected = self.n, 0
-        self.gain = self.pivot_solve(F) if F.shape[1] else F
         self.inertia, self.sign, self.logabsdet = inertia, sign, logabsdet
+        if kind == "cholesky":
+            self._W = torch.linalg.solve_triangular(factor, F, upper=False)
+            self.update = self._W.T @ self._W
+        else:
+            self._K = torch.linalg.lu_solve(factor, pivots, F)
+            self.update = F.T @ self._K
 
     def pivot_solve(self, k: torch.Tensor) -> torch.Tensor:
         """``G^-1 k`` for ``k`` ``(n, r)``."""
         if self.kind == "cholesky":
             return torch.cholesky_solve(k, self.factor)
-        return torch.linalg.ldl_solve(self.factor, self.pivots, k)
+        return torch.linalg.lu_solve(self.factor, self.pivots, k)
+
+    def gain(self, t: torch.Tensor) -> torch.Tensor:
+        """``G^-1 F t``."""
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.factor.T, self._W @ t, upper=True)
+        return self._K @ t
+
+    def gain_T(self, k: torch.Tensor) -> torch.Tensor:
+        """``F^T G^-1 k`` for ``k`` ``(n, r)``."""
+        if self.kind == "cholesky":
+            return self._W.T @ torch.linalg.solve_triangular(self.factor, k, upper=False)
+        return self._K.T @ k
 
     def accepted(self, kc):
         return kc
@@ -93,7 +118,8 @@ class DirectFront:
 
     def next_state(self, F, Q):
         """``V = Q - F^T G^-1 F`` over the state (no delayed variables)."""
-        V = Q - F.T @ self.gain
+        V = Q - self.update
+        self.update = None
         return 0.5 * (V + V.T)
 
 
@@ -107,7 +133,7 @@ class EigenFront:
         self.n_accepted, self.n_rejected = self.U_a.shape[1], self.U_r.shape[1]
         self.kind = "eigen"
         UF_a = self.U_a.T @ F
-        self.gain = UF_a / self.lam_a[:, None]  # G_a^-1 F_a in eigen coordinates
+        self._K = UF_a / self.lam_a[:, None]  # G_a^-1 F_a in eigen coordinates
         self._UF_r = self.U_r.T @ F
         self._UF_a = UF_a
         self.inertia = (int((self.lam_a > 0).sum()), int((self.lam_a < 0).sum()))
@@ -116,6 +142,14 @@ class EigenFront:
 
     def pivot_solve(self, k_a):
         return k_a / self.lam_a[:, None]
+
+    def gain(self, t):
+        """``G_a^-1 F_a t`` in eigen coordinates."""
+        return self._K @ t
+
+    def gain_T(self, k_a):
+        """``F_a^T G_a^-1 k_a``."""
+        return self._UF_a.T @ (k_a / self.lam_a[:, None])
 
     def accepted(self, kc):
         return self.U_a.T @ kc
@@ -129,7 +163,7 @@ class EigenFront:
     def next_state(self, F, Q):
         """The next front's state block over ``(state, delayed)``:
         ``[[Q - F_a^T G_a^-1 F_a, F_r^T], [F_r, diag(lambda_r)]]``."""
-        top = Q - self._UF_a.T @ self.gain
+        top = Q - self._UF_a.T @ self._K
         top = 0.5 * (top + top.T)
         return torch.cat(
             [torch.cat([top, self._UF_r.T], 1),
@@ -145,13 +179,13 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
     )
 
 
-def factor_front(G, F, tau: float, root: bool, stage: int, damping: float, force_eigen=False):
+def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False):
     """Factor the control block ``G`` (``(n, n)``) of a front with coupling ``F`` (``(n, a)``).
 
-    Tries :class:`DirectFront` and keeps it when it passes the threshold test (always at
-    the root, where ``a = 0``); otherwise, or with ``force_eigen``, returns an
-    :class:`EigenFront`. Raises :class:`SingularMatrixError` when a pivot at the root, or a
-    pivot that cannot be delayed, is zero to working precision.
+    Tries :class:`DirectFront` and keeps it when its element growth is bounded,
+    ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau`` (always at the root, where ``a = 0``);
+    otherwise, or with ``force_eigen``, returns an :class:`EigenFront`. Raises
+    :class:`SingularMatrixError` when a pivot at the root is zero to working precision.
     """
     n = G.shape[0]
     if n == 0:
@@ -171,9 +205,14 @@ def factor_front(G, F, tau: float, root: bool, stage: int, damping: float, force
             if int(info) == 0 and bool(torch.isfinite(LD).all()):
                 n_pos, n_neg, sign, logabsdet, smallest = _ldl_inertia(LD, pivots)
                 if bool(smallest > _singular_tol(scale, n, G.dtype)):
-                    front = DirectFront("ldl", LD, pivots, F, (n_pos, n_neg), sign, logabsdet)
-        if front is not None and (root or F.shape[1] == 0 or bool(front.gain.abs().max() <= 1 / tau)):
+                    LU, lu_pivots = torch.linalg.lu_factor(G)
+                    front = DirectFront("ldl", LU, lu_pivots, F, (n_pos, n_neg), sign, logabsdet)
+        if front is not None and (root or F.shape[1] == 0):
             return front
+        if front is not None:
+            size = torch.stack([Q.abs().max(), F.abs().max(), scale])
+            if bool(front.update.abs().max() <= size.max() / tau):
+                return front
     lam, U = torch.linalg.eigh(G)
     tol = _singular_tol(lam.abs().max(), n, G.dtype)
     if root:

@@ -268,7 +268,11 @@ class _ChainCurvature:
         return self._spectrum
 
     def eigenvalue_count(self, lower: float, upper: float) -> int:
-        """Exact number of eigenvalues in ``[lower, upper)``, from two inertias (section 12)."""
+        """Exact number of eigenvalues in ``[lower, upper)``, from two inertias (section 12).
+
+        Raises :class:`~hessinv.errors.SingularMatrixError` when ``lower`` or ``upper`` is an
+        eigenvalue of ``H`` (for instance ``0`` when a wide layer gives ``H`` a null space).
+        """
         return eigenvalue_count(self, _check_damping(lower), _check_damping(upper))
 
     def smallest_eigenvalue(self, rel_tol: float = 1e-3) -> EigenvalueBracket:

@@ -30,6 +30,7 @@ The inertia of ``H + eps I`` is the sum of the inertias of the eliminated pivots
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,14 +154,15 @@ def riccati_factorize(
         mode, count = _complement_mode(d, damping, tau)
         if count and damping == 0:
             raise SingularMatrixError(
-                f"H + 0 I is singular: stage {l + 1} has {d.num_params} parameters but its "
-                f"inputs span only {d.basis_size // max(d.out_size, 1)} dimensions per output "
-                f"unit (batch {d.batch} < input width + 1), so H has a null space of dimension "
-                f"at least {count} there (docs/algorithm.md section 8); use damping > 0",
+                f"H + 0 I is singular: the inputs of stage {l + 1} (with its bias column, "
+                f"{d.batch} samples) span only {d.basis_size // max(d.out_size, 1)} of "
+                f"{d.num_params // max(d.out_size, 1)} dimensions, so H has a null space of "
+                f"dimension at least {count} there (docs/algorithm.md section 8); use a "
+                "damping that is not an eigenvalue of -H, e.g. damping > 0",
                 damping, nullity=count,
             )
         G, F, Q = _front(d, V, n_delay, damping, mode)
-        front = factor_front(G, F, tau, root=l == 0, stage=l, damping=damping,
+        front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
                              force_eigen=force_eigen)
         factors[l] = StageFactor(front, mode, d.basis_size,
                                  d.complement.coupled_dim if mode == "split" else 0,
@@ -172,7 +174,7 @@ def riccati_factorize(
         if count:
             n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
             sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
-            logabsdet = logabsdet + count * torch.log(torch.tensor(abs(damping), dtype=S.dtype))
+            logabsdet = logabsdet + count * math.log(abs(damping))
         n_delayed += front.n_rejected
         if l > 0:
             V = front.next_state(F, Q)
@@ -209,14 +211,14 @@ def riccati_solve(
             st = d.Dz_T(s_t.reshape(B, h_out, k)).reshape(-1, k)
             if f.mode == "closed" and d.complement.coupled_dim:
                 st = st + d.complement.coupling_T(g[l]).reshape(-1, k) / eps
-            st = st - f.front.gain.T @ k_a
+            st = st - f.front.gain_T(k_a)
             s = torch.cat([st, f.front.rejected(kc)], dim=0)
     out: list[torch.Tensor] = []
     t = None  # t_{l-1}, (B, h_in, k)
     delayed = g[0].new_zeros(0, k)
     for l in range(L):  # forward: the controls
         d, f = stages[l], rf.factors[l]
-        beta = -y[l] if t is None else -(y[l] + f.front.gain @ t.reshape(-1, k))
+        beta = -y[l] if t is None else -(y[l] + f.front.gain(t.reshape(-1, k)))
         c = f.front.combine(beta, delayed)
         N, n_w = f.n_alpha, f.n_w
         alpha, w, delayed = c[:N], c[N:N + n_w], c[N + n_w:]

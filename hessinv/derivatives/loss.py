@@ -57,7 +57,7 @@ def _cross_entropy(loss_fn: nn.CrossEntropyLoss, o: torch.Tensor, targets) -> Lo
     w = keep.to(o.dtype)
     if weight is not None:
         w = w * weight.to(o.dtype)[safe]
-    total = w.sum() if loss_fn.reduction == "mean" else torch.ones((), dtype=o.dtype)
+    total = w.sum() if loss_fn.reduction == "mean" else o.new_ones(())
     scale = w / total  # per-sample factor; NaN when every target is ignored (as torch does)
     logp = torch.log_softmax(o, dim=1)
     p = logp.exp()
