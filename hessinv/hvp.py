@@ -7,9 +7,10 @@ blocks ``S`` at the model output::
     backward        : u_L = S t_L,  u_{l-1} = Dz_l^T u_l + Dzx_l^T v_l + Dzz_l t_{l-1}
     result          : (Hv)_l = Dxx_l v_l + Dzx_l t_{l-1} + Dx_l^T u_l
 
-Tangents and adjoints are kept per sample, ``(B, h_l, k)``; each stage costs what its
-derivative class's products cost (``O(B h_out m k)`` for a ``Linear`` stage: Pearlmutter's
-cost), so the whole product is linear in depth and batch. For the Gauss-Newton matrix the
+Tangents and adjoints are kept per sample, ``(B, h_l, k)``. Each stage's class does its
+part in two calls (``tangent`` forward, ``adjoint`` backward) that share subexpressions:
+a ``Linear`` stage costs four ``O(B h_out m k)`` products (Pearlmutter's cost), so the
+whole product is linear in depth and batch. For the Gauss-Newton matrix the
 second-order terms are zero and this is ``J^T S J v``.
 """
 
@@ -28,19 +29,14 @@ def hessian_vector_product(
     stages: Sequence[StageDerivatives], S: torch.Tensor, v: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """``H v`` for per-stage blocks ``v[l]`` ``(p_l, k)`` and loss blocks ``S`` ``(B, K, K)``."""
-    tangents: list[torch.Tensor] = []
-    t = None
+    tangents: list[torch.Tensor | None] = [None]  # tangents[l] = t_{l-1}
+    caches = []
     for d, vl in zip(stages, v, strict=True):
-        t = d.Dx(vl) if t is None else d.Dx(vl) + d.Dz(t)
+        t, cache = d.tangent(vl, tangents[-1])
         tangents.append(t)
+        caches.append(cache)
     u = torch.bmm(S, tangents[-1])
     out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
     for l in range(len(stages) - 1, -1, -1):
-        d = stages[l]
-        r = d.Dxx(v[l]) + d.Dx_T(u)
-        if l > 0:
-            t_prev = tangents[l - 1]
-            r = r + d.Dzx(t_prev)
-            u = d.Dz_T(u) + d.Dzx_T(v[l]) + d.Dzz(t_prev)
-        out[l] = r
+        out[l], u = stages[l].adjoint(v[l], tangents[l], u, caches[l])
     return out

@@ -32,8 +32,11 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
         N = d.basis_size
         a_out, a_in = d.batch * d.out_size, d.batch * d.in_size
         kept += N * N + N * a_in
-        peak = max(peak, a_out * a_out + 2 * N * N + 2 * N * a_in + 2 * a_in * a_in
-                   + N * a_out + a_in * a_out)
+        # alive while stage l is eliminated: V_{l+1}; (Dx Y)^T V and Dz^T V; the front's G
+        # (assembled, symmetrised, factored), F (twice) and Q; the update and the next V
+        # (with its symmetrised copy)
+        peak = max(peak, a_out * a_out + N * a_out + a_in * a_out + 3 * N * N + 3 * N * a_in
+                   + 4 * a_in * a_in)
         m = d.num_params + 2 * a_out
         tri += 4 * m * m  # band LU: diagonal, two off-diagonals and the fill-in, per block
         n += d.num_params

@@ -216,3 +216,28 @@ def test_analytic_oracle_refuses_other_stages():
     with pytest.raises(ValueError, match="not nn.Linear"):
         hessinv.ChainHessian(model, nn.MSELoss(), X, torch.randn(3, 2, dtype=torch.float64),
                              oracle="analytic")
+
+
+@pytest.mark.parametrize("weight_selected,bias_selected", [(True, True), (True, False), (False, True)])
+def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_selected):
+    """LinearDerivatives.tangent/adjoint share subexpressions; the base class does not."""
+    from hessinv.derivatives.base import StageDerivatives
+
+    gen = torch.Generator().manual_seed(9)
+    B, h_in, h_out, k = 4, 5, 3, 2
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64)
+            for s in ((h_out, h_in), (h_out,), (B, h_in), (B, h_out))]
+    for has_input in (True, False):
+        d = LinearDerivatives(args[0], args[1], (nn.SiLU(),), args[2], args[3],
+                              weight_selected=weight_selected, bias_selected=bias_selected,
+                              has_input=has_input)
+        v = torch.randn(d.num_params, k, generator=gen, dtype=torch.float64)
+        t_prev = torch.randn(B, h_in, k, generator=gen, dtype=torch.float64) if has_input else None
+        u = torch.randn(B, h_out, k, generator=gen, dtype=torch.float64)
+        t, cache = d.tangent(v, t_prev)
+        t_ref, cache_ref = StageDerivatives.tangent(d, v, t_prev)
+        assert _close(t, t_ref)
+        hv, up = d.adjoint(v, t_prev, u, cache)
+        hv_ref, up_ref = StageDerivatives.adjoint(d, v, t_prev, u, cache_ref)
+        assert _close(hv, hv_ref)
+        assert (up is None and up_ref is None) or _close(up, up_ref)

@@ -156,6 +156,23 @@ class StageDerivatives(ABC):
     def Dzz(self, t: torch.Tensor) -> torch.Tensor:
         """``Dzz t``: ``(B, h_in, k) -> (B, h_in, k)``."""
 
+    # ------------------------------------------------------------ one stage of H v (section 3)
+    def tangent(self, v: torch.Tensor, t_prev: torch.Tensor | None):
+        """``(t, cache)`` with ``t = Dx v + Dz t_prev`` (``t_prev`` is ``None`` for a first stage).
+
+        ``cache`` is whatever :meth:`adjoint` can reuse; classes with shared subexpressions
+        override both (the defaults use the eight products separately).
+        """
+        t = self.Dx(v)
+        return (t if t_prev is None else t + self.Dz(t_prev)), None
+
+    def adjoint(self, v, t_prev, u, cache):
+        """``(Hv_l, u_prev)``: ``Dxx v + Dzx t_prev + Dx^T u`` and ``Dz^T u + Dzx^T v + Dzz t_prev``."""
+        hv = self.Dxx(v) + self.Dx_T(u)
+        if t_prev is None:
+            return hv, None
+        return hv + self.Dzx(t_prev), self.Dz_T(u) + self.Dzx_T(v) + self.Dzz(t_prev)
+
     # ------------------------------------------------------------ dense forms
     def _eye_columns(self, n: int, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.eye(n, dtype=self.dtype, device=self.device).reshape(*shape, n)
