@@ -11,8 +11,9 @@ The contract (:class:`Factorization`):
 
 * every :meth:`~Factorization.solve` measures its backward error
   ``max_j ||(H + eps I) x_j - g_j|| / (||H + eps I|| ||x_j|| + ||g_j||)`` a posteriori
-  (one Hessian-vector product; ``||H + eps I||`` from a Lanczos estimate, which can only
-  be low, so the reported error can only be high), refines iteratively until it is below
+  (one Hessian-vector product; ``||H + eps I||`` through a lower bound -- the free
+  ``||(H + eps I) x|| / ||x||``, or a Lanczos estimate when that is not enough -- so the
+  reported error can only be high), refines iteratively until it is below
   :func:`accuracy_bound` (``1e-12`` in float64), re-factorizes with delayed pivots at
   every stage if refinement stalls, and warns (:class:`~hessinv.errors.AccuracyWarning`)
   if the bound is still not met. ``F.backward_error``, ``F.refinement_steps`` and
@@ -90,13 +91,29 @@ class Factorization:
         return max(abs(hi + self.damping), abs(lo + self.damping))
 
     def _residual(self, g, x):
+        """``(r, beta)``: the residual blocks and an upper bound on the backward error.
+
+        ``||H + eps I||`` enters through a lower bound, so ``beta`` is never reported low:
+        first the free one, ``||(H + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``; only when
+        that does not already prove ``beta <= bound`` the Lanczos estimate (cached per operator).
+        """
         hx = hessian_vector_product(self._stages, self._S, x)
         r = [gl - hl - self.damping * xl for gl, hl, xl in zip(g, hx, x, strict=True)]
         R, X, Gm = torch.cat(r), torch.cat(x), torch.cat(g)
         num = torch.linalg.vector_norm(R, dim=0)
-        den = self._norm() * torch.linalg.vector_norm(X, dim=0) + torch.linalg.vector_norm(Gm, dim=0)
-        ratio = torch.where(den > 0, num / den.clamp_min(torch.finfo(R.dtype).tiny), 0.0)
-        return r, float(ratio.max()) if ratio.numel() else 0.0
+        xn, gn = torch.linalg.vector_norm(X, dim=0), torch.linalg.vector_norm(Gm, dim=0)
+        tiny = torch.finfo(R.dtype).tiny
+        free = float((torch.linalg.vector_norm(Gm - R, dim=0) / xn.clamp_min(tiny)).max())
+
+        def worst(norm: float) -> float:
+            den = norm * xn + gn
+            ratio = torch.where(den > 0, num / den.clamp_min(tiny), 0.0)
+            return float(ratio.max()) if ratio.numel() else 0.0
+
+        beta = worst(free)
+        if beta > accuracy_bound(R.dtype):
+            beta = worst(max(free, self._norm()))
+        return r, beta
 
     def _refined(self, g, refine):
         auto = refine == "auto"

@@ -292,8 +292,9 @@ class _DenseFactorization:
         self.backward_error = float((num / den).max())
         if self._breakage == "solve":
             X = X * (1 + 1e-8)
-        if self._breakage == "report":  # within 1e-12 but far above the measured value
-            self.backward_error = 5e-13
+        if self._breakage == "report":  # a small solve error reported as rounding level
+            X = X * (1 + 1e-11)
+            self.backward_error = 1e-16
         return X[:, 0] if g.dim() == 1 else X
 
     def logdet(self):

@@ -77,3 +77,22 @@ def test_helpers():
     mem = peak_memory(lambda: torch.ones(2_000_000, dtype=torch.float64).sum())
     if mem is not None:  # Linux: a forked child; 16 MB allocated
         assert 10e6 < mem < 40e6
+
+
+def test_e6_tiny(cfg):
+    from paper import e6_deep_training
+
+    md = e6_deep_training.run(
+        cfg, configs=[(3, 3)], activations=["tanh"], batch=8, precond_batch=12,
+        refresh_every=2, first_order_budget_s=0.1, budget_s=0.2, max_steps=3, cg_iters=3,
+        sgd_lrs=[0.01], adam_lrs=[0.01], psgd_lrs=[0.1],
+    )
+    assert "E6" in md
+    for stem in ("e6_deep_training", "e6_winners", "e6_curves", "e6_init"):
+        assert (cfg.outdir / f"{stem}.csv").exists() and (cfg.outdir / f"{stem}.md").exists()
+    assert (cfg.outdir / "e6_deep_training.png").stat().st_size > 0
+    rows = _rows(cfg.outdir / "e6_deep_training.csv")
+    assert {r["method"] for r in rows} == set(e6_deep_training.METHODS)
+    for r in rows:
+        assert not r["status"].startswith("error"), r
+        assert 1 <= int(r["steps"]) <= 3
