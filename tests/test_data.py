@@ -84,3 +84,23 @@ def test_parameter_subsets_by_tensor_and_name():
         hessinv.ChainHessian(*problem, params=[torch.zeros(3)])
     with pytest.raises(ValueError, match="empty"):
         hessinv.ChainHessian(*problem, params=[])
+
+
+class _DictInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+    def forward(self, inputs):
+        return torch.tanh(self.a(inputs["x"]) + self.b(inputs["z"]))
+
+
+def test_dict_inputs_to_the_first_stage():
+    gen = torch.Generator().manual_seed(74)
+    model = nn.Sequential(_DictInputs(), nn.Linear(4, 3)).double()
+    X = {"x": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+         "z": torch.randn(5, 2, generator=gen, dtype=torch.float64)}
+    y = torch.randint(0, 3, (5,), generator=gen)
+    H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)
+    D = hessinv.dense_hessian(model, nn.CrossEntropyLoss(), X, y)
+    assert float((H.dense() - D).abs().max()) <= 1e-13 * float(D.abs().max())
