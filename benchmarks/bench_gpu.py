@@ -5,7 +5,7 @@ limit), with the device synchronised around every timing:
 
 * depth sweep -- tanh MLP width 16, batch 32, input 8, 4 classes, cross-entropy,
   ``eps = 1e-2``, depth 64..2048: the derivative sweep (the ``ChainHessian``
-  constructor), ``factorize``, the one-off 30-step Lanczos norm estimate of the first
+  constructor), ``factorize``, the one-off 12-step Lanczos norm estimate of the first
   solve, ``solve``, one extra right-hand side with the kept factorization, peak memory
   (``torch.cuda.max_memory_allocated``; peak RSS growth on CPU) and one Hessian-vector
   product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``. Fitted

@@ -16,14 +16,15 @@ Suites:
   share of time in the derivative oracle.
 
 The ``ChainHessian`` constructor runs the derivative sweep, so it is timed as
-"derivatives". The first solve on an operator also runs a one-off 30-step Lanczos
+"derivatives". The first solve on an operator also runs a one-off 12-step Lanczos
 estimate of ``||H + eps I||`` (for the a-posteriori backward error); it is timed
 separately, before the solves, and counted once in each method's total.
 
 Damping: ``1e-2`` for the exact solves. ``H + 1e-2 I`` is indefinite for these
 networks, where CG breaks down; CG is therefore run on the shifted, positive
 definite system ``H + (1e-2 - lambda_min) I``, with ``lambda_min`` found (untimed) by
-bisection on the exact inertia, and its iterations are reported.
+Lanczos certified by the exact inertia (``positive_definite_shift``), and its iterations are
+reported.
 
     python benchmarks/bench_solve.py --suite core
     python benchmarks/bench_solve.py --suite scaling [--quick] [--device cuda --max-depth 1024]

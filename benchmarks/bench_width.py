@@ -5,7 +5,7 @@ printed as markdown tables:
 
 * ``width`` -- tanh MLP depth 8, batch 16, input 8, 4 classes, cross-entropy, float64,
   ``eps = 1e-2``, widths 32..512: the derivative sweep (the ``ChainHessian``
-  constructor), ``factorize``, the one-off 30-step Lanczos norm estimate that the first
+  constructor), ``factorize``, the one-off 12-step Lanczos norm estimate that the first
   solve triggers, ``solve``, their total, the peak RSS of the child, the library's own
   ``memory_estimate()["riccati"]``, the a-posteriori backward error and the method used.
   A width whose estimate exceeds the free RAM is skipped. The exponent of total time in

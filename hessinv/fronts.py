@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .errors import SingularMatrixError
+from .ldlt import bunch_kaufman
 
 __all__ = ["DirectFront", "EigenFront", "factor_front", "DEFAULT_TAU"]
 
@@ -52,31 +53,12 @@ def _singular_tol(lam_abs_max: torch.Tensor, n: int, dtype) -> torch.Tensor:
     return torch.finfo(dtype).eps * lam_abs_max
 
 
-def _ldl_inertia(LD: torch.Tensor, pivots: torch.Tensor):
-    """``(n_pos, n_neg, sign, logabsdet, min |pivot|)`` from a Bunch-Kaufman factor."""
-    d = torch.diagonal(LD)
-    two = pivots < 0  # members of 2x2 pivot blocks (LAPACK convention)
-    starts = torch.nonzero(two).flatten()[0::2]
-    # a Bunch-Kaufman 2x2 pivot has a negative determinant: one + and one - eigenvalue
-    det2 = d[starts] * d[starts + 1] - LD[starts + 1, starts] ** 2
-    one = d[~two]
-    n2 = int(starts.numel())
-    n_pos = int((one > 0).sum()) + n2
-    n_neg = int((one < 0).sum()) + n2
-    sign = torch.prod(torch.sign(one)) * (-1.0) ** n2
-    logabsdet = torch.log(one.abs()).sum() + torch.log(det2.abs()).sum()
-    smallest = torch.cat([one.abs(), det2.abs().sqrt()]).min() if d.numel() else d.new_ones(())
-    return n_pos, n_neg, sign, logabsdet, smallest
-
-
 class DirectFront:
-    """All of ``G`` eliminated by Cholesky or Bunch-Kaufman ``LDL^T``.
+    """All of ``G`` eliminated by Cholesky ``G = L L^T`` or Bunch-Kaufman ``G = P L D L^T P^T``.
 
-    Cholesky ``G = L L^T`` keeps ``W = L^-1 F``: the update is ``F^T G^-1 F = W^T W`` (one
-    triangular solve instead of two). For an indefinite ``G`` the ``LDL^T`` factor gives the
-    inertia and ``log|det|`` and an ``LU`` factor of the same ``G`` gives ``K = G^-1 F`` and
-    the solves (LAPACK's ``sytrs`` works column by column and is several times slower than
-    ``getrs`` for the ``a`` right-hand sides of ``K``).
+    Keeps ``W = L^-1 P^T F``; the update is ``F^T G^-1 F = W^T D^-1 W`` (one triangular solve
+    with the ``a`` columns of ``F`` and one product; :mod:`hessinv.ldlt` puts the
+    Bunch-Kaufman factor in this explicit form).
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
     (``F^T G^-1 F``, ``(a, a)``, until :meth:`next_state` consumes it), ``inertia``
@@ -84,35 +66,46 @@ class DirectFront:
     ``"ldl"``).
     """
 
-    def __init__(self, kind, factor, pivots, F, inertia, sign, logabsdet):
-        self.kind, self.factor, self.pivots = kind, factor, pivots
-        self.n = factor.shape[0]
+    def __init__(self, F, cholesky=None, bk=None):
+        self.kind = "cholesky" if bk is None else "ldl"
+        self._L, self._bk = cholesky, bk
+        self.n = F.shape[0]
         self.n_accepted, self.n_rejected = self.n, 0
-        self.inertia, self.sign, self.logabsdet = inertia, sign, logabsdet
-        if kind == "cholesky":
-            self._W = torch.linalg.solve_triangular(factor, F, upper=False)
+        if bk is None:
+            diag = torch.diagonal(cholesky)
+            self.inertia, self.sign = (self.n, 0), F.new_ones(())
+            self.logabsdet = 2 * torch.log(diag).sum()
+            self._W = torch.linalg.solve_triangular(cholesky, F, upper=False)
             self.update = self._W.T @ self._W
         else:
-            self._K = torch.linalg.lu_solve(factor, pivots, F)
-            self.update = F.T @ self._K
+            self.inertia, self.sign, self.logabsdet = bk.inertia, bk.sign, bk.logabsdet
+            self._W = bk.half_solve(F)
+            self.update = self._W.T @ bk.d_solve(self._W)
+
+    def _half(self, k):
+        """``L^-1 P^T k``."""
+        if self._bk is None:
+            return torch.linalg.solve_triangular(self._L, k, upper=False)
+        return self._bk.half_solve(k)
+
+    def _half_T(self, k):
+        """``P L^-T D^-1 k``."""
+        if self._bk is None:
+            return torch.linalg.solve_triangular(self._L.T, k, upper=True)
+        return self._bk.half_solve_T(self._bk.d_solve(k))
 
     def pivot_solve(self, k: torch.Tensor) -> torch.Tensor:
         """``G^-1 k`` for ``k`` ``(n, r)``."""
-        if self.kind == "cholesky":
-            return torch.cholesky_solve(k, self.factor)
-        return torch.linalg.lu_solve(self.factor, self.pivots, k)
+        return self._half_T(self._half(k))
 
     def gain(self, t: torch.Tensor) -> torch.Tensor:
         """``G^-1 F t``."""
-        if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.factor.T, self._W @ t, upper=True)
-        return self._K @ t
+        return self._half_T(self._W @ t)
 
     def gain_T(self, k: torch.Tensor) -> torch.Tensor:
         """``F^T G^-1 k`` for ``k`` ``(n, r)``."""
-        if self.kind == "cholesky":
-            return self._W.T @ torch.linalg.solve_triangular(self.factor, k, upper=False)
-        return self._K.T @ k
+        h = self._half(k)
+        return self._W.T @ (h if self._bk is None else self._bk.d_solve(h))
 
     def accepted(self, kc):
         return kc
@@ -196,24 +189,18 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     """
     n = G.shape[0]
     if n == 0:
-        empty = G.new_zeros(0, 0)
-        return DirectFront("cholesky", empty, None, F, (0, 0), G.new_ones(()), G.new_zeros(()))
+        return DirectFront(F, cholesky=G.new_zeros(0, 0))
     scale = G.abs().max()
     if not force_eigen:
-        chol, info = torch.linalg.cholesky_ex(G)
         front = None
+        L, info = torch.linalg.cholesky_ex(G)
         if int(info) == 0:
-            diag = torch.diagonal(chol)
-            if bool(diag.min() ** 2 > _singular_tol(scale, n, G.dtype)):
-                front = DirectFront("cholesky", chol, None, F, (n, 0), G.new_ones(()),
-                                    2 * torch.log(diag).sum())
+            if bool(torch.diagonal(L).min() ** 2 > _singular_tol(scale, n, G.dtype)):
+                front = DirectFront(F, cholesky=L)
         else:
-            LD, pivots, info = torch.linalg.ldl_factor_ex(G)
-            if int(info) == 0 and bool(torch.isfinite(LD).all()):
-                n_pos, n_neg, sign, logabsdet, smallest = _ldl_inertia(LD, pivots)
-                if bool(smallest > _singular_tol(scale, n, G.dtype)):
-                    LU, lu_pivots = torch.linalg.lu_factor(G)
-                    front = DirectFront("ldl", LU, lu_pivots, F, (n_pos, n_neg), sign, logabsdet)
+            bk = bunch_kaufman(G)
+            if bk is not None and bool(bk.smallest > _singular_tol(scale, n, G.dtype)):
+                front = DirectFront(F, bk=bk)
         if front is not None and (root or F.shape[1] == 0):
             return front
         if front is not None:
