@@ -7,7 +7,7 @@ time cubic and memory quadratic in L. CG is linear per iteration but needs a num
 iterations that depends on the conditioning.
 
 Every method solves the same positive definite system: ``eps = 1.25 * (-lambda_min(H))``
-found by bisection on our exact inertia (so CG, which needs positive definiteness,
+found by Lanczos certified by our exact inertia (so CG, which needs positive definiteness,
 is applicable); the right-hand side is the gradient.
 """
 

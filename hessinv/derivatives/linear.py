@@ -61,6 +61,18 @@ def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     return int((s > tol).sum())
 
 
+def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``out[b, o, k] = sum_m Z[b, m] M[o, m, k]`` as one matrix product."""
+    o, m, k = M.shape
+    return (Z @ M.transpose(0, 1).reshape(m, o * k)).reshape(Z.shape[0], o, k)
+
+
+def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]`` as one matrix product."""
+    B, o, k = R.shape
+    return (Z.T @ R.reshape(B, o * k)).reshape(Z.shape[1], o, k).transpose(0, 1)
+
+
 class LinearDerivatives(StageDerivatives):
     """Derivatives of ``act(W z + c)`` in Kronecker form (see the module docstring).
 
@@ -153,25 +165,26 @@ class LinearDerivatives(StageDerivatives):
 
     # ------------------------------------------------------------ first order
     def Dx(self, v):
-        return self.s1[:, :, None] * torch.einsum("bm,omk->bok", self.Zt, self.to_matrix(v))
+        return self.s1[:, :, None] * _apply_rows(self.Zt, self.to_matrix(v))
 
     def Dx_T(self, w):
-        return self.from_matrix(torch.einsum("bok,bm->omk", self.s1[:, :, None] * w, self.Zt))
+        return self.from_matrix(_gather_rows(self.Zt, self.s1[:, :, None] * w))
 
     def Dz(self, t):
-        return self.s1[:, :, None] * torch.einsum("oi,bik->bok", self.W, t)
+        return self.s1[:, :, None] * torch.matmul(self.W, t)
 
     def Dz_T(self, w):
-        return torch.einsum("oi,bok->bik", self.W, self.s1[:, :, None] * w)
+        return torch.matmul(self.W.T, self.s1[:, :, None] * w)
 
     # ------------------------------------------------------------ second order
     def Dxx(self, v):
-        T = torch.einsum("bm,omk->bok", self.Zt, self.to_matrix(v))
-        return self.from_matrix(torch.einsum("bm,bok->omk", self.Zt, self.beta[:, :, None] * T))
+        T = _apply_rows(self.Zt, self.to_matrix(v))
+        return self.from_matrix(_gather_rows(self.Zt, self.beta[:, :, None] * T))
 
     def _E(self, t):
         """``E t`` in matrix form ``(h_out, m, k)``: the ``gamma`` term of ``Dzx``."""
-        Et = torch.einsum("bo,bik->oik", self.gamma, t)
+        B, i, k = t.shape
+        Et = (self.gamma.T @ t.reshape(B, i * k)).reshape(-1, i, k)
         pad = self.m - self.n_weight_cols
         if pad:
             Et = torch.cat([Et, Et.new_zeros(Et.shape[0], pad, Et.shape[2])], dim=1)
@@ -179,34 +192,32 @@ class LinearDerivatives(StageDerivatives):
 
     def _E_T(self, M):
         """``E^T`` of a matrix-form ``(h_out, m, k)``: ``(B, h_in, k)``."""
-        return torch.einsum("bo,oik->bik", self.gamma, M[:, : self.n_weight_cols])
+        o, nw, k = M.shape[0], self.n_weight_cols, M.shape[2]
+        return (self.gamma @ M[:, :nw].reshape(o, nw * k)).reshape(-1, nw, k)
 
     def Dzx(self, t):
-        WT = torch.einsum("oi,bik->bok", self.W, t)
-        out = torch.einsum("bm,bok->omk", self.Zt, self.beta[:, :, None] * WT)
+        out = _gather_rows(self.Zt, self.beta[:, :, None] * torch.matmul(self.W, t))
         if self.weight_selected:
             out = out + self._E(t)
         return self.from_matrix(out)
 
     def Dzx_T(self, v):
         M = self.to_matrix(v)
-        T = torch.einsum("bm,omk->bok", self.Zt, M)
-        out = torch.einsum("oi,bok->bik", self.W, self.beta[:, :, None] * T)
+        out = torch.matmul(self.W.T, self.beta[:, :, None] * _apply_rows(self.Zt, M))
         if self.weight_selected:
             out = out + self._E_T(M)
         return out
 
     def Dzz(self, t):
-        Wt = torch.einsum("oj,bjk->bok", self.W, t)
-        return torch.einsum("oi,bok->bik", self.W, self.beta[:, :, None] * Wt)
+        return torch.matmul(self.W.T, self.beta[:, :, None] * torch.matmul(self.W, t))
 
     # ------------------------------------------------------------ one stage of H v (section 3)
     def tangent(self, v, t_prev):
         """``t = s' * P`` with ``P = Zt V^T + W t_prev`` the tangent of the pre-activation."""
         M = self.to_matrix(v)
-        P = torch.einsum("bm,omk->bok", self.Zt, M)
+        P = _apply_rows(self.Zt, M)
         if t_prev is not None:
-            P = P + torch.einsum("oi,bik->bok", self.W, t_prev)
+            P = P + torch.matmul(self.W, t_prev)
         return self.s1[:, :, None] * P, (M, P)
 
     def adjoint(self, v, t_prev, u, cache):
@@ -214,10 +225,10 @@ class LinearDerivatives(StageDerivatives):
         ``u_prev = W^T R (+ E^T V)``; two products instead of the eight of the defaults."""
         M, P = cache
         R = self.beta[:, :, None] * P + self.s1[:, :, None] * u
-        hv = torch.einsum("bm,bok->omk", self.Zt, R)
+        hv = _gather_rows(self.Zt, R)
         if t_prev is None:
             return self.from_matrix(hv), None
-        u_prev = torch.einsum("oi,bok->bik", self.W, R)
+        u_prev = torch.matmul(self.W.T, R)
         if self.weight_selected:
             hv = hv + self._E(t_prev)
             u_prev = u_prev + self._E_T(M)
@@ -254,21 +265,21 @@ class LinearDerivatives(StageDerivatives):
     def Y_T(self, v):
         M = self.to_matrix(v)
         if self.Q is not None:
-            M = torch.einsum("omk,mr->ork", M, self.Q)
+            M = torch.matmul(self.Q.T, M)
         return M.reshape(self.basis_size, v.shape[-1])
 
     def Y(self, alpha):
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
         if self.Q is not None:
-            A = torch.einsum("ork,mr->omk", A, self.Q)
+            A = torch.matmul(self.Q, A)
         return self.from_matrix(A)
 
     def DxY(self, alpha):
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
-        return self.s1[:, :, None] * torch.einsum("br,ork->bok", self.Zr, A)
+        return self.s1[:, :, None] * _apply_rows(self.Zr, A)
 
     def DxY_T(self, w):
-        out = torch.einsum("bok,br->ork", self.s1[:, :, None] * w, self.Zr)
+        out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
         return out.reshape(self.basis_size, w.shape[-1])
 
     def Y_T_Dxx_Y(self):
@@ -329,12 +340,11 @@ class LinearComplement(Complement):
     def project(self, v):
         s = self.stage
         M = s.to_matrix(v)
-        M = M - torch.einsum("omk,mr,nr->onk", M, s.Q, s.Q)
-        return s.from_matrix(M)
+        return s.from_matrix(self._project_matrix(M))
 
     def _project_matrix(self, M):
         Q = self.stage.Q
-        return M - torch.einsum("omk,mr,nr->onk", M, Q, Q)
+        return M - torch.matmul(Q, torch.matmul(Q.T, M))
 
     def coupling(self, t):
         s = self.stage
