@@ -60,3 +60,10 @@ def check_loss_fn(loss_fn):
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     return loss_fn
+
+
+def within(value: float, name: str, lower: float, upper: float, bounds: str) -> float:
+    """``value`` if ``lower <= value <= upper``, else a ``ValueError`` naming ``bounds``."""
+    if not lower <= value <= upper:
+        raise ValueError(f"{name} {value} must lie in [{bounds}] = [{lower}, {upper}]")
+    return value

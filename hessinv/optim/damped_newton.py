@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ._checks import nonnegative, positive, positive_int, real
+from ._checks import nonnegative, positive, positive_int, real, within
 from .base import CurvatureOptimizer, Proposal, Trial, Verdict
 from .protocol import CurvatureProtocol, try_factorize
 
@@ -143,13 +143,8 @@ class DampedNewton(CurvatureOptimizer):
         self.max_step_norm, self.max_tries = max_step_norm, max_tries
 
     def _check_damping(self, damping) -> float:
-        damping = nonnegative(damping, "damping")
-        if not self.min_damping <= damping <= self.max_damping:
-            raise ValueError(
-                f"damping {damping} must lie in [min_damping, max_damping] = "
-                f"[{self.min_damping}, {self.max_damping}]"
-            )
-        return damping
+        return within(nonnegative(damping, "damping"), "damping", self.min_damping,
+                      self.max_damping, "min_damping, max_damping")
 
     def _load_adaptive(self, state):
         self.damping = self._check_damping(state["damping"])

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._checks import positive, positive_int, real
+from ._checks import positive, positive_int, real, within
 from .base import CurvatureOptimizer, Proposal, Trial, Verdict
 from .protocol import CurvatureProtocol
 from .subproblem import trust_region_subproblem
@@ -134,12 +134,8 @@ class TrustRegionNewton(CurvatureOptimizer):
         radius = real(radius, "radius")
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius}")
-        if not self.min_radius <= radius <= self.max_radius:
-            raise ValueError(
-                f"radius {radius} must lie in [min_radius, max_radius] = "
-                f"[{self.min_radius}, {self.max_radius}]"
-            )
-        return radius
+        return within(radius, "radius", self.min_radius, self.max_radius,
+                      "min_radius, max_radius")
 
     def _load_adaptive(self, state):
         self.radius = self._check_radius(state["radius"])
