@@ -67,6 +67,12 @@ def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return (Z @ M.transpose(0, 1).reshape(m, o * k)).reshape(Z.shape[0], o, k)
 
 
+def _left(W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``out[b, o, k] = sum_i W[o, i] t[b, i, k]``: one product over the leading index (a
+    broadcast ``W @ t`` would copy ``W`` once per entry of it)."""
+    return (t.transpose(1, 2) @ W.T).transpose(1, 2)
+
+
 def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]`` as one matrix product."""
     B, o, k = R.shape
@@ -171,10 +177,10 @@ class LinearDerivatives(StageDerivatives):
         return self.from_matrix(_gather_rows(self.Zt, self.s1[:, :, None] * w))
 
     def Dz(self, t):
-        return self.s1[:, :, None] * torch.matmul(self.W, t)
+        return self.s1[:, :, None] * _left(self.W, t)
 
     def Dz_T(self, w):
-        return torch.matmul(self.W.T, self.s1[:, :, None] * w)
+        return _left(self.W.T, self.s1[:, :, None] * w)
 
     # ------------------------------------------------------------ second order
     def Dxx(self, v):
@@ -196,20 +202,20 @@ class LinearDerivatives(StageDerivatives):
         return (self.gamma @ M[:, :nw].reshape(o, nw * k)).reshape(-1, nw, k)
 
     def Dzx(self, t):
-        out = _gather_rows(self.Zt, self.beta[:, :, None] * torch.matmul(self.W, t))
+        out = _gather_rows(self.Zt, self.beta[:, :, None] * _left(self.W, t))
         if self.weight_selected:
             out = out + self._E(t)
         return self.from_matrix(out)
 
     def Dzx_T(self, v):
         M = self.to_matrix(v)
-        out = torch.matmul(self.W.T, self.beta[:, :, None] * _apply_rows(self.Zt, M))
+        out = _left(self.W.T, self.beta[:, :, None] * _apply_rows(self.Zt, M))
         if self.weight_selected:
             out = out + self._E_T(M)
         return out
 
     def Dzz(self, t):
-        return torch.matmul(self.W.T, self.beta[:, :, None] * torch.matmul(self.W, t))
+        return _left(self.W.T, self.beta[:, :, None] * _left(self.W, t))
 
     # ------------------------------------------------------------ one stage of H v (section 3)
     def tangent(self, v, t_prev):
@@ -217,7 +223,7 @@ class LinearDerivatives(StageDerivatives):
         M = self.to_matrix(v)
         P = _apply_rows(self.Zt, M)
         if t_prev is not None:
-            P = P + torch.matmul(self.W, t_prev)
+            P = P + _left(self.W, t_prev)
         return self.s1[:, :, None] * P, (M, P)
 
     def adjoint(self, v, t_prev, u, cache):
@@ -228,7 +234,7 @@ class LinearDerivatives(StageDerivatives):
         hv = _gather_rows(self.Zt, R)
         if t_prev is None:
             return self.from_matrix(hv), None
-        u_prev = torch.matmul(self.W.T, R)
+        u_prev = _left(self.W.T, R)
         if self.weight_selected:
             hv = hv + self._E(t_prev)
             u_prev = u_prev + self._E_T(M)
@@ -265,13 +271,13 @@ class LinearDerivatives(StageDerivatives):
     def Y_T(self, v):
         M = self.to_matrix(v)
         if self.Q is not None:
-            M = torch.matmul(self.Q.T, M)
+            M = _left(self.Q.T, M)
         return M.reshape(self.basis_size, v.shape[-1])
 
     def Y(self, alpha):
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
         if self.Q is not None:
-            A = torch.matmul(self.Q, A)
+            A = _left(self.Q, A)
         return self.from_matrix(A)
 
     def DxY(self, alpha):
@@ -344,7 +350,7 @@ class LinearComplement(Complement):
 
     def _project_matrix(self, M):
         Q = self.stage.Q
-        return M - torch.matmul(Q, torch.matmul(Q.T, M))
+        return M - _left(Q, _left(Q.T, M))
 
     def coupling(self, t):
         s = self.stage
