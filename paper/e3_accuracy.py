@@ -68,12 +68,15 @@ def _cg_trace(matvec, b, eps, x_ref, target, maxiter):
 
 
 def _solve(H, g, eps, method):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return H.solve(g, damping=eps, method=method)
-    except Exception:  # report as missing, keep going
-        return None
+    """``(x, warned)``: the solve (``None`` if it raised) and whether it warned that its
+    accuracy could not be certified (``hessinv.AccuracyWarning``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hessinv.AccuracyWarning)
+        try:
+            x = H.solve(g, damping=eps, method=method)
+        except Exception:  # report as missing, keep going
+            x = None
+    return x, any(issubclass(w.category, hessinv.AccuracyWarning) for w in caught)
 
 
 def measure(cfg: Config, st: dict, activation: str) -> list[dict]:
@@ -111,11 +114,14 @@ def measure(cfg: Config, st: dict, activation: str) -> list[dict]:
         except RuntimeError:
             row["neg eigs (inertia)"], row["inertia ok"] = None, None
         row["dense resid"] = _rel(A @ x_ref, g)
+        warned = []
         for method, short in (("riccati", "ric"), ("tridiagonal", "tri")):
-            x64 = _solve(H, g, eps, method)
-            x32 = _solve(H32, g32, eps, method)
+            x64, w64 = _solve(H, g, eps, method)
+            x32, w32 = _solve(H32, g32, eps, method)
             row[f"err {short} f64"] = None if x64 is None else _rel(x64, x_ref)
             row[f"err {short} f32"] = None if x32 is None else _rel(x32, x_ref)
+            warned += [f"{short} f64"] * w64 + [f"{short} f32"] * w32
+        row["accuracy warnings"] = ", ".join(warned) or "-"
         target = max(row["err ric f64"] or 0.0, 1e-12)
         its, best, status = _cg_trace(H.matvec, g, eps, x_ref, target, st["cg_factor"] * n)
         row["cg iters to same err"] = its

@@ -289,7 +289,7 @@ def _run(cfg, quick: bool) -> str:
     plt.close(fig)
 
     lines = [
-        f"## E5: training a tall-skinny tanh MLP ({'quick' if quick else 'full'} mode)",
+        f"**E5: training a tall-skinny tanh MLP ({'quick' if quick else 'full'} mode)**",
         "",
         f"digits (sklearn, standardized, PCA to 16 dims, {data[0].shape[0]} train / "
         f"{data[2].shape[0]} test), MLP depth {p['depth']} width {p['width']} "

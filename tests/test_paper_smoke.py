@@ -88,8 +88,9 @@ def test_e6_tiny(cfg):
         sgd_lrs=[0.01], adam_lrs=[0.01], psgd_lrs=[0.1],
     )
     assert "E6" in md
-    for stem in ("e6_deep_training", "e6_winners", "e6_curves", "e6_init"):
+    for stem in ("e6_deep_training", "e6_winners", "e6_by_method", "e6_runs", "e6_init"):
         assert (cfg.outdir / f"{stem}.csv").exists() and (cfg.outdir / f"{stem}.md").exists()
+    assert (cfg.outdir / "e6_curves.csv").exists()
     assert (cfg.outdir / "e6_deep_training.png").stat().st_size > 0
     rows = _rows(cfg.outdir / "e6_deep_training.csv")
     assert {r["method"] for r in rows} == set(e6_deep_training.METHODS)

@@ -130,12 +130,15 @@ def test_float32_wide_layers_stay_on_the_riccati_path():
         x32 = F32.solve(g.float())
         x64 = H64.factorize(eps).solve(g)
         assert F32.method.startswith("riccati")
-        assert F32.backward_error <= 1e-5
+        assert F32.backward_error <= 1e-6
         M = hessinv.dense_hessian(model.double(), loss_fn, X, y) + eps * torch.eye(
             H64.num_params, dtype=torch.float64)
         cond = float(torch.linalg.cond(M))
-        # float32 contract: backward error <= 1e-5, so forward error <= ~2 cond 1e-5
-        assert float(torch.linalg.norm(x32.double() - x64) / torch.linalg.norm(x64)) <= 10 * cond * 1e-5
+        # float32 contract: backward error <= 1e-6, so the float32 solve is within ~2 cond 1e-6
+        # of its own problem, whose weights differ from the float64 ones by the float32
+        # rounding u32 = 6e-8 (another ~cond u32 |H| relative): allow 10 cond (1e-6 + u32)
+        assert float(torch.linalg.norm(x32.double() - x64) / torch.linalg.norm(x64)) <= (
+            10 * cond * (1e-6 + 6e-8))
         assert F32.inertia() == H64.factorize(eps).inertia()
         model.float()
 
