@@ -42,14 +42,13 @@ __all__ = ["DirectFront", "EigenFront", "factor_front", "DEFAULT_TAU"]
 DEFAULT_TAU = 1e-2
 
 
-def _singular_tol(lam_abs_max: torch.Tensor, n: int, dtype) -> torch.Tensor:
+def _singular_tol(lam_abs_max: torch.Tensor, dtype) -> torch.Tensor:
     """A pivot at or below ``u max|pivot|`` is zero to working precision.
 
     Not ``n u``: that bound on the rounding of the eigenvalues is pessimistic, and in float32
     it called fronts of size 512 with a relative gap of 2e-6 singular although they factor
     with a backward error of 1e-6 and the exact inertia. Accuracy is judged a posteriori
     (docs/algorithm.md section 11)."""
-    del n
     return torch.finfo(dtype).eps * lam_abs_max
 
 
@@ -195,11 +194,11 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
         front = None
         L, info = torch.linalg.cholesky_ex(G)
         if int(info) == 0:
-            if bool(torch.diagonal(L).min() ** 2 > _singular_tol(scale, n, G.dtype)):
+            if bool(torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype)):
                 front = DirectFront(F, cholesky=L)
         else:
             bk = bunch_kaufman(G)
-            if bk is not None and bool(bk.smallest > _singular_tol(scale, n, G.dtype)):
+            if bk is not None and bool(bk.smallest > _singular_tol(scale, G.dtype)):
                 front = DirectFront(F, bk=bk)
         if front is not None and (root or F.shape[1] == 0):
             return front
@@ -208,7 +207,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
             if bool(front.update.abs().max() <= size.max() / tau):
                 return front
     lam, U = torch.linalg.eigh(G)
-    tol = _singular_tol(lam.abs().max(), n, G.dtype)
+    tol = _singular_tol(lam.abs().max(), G.dtype)
     if root:
         if bool((lam.abs() <= tol).any()):
             raise _singular(stage, damping, f"a pivot {float(lam.abs().min()):.1e} at or below "

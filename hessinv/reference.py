@@ -1,9 +1,11 @@
 """Reference computations the library is checked and benchmarked against.
 
-* :func:`dense_hessian`: the full Hessian from ``torch.func.hessian`` over all
-  parameters (cubic time, quadratic memory in depth: only for small models).
-* :func:`conjugate_gradient`: CG on Hessian-vector products, the usual inexact
-  alternative to an exact solve.
+* :func:`dense_hessian`: the full Hessian from ``torch.func.hessian`` over the trainable
+  parameters (cubic time, quadratic memory in depth: only for small models; for models
+  where forward-over-reverse differentiation is unreliable, e.g. LayerNorm, compare
+  with reverse-over-reverse autograd instead, as ``tests/_autograd_reference.py`` does).
+* :func:`conjugate_gradient`: CG on Hessian-vector products: fast and accurate on positive
+  definite systems, it stops at the first direction of negative curvature otherwise.
 """
 
 from __future__ import annotations
