@@ -219,26 +219,38 @@ class LinearDerivatives(StageDerivatives):
 
     # ------------------------------------------------------------ one stage of H v (section 3)
     def tangent(self, v, t_prev):
-        """``t = s' * P`` with ``P = Zt V^T + W t_prev`` the tangent of the pre-activation."""
-        M = self.to_matrix(v)
-        P = _apply_rows(self.Zt, M)
+        """``t = s' * P`` with ``P = Z V_W^T + 1 v_b^T + W t_prev`` the tangent of the
+        pre-activation (weight part ``V_W`` and bias part ``v_b`` of ``v``, used as views)."""
+        h, nw, k = self.out_size, self.n_weight_cols, v.shape[-1]
+        VW = v[: h * nw].reshape(h, nw, k) if self.weight_selected else None
+        P = _apply_rows(self.Zt[:, :nw], VW) if self.weight_selected else 0.0
+        if self.bias_selected:
+            P = P + v[h * nw :].reshape(1, h, k)
         if t_prev is not None:
             P = P + _left(self.W, t_prev)
-        return self.s1[:, :, None] * P, (M, P)
+        return self.s1[:, :, None] * P, (VW, P)
 
     def adjoint(self, v, t_prev, u, cache):
-        """With ``R = beta * P + s' * u``: ``Hv = Zt^T R (+ E t_prev)`` per output unit and
-        ``u_prev = W^T R (+ E^T V)``; two products instead of the eight of the defaults."""
-        M, P = cache
+        """With ``R = beta * P + s' * u``: ``Hv = (Z^T R (+ E t_prev), sum_i R_i)`` and
+        ``u_prev = W^T R (+ E^T V_W)``; two products instead of the eight of the defaults."""
+        VW, P = cache
         R = self.beta[:, :, None] * P + self.s1[:, :, None] * u
-        hv = _gather_rows(self.Zt, R)
-        if t_prev is None:
-            return self.from_matrix(hv), None
-        u_prev = _left(self.W.T, R)
+        h, nw, k = self.out_size, self.n_weight_cols, u.shape[-1]
+        parts = []
         if self.weight_selected:
-            hv = hv + self._E(t_prev)
-            u_prev = u_prev + self._E_T(M)
-        return self.from_matrix(hv), u_prev
+            hw = _gather_rows(self.Zt[:, :nw], R)
+            if t_prev is not None:  # E t_prev: the gamma term of Dzx on the weight columns
+                hw = hw + (self.gamma.T @ t_prev.reshape(self.batch, nw * k)).reshape(h, nw, k)
+            parts.append(hw.reshape(h * nw, k))
+        if self.bias_selected:
+            parts.append(R.sum(0))
+        hv = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if t_prev is None:
+            return hv, None
+        u_prev = _left(self.W.T, R)
+        if self.weight_selected:  # E^T V_W
+            u_prev = u_prev + (self.gamma @ VW.reshape(h, nw * k)).reshape(self.batch, nw, k)
+        return hv, u_prev
 
     # ------------------------------------------------------------ curvature (section 6)
     def propagate_curvature(self, R):
