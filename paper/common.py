@@ -461,3 +461,19 @@ def positive_definite_shift(H, margin: float = 1.25, rel_tol: float = 0.02):
     if shift == 0.0:
         return 0.0, None
     return margin * shift, -shift
+
+
+class Batches:
+    """A reproducible stream of mini-batch indices: epochs of a seeded permutation."""
+
+    def __init__(self, n: int, batch: int, seed: int, device):
+        self.n, self.batch, self.device = n, batch, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx.to(self.device)

@@ -35,6 +35,8 @@ from torch import nn
 import hessinv
 from hessinv.optim import DampedNewton, TrustRegionNewton
 
+from .common import Batches
+
 DT = torch.float64
 
 
@@ -72,22 +74,6 @@ def _make_model(depth: int, width: int, d_in: int, n_classes: int, seed: int, de
         if i < depth - 1:
             layers.append(nn.Tanh())
     return nn.Sequential(*layers).to(device=device, dtype=DT)
-
-
-class _Batches:
-    """A reproducible stream of mini-batch indices (epochs of a seeded permutation)."""
-
-    def __init__(self, n: int, batch: int, seed: int, device):
-        self.n, self.batch, self.device = n, batch, device
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return idx.to(self.device)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -180,7 +166,7 @@ def _run_method(name, lr, cfg, p, data, budget_s, max_steps, log_every, progress
     loss_fn = nn.CrossEntropyLoss()
     model = _make_model(p["depth"], p["width"], Xtr.shape[1], 10, cfg.seed, cfg.device)
     method = _make_method(name, model, loss_fn, lr)
-    batches = _Batches(Xtr.shape[0], p["batch"], cfg.seed + 1, cfg.device)
+    batches = Batches(Xtr.shape[0], p["batch"], cfg.seed + 1, cfg.device)
     tl, acc = _evaluate(model, loss_fn, data)
     log = [(0, 0.0, tl, acc)]
     wall = 0.0

@@ -60,7 +60,7 @@ from torch import nn
 
 import hessinv
 
-from .common import Config, progress, save_figure, synchronize, write_table
+from .common import Batches, Config, progress, save_figure, synchronize, write_table
 
 DT = torch.float64
 N_CLASSES = 10
@@ -145,22 +145,6 @@ def make_model(depth: int, width: int, activation: str, seed: int, device, init:
         if i < depth - 1:
             layers.append(act())
     return nn.Sequential(*layers).to(device=device, dtype=DT)
-
-
-class Batches:
-    """A reproducible stream of mini-batch indices: epochs of a seeded permutation."""
-
-    def __init__(self, n: int, batch: int, seed: int, device):
-        self.n, self.batch, self.device = n, batch, device
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return idx.to(self.device)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -791,4 +775,4 @@ def refigure(outdir, *, seed: int, batch: int, budget_s: float, first_order_budg
             first_order_budget_s=first_order_budget_s, title=title)
 
 
-__all__ = ["run", "settings", "load_data", "make_model", "Batches", "METHODS", "resummarize", "refigure"]
+__all__ = ["run", "settings", "load_data", "make_model", "METHODS", "resummarize", "refigure"]
