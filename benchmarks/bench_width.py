@@ -237,6 +237,9 @@ def measure_reference(spec: dict) -> dict:
 
 
 MEASUREMENTS = {"width": measure_width, "hvp": measure_hvp, "reference": measure_reference}
+# the first words of each part's markdown heading (how ``--out`` finds a section to replace)
+HEADINGS = {"width": "## Width sweep", "hvp": "## One Hessian-vector product",
+            "reference": "## Reference shape"}
 
 
 def worker(kind: str, spec: dict) -> dict:
@@ -417,11 +420,39 @@ def reference_table(r: dict, args) -> str:
     return "\n".join(lines)
 
 
-def header(args) -> str:
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"# bench_width ({time.strftime('%Y-%m-%d %H:%M')}): torch {torch.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"load average at start {load}\n")
+def load_average() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def header() -> str:
+    return (f"# bench_width: torch {torch.__version__}, "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+
+
+def measured(section) -> str:
+    """Run one part (``section()`` returns its markdown) and stamp it with date and load."""
+    start, when = load_average(), time.strftime("%Y-%m-%d %H:%M")
+    text = section()
+    return (f"{text}\n\nMeasured {when}; load average {start} at the start, "
+            f"{load_average()} at the end.")
+
+
+def splice(old: str, sections: dict[str, str]) -> str:
+    """Replace the sections of ``old`` (split at its ``## `` headings) that were rerun.
+
+    Sections are matched by their heading's first words; a part never written before is
+    appended. This lets ``--parts hvp --out`` refresh one table without rerunning the rest.
+    """
+    chunks = [c for c in old.split("\n## ")]
+    head, body = chunks[0], ["## " + c for c in chunks[1:]]
+    for part, text in sections.items():
+        text = text.strip("\n")
+        hits = [i for i, c in enumerate(body) if c.startswith(HEADINGS[part])]
+        if hits:
+            body[hits[0]] = text
+        else:
+            body.append(text)
+    return "\n\n".join([head.strip("\n")] + [c.strip("\n") for c in body]) + "\n"
 
 
 def parse_args(argv):
@@ -448,22 +479,25 @@ def main(argv=None) -> int:
         kind, spec = args.worker
         print(json.dumps(worker(kind, json.loads(spec))))
         return 0
-    sections = [header(args)]
+    sections: dict[str, str] = {}
     if "width" in args.parts:
-        results = run_width_sweep(args)
-        sections += [width_table(results, args.threads), width_summary(results)]
+        def width_section():
+            results = run_width_sweep(args)
+            return width_table(results, args.threads) + "\n" + width_summary(results)
+        sections["width"] = measured(width_section)
     if "hvp" in args.parts:
-        sections.append(hvp_table(run_hvp(args), args))
+        sections["hvp"] = measured(lambda: hvp_table(run_hvp(args), args))
     if "reference" in args.parts:
         print("reference shape ...", file=sys.stderr, flush=True)
         spec = dict(repeats=args.repeats, threads=args.threads)
-        sections.append(reference_table(run_child("reference", spec, args.timeout), args))
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    sections.append(f"\nLoad average at the end: {load}.")
-    report = "\n".join(sections)
+        sections["reference"] = measured(
+            lambda: reference_table(run_child("reference", spec, args.timeout), args))
+    report = splice(header(), sections)
     print(report)
     if args.out:
-        Path(args.out).write_text(report + "\n")
+        out = Path(args.out)
+        old = out.read_text() if out.exists() and set(args.parts) != set(MEASUREMENTS) else ""
+        Path(args.out).write_text(splice(old or header(), sections))
     return 0
 
 
