@@ -38,7 +38,7 @@ import torch
 
 from .derivatives import StageDerivatives, block_diagonal
 from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, factor_front
+from .fronts import DEFAULT_TAU, factor_front, symmetric_part
 from .progress import progress_bar
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
@@ -92,31 +92,34 @@ def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, m
     V_tt, V_td, V_dd = V[:n_t, :n_t], V[:n_t, n_t:], V[n_t:, n_t:]
     comp = d.complement
     n_w = comp.coupled_dim if mode == "split" else 0
-    X = d.DxY_T(V_tt.reshape(B, h_out, n_t))  # (N, n_t) = (Dx Y)^T V_tt
-    G_aa = d.Y_T_Dxx_Y() + d.DxY_T(X.T.reshape(B, h_out, N))
+    X = d.right_DxY(V_tt)  # (n_t, N) = V_tt Dx Y
+    G_aa = d.Y_T_Dxx_Y() + d.DxY_T(X.reshape(B, h_out, N))
     G_aa.diagonal().add_(damping)
     G_ad = d.DxY_T(V_td.reshape(B, h_out, n_delay))  # (N, n_delay)
     n = N + n_w + n_delay
-    G = V.new_zeros(n, n)
-    G[:N, :N] = G_aa
-    G[:N, N + n_w:] = G_ad
-    G[N + n_w:, :N] = G_ad.T
-    G[N + n_w:, N + n_w:] = V_dd
-    if n_w:
-        G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
-    G = 0.5 * (G + G.T)
+    if n == N:
+        G = G_aa
+    else:
+        G = V.new_zeros(n, n)
+        G[:N, :N] = G_aa
+        G[:N, N + n_w:] = G_ad
+        G[N + n_w:, :N] = G_ad.T
+        G[N + n_w:, N + n_w:] = V_dd
+        if n_w:
+            G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
+    G = symmetric_part(G)
     if not d.has_input:
         return G, V.new_zeros(n, 0), V.new_zeros(0, 0)
     a_in = B * d.in_size
-    Z = d.Dz_T(V_tt.reshape(B, h_out, n_t)).reshape(a_in, n_t)  # Dz^T V_tt
-    F_a = d.Y_T_Dzx() + d.DxY_T(Z.T.reshape(B, h_out, a_in))
+    Z = d.right_Dz(V_tt)  # (n_t, a_in) = V_tt Dz
+    F_a = d.Y_T_Dzx() + d.DxY_T(Z.reshape(B, h_out, a_in))
     F_d = d.Dz_T(V_td.reshape(B, h_out, n_delay)).reshape(a_in, n_delay).T
-    parts = [F_a] + ([comp.coupled_F()] if n_w else []) + [F_d]
-    F = torch.cat(parts, dim=0)
-    Q = d.Dzz_dense() + d.Dz_T(Z.T.reshape(B, h_out, a_in)).reshape(a_in, a_in)
+    parts = [F_a] + ([comp.coupled_F()] if n_w else []) + ([F_d] if n_delay else [])
+    F = torch.cat(parts, dim=0) if len(parts) > 1 else F_a
+    Q = d.Dzz_dense() + d.Dz_T(Z.reshape(B, h_out, a_in)).reshape(a_in, a_in)
     if mode == "closed" and comp.coupled_dim:
         Q = Q - comp.gram() / damping
-    return G, F, 0.5 * (Q + Q.T)
+    return G, F, Q  # symmetrised with the update, in the front's next_state
 
 
 def riccati_factorize(

@@ -47,6 +47,12 @@ def test_structured_equals_generic(activation, bias, batch):
                 assert x is None and l == 0
                 continue
             assert _close(x, y), (l, name, float((x - y).abs().max()))
+        if l:  # the products from the right, each class in its own basis Y
+            M = torch.randn(4, a.batch * a.out_size, dtype=torch.float64)
+            Dx, Dz = b.dense().Dx.reshape(-1, b.num_params), torch.block_diag(*b.dense().Dz)
+            for d in (a, b):
+                Y = d.Y(torch.eye(d.basis_size, dtype=torch.float64))
+                assert _close(d.right_DxY(M), M @ Dx @ Y) and _close(d.right_Dz(M), M @ Dz)
 
 
 def test_compression_is_taken_when_batch_is_below_width():
@@ -97,6 +103,9 @@ def test_linear_basis_and_complement_identities(case):
     assert _close(d.DxY(eye_N).reshape(-1, N), Dx @ Y)
     w = torch.randn(B, h_out, 2, generator=gen, dtype=torch.float64)
     assert _close(d.DxY_T(w), Y.T @ Dx.T @ w.reshape(-1, 2))
+    M = torch.randn(3, B * h_out, generator=gen, dtype=torch.float64)
+    assert _close(d.right_DxY(M), M @ Dx @ Y)
+    assert _close(d.right_Dz(M), M @ torch.block_diag(*dense.Dz))
     assert _close(d.Y_T_Dxx_Y(), Y.T @ dense.Dxx @ Y)
     assert _close(d.Y_T_Dzx(), Y.T @ Dzx)
     comp = d.complement

@@ -24,7 +24,8 @@ columns) of the stage's parameter space that contains ``range(Dxx)`` and ``range
 (section 8). For a generic stage ``Y = I``. For a wide ``Linear`` stage it is much smaller
 than ``p``, and the directions outside it are described by :class:`Complement`.
 Everything the factorization needs is expressed through ``Y``:
-``Y_T``, ``Y``, ``DxY`` (``= Dx Y``), ``DxY_T``, ``Y_T_Dxx_Y`` and ``Y_T_Dzx``.
+``Y_T``, ``Y``, ``DxY`` (``= Dx Y``), ``DxY_T``, ``Y_T_Dxx_Y`` and ``Y_T_Dzx``, and the
+products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``).
 """
 
 from __future__ import annotations
@@ -239,6 +240,17 @@ class StageDerivatives(ABC):
     def DxY_T(self, w: torch.Tensor) -> torch.Tensor:
         """``(Dx Y)^T w``: ``(B, h_out, k) -> (N, k)``."""
         return self.Dx_T(w)
+
+    def right_DxY(self, M: torch.Tensor) -> torch.Tensor:
+        """``M Dx Y`` for ``M`` ``(c, B h_out)``: ``(c, N)`` (a product from the right, so
+        that ``(Dx Y)^T V Dx Y`` needs no transposed copy of ``V Dx Y``)."""
+        c = M.shape[0]
+        return self.DxY_T(M.T.reshape(self.batch, self.out_size, c)).T
+
+    def right_Dz(self, M: torch.Tensor) -> torch.Tensor:
+        """``M Dz`` for ``M`` ``(c, B h_out)``: ``(c, B h_in)``."""
+        c = M.shape[0]
+        return self.Dz_T(M.T.reshape(self.batch, self.out_size, c)).reshape(-1, c).T
 
     def Y_T_Dxx_Y(self) -> torch.Tensor:
         """``Y^T Dxx Y`` ``(N, N)``."""

@@ -68,14 +68,23 @@ def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def _left(W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``out[b, o, k] = sum_i W[o, i] t[b, i, k]``: one product over the leading index (a
-    broadcast ``W @ t`` would copy ``W`` once per entry of it)."""
-    return (t.transpose(1, 2) @ W.T).transpose(1, 2)
+    """``out[b, o, k] = sum_i W[o, i] t[b, i, k]``.
+
+    With many columns (``k >= i``) one broadcast product (it copies ``W`` once per sample,
+    little next to ``t``); with few, one product over the samples stacked side by side.
+    """
+    B, i, k = t.shape
+    if k >= i:
+        return torch.matmul(W, t)
+    return (W @ t.transpose(0, 1).reshape(i, B * k)).reshape(W.shape[0], B, k).transpose(0, 1)
 
 
 def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]`` as one matrix product."""
+    """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]``: a broadcast product when ``k >= m``
+    (contiguous result, ``Z`` copied once per ``o``), else one product over the stacked ``R``."""
     B, o, k = R.shape
+    if k >= Z.shape[1]:
+        return torch.matmul(Z.T, R.transpose(0, 1))
     return (Z.T @ R.reshape(B, o * k)).reshape(Z.shape[1], o, k).transpose(0, 1)
 
 
@@ -299,6 +308,14 @@ class LinearDerivatives(StageDerivatives):
     def DxY_T(self, w):
         out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
         return out.reshape(self.basis_size, w.shape[-1])
+
+    def right_DxY(self, M):
+        R = M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
+        return torch.matmul(R.transpose(1, 2), self.Zr).reshape(M.shape[0], self.basis_size)
+
+    def right_Dz(self, M):
+        R = M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
+        return (R @ self.W).reshape(M.shape[0], self.batch * self.W.shape[1])
 
     def Y_T_Dxx_Y(self):
         h_out, r = self.out_size, self.r
