@@ -93,7 +93,9 @@ class _ChainCurvature:
                     f"parameters {stage.param_names} are {x.dtype} on {x.device} but the first "
                     f"are {dtype} on {device}; all selected parameters must share dtype and device"
                 )
-            if not bool(torch.isfinite(x).all()):
+        finite = torch.stack([torch.isfinite(x).all() for x in self._params]).tolist()  # one sync
+        for stage, ok in zip(self.chain.stages, finite, strict=True):
+            if not ok:
                 raise ValueError(f"parameters {stage.param_names} contain NaN or Inf")
         _check_inputs(inputs, dtype, device)
         if isinstance(targets, torch.Tensor):

@@ -18,7 +18,13 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .chain import Chain, Stage
-from .derivatives import LossHead, StageDerivatives, loss_head, stage_derivatives
+from .derivatives import (
+    LossHead,
+    StageDerivatives,
+    loss_head,
+    stage_derivatives,
+    structured_forwards,
+)
 from .derivatives import _is_linear_stage as is_structured
 from .progress import progress_bar
 
@@ -133,11 +139,12 @@ def compute_derivatives(
     derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     b = head.grad
+    forwards = structured_forwards(chain.stages, params, zs, oracle)  # batched over stages
     bar = progress_bar(total=L, desc="derivatives", disable=not progress)
     for l in range(L - 1, -1, -1):
         d = stage_derivatives(
             chain.stages[l], params[l], zs[l], b, has_input=l > 0, second_order=second_order,
-            oracle=oracle,
+            oracle=oracle, forward=forwards.get(l),
         )
         derivs[l] = d
         grads[l] = d.Dx_T(b[:, :, None])[:, 0]

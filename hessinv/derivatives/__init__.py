@@ -19,7 +19,14 @@ from torch import nn
 from ..chain import Stage
 from .base import Complement, DenseStage, StageDerivatives, block_diagonal
 from .generic import GenericDerivatives
-from .linear import LinearComplement, LinearDerivatives, elementwise_derivatives
+from .linear import (
+    LinearComplement,
+    LinearDerivatives,
+    LinearForward,
+    LinearInput,
+    elementwise_derivatives,
+    linear_forwards,
+)
 from .loss import LossHead, loss_head
 
 __all__ = [
@@ -32,6 +39,9 @@ __all__ = [
     "LossHead",
     "loss_head",
     "stage_derivatives",
+    "structured_forwards",
+    "LinearForward",
+    "linear_forwards",
     "ELEMENTWISE_ACTIVATIONS",
     "block_diagonal",
     "elementwise_derivatives",
@@ -62,6 +72,27 @@ def _is_linear_stage(stage: Stage, z) -> bool:
     )
 
 
+def _linear_input(stage: Stage, x: torch.Tensor, z: torch.Tensor) -> LinearInput:
+    lin = stage.modules[0]
+    params = stage.split_params(x)
+    weight = params.get("weight", lin.weight.detach())
+    bias = params.get("bias", None if lin.bias is None else lin.bias.detach())
+    return LinearInput(weight, bias, tuple(stage.modules[1:]), z, "weight" in params,
+                       "bias" in params)
+
+
+def structured_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, LinearForward]:
+    """The forward-pass parts of every structured stage ``l`` (input ``zs[l]``), computed in
+    batched calls (:func:`~hessinv.derivatives.linear.linear_forwards`); pass them to
+    :func:`stage_derivatives` as ``forward``."""
+    if oracle == "generic":
+        return {}
+    items = {l: _linear_input(stage, x, zs[l])
+             for l, (stage, x) in enumerate(zip(stages, params, strict=True))
+             if _is_linear_stage(stage, zs[l])}
+    return dict(zip(items, linear_forwards(list(items.values())), strict=True))
+
+
 def stage_derivatives(
     stage: Stage,
     x: torch.Tensor,
@@ -71,11 +102,13 @@ def stage_derivatives(
     has_input: bool,
     second_order: bool = True,
     oracle: str = "auto",
+    forward: LinearForward | None = None,
 ) -> StageDerivatives:
     """The derivatives of ``stage`` at parameters ``x`` ``(p,)``, input ``z`` and adjoint ``b``.
 
     ``oracle``: ``"auto"`` (the structured class where it applies, else ``torch.func``),
     ``"analytic"`` (structured or an error) or ``"generic"`` (always ``torch.func``).
+    ``forward``: the stage's parts from :func:`structured_forwards`, if already computed.
     """
     b = b.reshape(b.shape[0], -1)
     structured = oracle != "generic" and _is_linear_stage(stage, z)
@@ -85,13 +118,8 @@ def stage_derivatives(
             "elementwise activations on (B, features) input; use oracle='auto' or 'generic'"
         )
     if structured:
-        lin = stage.modules[0]
-        params = stage.split_params(x)
-        weight = params.get("weight", lin.weight.detach())
-        bias = params.get("bias", None if lin.bias is None else lin.bias.detach())
-        return LinearDerivatives(
-            weight, bias, stage.modules[1:], z, b,
-            weight_selected="weight" in params, bias_selected="bias" in params,
-            has_input=has_input, second_order=second_order,
-        )
+        if forward is None:
+            forward = linear_forwards([_linear_input(stage, x, z)])[0]
+        return LinearDerivatives.from_forward(forward, b, has_input=has_input,
+                                              second_order=second_order)
     return GenericDerivatives(stage.apply, x, z, b, has_input=has_input, second_order=second_order)

@@ -25,12 +25,16 @@ stage input only through the ``gamma`` term of ``Dzx`` and is handled in closed 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch.func import jvp
 
 from .base import Complement, StageDerivatives
 
-__all__ = ["LinearDerivatives", "LinearComplement", "elementwise_derivatives"]
+__all__ = ["LinearDerivatives", "LinearComplement", "LinearInput", "LinearForward",
+           "linear_forwards", "elementwise_derivatives"]
 
 
 def elementwise_derivatives(acts, pre: torch.Tensor):
@@ -55,10 +59,16 @@ def elementwise_derivatives(acts, pre: torch.Tensor):
 
 def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     """Rank from singular values ``s`` (descending), with ``torch.linalg.matrix_rank``'s tolerance."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
+    if s.numel() == 0:
         return 0
-    tol = max(shape) * torch.finfo(s.dtype).eps * s[0]
-    return int((s > tol).sum())
+    return int(_ranks(s[None], shape)[0])
+
+
+def _ranks(S: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Ranks of a stack of matrices of ``shape`` from their singular values ``S`` ``(G, k)``
+    (descending); a zero matrix has tolerance 0 and rank 0. Stays on the device."""
+    tol = max(shape) * torch.finfo(S.dtype).eps * S[:, :1]
+    return (S > tol).sum(1)
 
 
 def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,95 @@ def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     if k >= Z.shape[1]:
         return torch.matmul(Z.T, R.transpose(0, 1))
     return (Z.T @ R.reshape(B, o * k)).reshape(Z.shape[1], o, k).transpose(0, 1)
+
+
+class LinearInput(NamedTuple):
+    """One ``Linear`` stage as the forward pass sees it: ``act(z W^T + bias)``, with the
+    selected parameters named by the two flags (``bias`` is ``None`` when the module has none)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    acts: tuple
+    z: torch.Tensor
+    weight_selected: bool
+    bias_selected: bool
+
+
+class LinearForward(NamedTuple):
+    """What a ``Linear`` stage's derivatives take from the forward pass (the adjoint not yet):
+    ``W``, ``Zt`` ``(B, m)``, ``s1 = act'(u)``, ``s2 = act''(u)`` ``(B, h_out)``, and the
+    row-space basis ``Q`` ``(m, r)`` of ``Zt`` with ``Zr = Zt Q`` (``Q = None``: ``Q = I``)."""
+
+    W: torch.Tensor
+    Zt: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+    Q: torch.Tensor | None
+    Zr: torch.Tensor
+    weight_selected: bool
+    bias_selected: bool
+
+
+def _activation_key(acts) -> tuple:
+    # elementwise modules with the same type and settings compute the same function
+    return tuple(repr(m) for m in acts)
+
+
+def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list[LinearForward]:
+    """:class:`LinearForward` of many stages at once (docs/algorithm.md section 8).
+
+    Stages of one shape share batched products and one batched SVD whose ranks are read in
+    one host transfer; stages with the same activations share one call of
+    :func:`elementwise_derivatives` on their concatenated pre-activations. Only stages whose
+    ``Zt`` is rank deficient get their own SVD (for the basis ``Q``).
+    """
+    for it in items:
+        if not (it.weight_selected or it.bias_selected):
+            raise ValueError("a Linear stage needs its weight or its bias as parameters")
+    shape_groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        key = (tuple(it.weight.shape), it.bias is None, tuple(it.z.shape), it.weight_selected,
+               it.bias_selected)
+        shape_groups.setdefault(key, []).append(i)
+    pre: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    Zt: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    rank: list[int] = [0] * len(items)
+    for idx in shape_groups.values():
+        group = [items[i] for i in idx]
+        z = torch.stack([it.z for it in group])  # (G, B, h_in)
+        u = z @ torch.stack([it.weight for it in group]).transpose(1, 2)
+        if group[0].bias is not None:
+            u = u + torch.stack([it.bias for it in group])[:, None, :]
+        first = group[0]
+        ones = z.new_ones(z.shape[0], z.shape[1], 1)
+        cols = ([z] if first.weight_selected else []) + ([ones] if first.bias_selected else [])
+        zt = torch.cat(cols, dim=2)
+        ranks = [zt.shape[2]] * len(idx)
+        if compress:
+            ranks = _ranks(torch.linalg.svdvals(zt), tuple(zt.shape[1:])).tolist()
+        for j, i in enumerate(idx):
+            pre[i], Zt[i], rank[i] = u[j], zt[j], ranks[j]
+    s1: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    s2: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+    act_groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        act_groups.setdefault(_activation_key(it.acts), []).append(i)
+    for idx in act_groups.values():
+        flat = torch.cat([pre[i].reshape(-1) for i in idx])
+        _, d1, d2 = elementwise_derivatives(items[idx[0]].acts, flat)
+        sizes = [pre[i].numel() for i in idx]
+        for i, a, b in zip(idx, d1.split(sizes), d2.split(sizes), strict=True):
+            s1[i], s2[i] = a.reshape(pre[i].shape), b.reshape(pre[i].shape)
+    out = []
+    for i, it in enumerate(items):
+        Q, Zr = None, Zt[i]
+        if rank[i] < Zt[i].shape[1]:
+            Vh = torch.linalg.svd(Zt[i], full_matrices=False)[2]
+            Q = Vh[: rank[i]].T.contiguous()
+            Zr = Zt[i] @ Q
+        out.append(LinearForward(it.weight, Zt[i], s1[i], s2[i], Q, Zr, it.weight_selected,
+                                 it.bias_selected))
+    return out
 
 
 class LinearDerivatives(StageDerivatives):
@@ -117,42 +216,36 @@ class LinearDerivatives(StageDerivatives):
 
     def __init__(self, weight, bias, acts, z, b, *, weight_selected: bool, bias_selected: bool,
                  has_input: bool, second_order: bool = True, compress: bool = True):
-        if not (weight_selected or bias_selected):
-            raise ValueError("a Linear stage needs its weight or its bias as parameters")
-        B, h_in = z.shape
-        h_out = weight.shape[0]
-        pre = z @ weight.T
-        if bias is not None:
-            pre = pre + bias
-        _, s1, s2 = elementwise_derivatives(acts, pre)
-        cols = ([z] if weight_selected else []) + ([z.new_ones(B, 1)] if bias_selected else [])
-        Zt = torch.cat(cols, dim=1)
-        self.W = weight
-        self.Zt = Zt
-        self.s1 = s1
+        item = LinearInput(weight, bias, tuple(acts), z, weight_selected, bias_selected)
+        self._setup(linear_forwards([item], compress)[0], b, has_input, second_order)
+
+    @classmethod
+    def from_forward(cls, forward: LinearForward, b: torch.Tensor, *, has_input: bool,
+                     second_order: bool = True) -> LinearDerivatives:
+        """The stage from its :class:`LinearForward` (see :func:`linear_forwards`) and adjoint."""
+        self = cls.__new__(cls)
+        self._setup(forward, b, has_input, second_order)
+        return self
+
+    def _setup(self, fwd: LinearForward, b, has_input, second_order):
+        B, m = fwd.Zt.shape
+        h_out, h_in = fwd.W.shape
+        self.W, self.Zt, self.s1 = fwd.W, fwd.Zt, fwd.s1
         if second_order:
-            self.beta, self.gamma = b * s2, b * s1
+            self.beta, self.gamma = b * fwd.s2, b * fwd.s1
         else:
-            self.beta, self.gamma = torch.zeros_like(s1), torch.zeros_like(s1)
+            self.beta, self.gamma = torch.zeros_like(fwd.s1), torch.zeros_like(fwd.s1)
         self.batch, self.out_size = B, h_out
         self.in_size = h_in if has_input else 0
         self.has_input = has_input
-        self.weight_selected, self.bias_selected = weight_selected, bias_selected
-        self.n_weight_cols = h_in if weight_selected else 0
-        self.m = Zt.shape[1]
-        self.num_params = h_out * self.m
-        self.dtype, self.device = z.dtype, z.device
+        self.weight_selected, self.bias_selected = fwd.weight_selected, fwd.bias_selected
+        self.n_weight_cols = h_in if fwd.weight_selected else 0
+        self.m = m
+        self.num_params = h_out * m
+        self.dtype, self.device = fwd.Zt.dtype, fwd.Zt.device
         # the row-space basis Q of Zt (section 8); Q = None means Q = I
-        self.Q = None
-        self.Zr = Zt
-        self.r = self.m
-        if compress:
-            _, S, Vh = torch.linalg.svd(Zt, full_matrices=False)
-            r = _numerical_rank(S, tuple(Zt.shape))
-            if r < self.m:
-                self.Q = Vh[:r].T.contiguous()
-                self.Zr = Zt @ self.Q
-                self.r = r
+        self.Q, self.Zr = fwd.Q, fwd.Zr
+        self.r = m if fwd.Q is None else fwd.Q.shape[1]
         self._complement = LinearComplement(self) if self.Q is not None else None
 
     # ------------------------------------------------------------ layout
@@ -354,7 +447,7 @@ class LinearComplement(Complement):
             _, sg, vgh = torch.linalg.svd(stage.gamma, full_matrices=False)
             rho = _numerical_rank(sg, tuple(stage.gamma.shape))
             self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
-            self._sigma_max = float(sg[0]) if rho else 0.0
+            self._sigma_max = sg[0] if rho else sg.new_zeros(())  # read when first needed
             # A = (I - Q Q^T) Pi (m x nw) and P = A^T A = I - Qh Qh^T. range(A) has dimension
             # exactly m - r: without a bias Pi = I and A is the projector onto span(Q)'s
             # complement; with one, every row of Zt ends in 1, so span(Q) + span(Pi) = R^m.
@@ -364,12 +457,12 @@ class LinearComplement(Complement):
             self.P = A.T @ A
             U, S, _ = torch.linalg.svd(A, full_matrices=False)
             self.Pc = U[:, : m - r]
-            self._mu_max = float(S[0]) ** 2 if S.numel() else 0.0
+            self._mu_max = S[0] ** 2 if S.numel() else S.new_zeros(())
         else:  # no weight columns or no stage input: E = 0
             self.U_gamma = Q.new_zeros(h_out, 0)
             self.P = None
             self.Pc = Q.new_zeros(m, 0)
-            self._sigma_max = self._mu_max = 0.0
+            self._sigma_max = self._mu_max = Q.new_zeros(())
         self.coupled_dim = self.U_gamma.shape[1] * self.Pc.shape[1]
 
     def project(self, v):
@@ -402,7 +495,7 @@ class LinearComplement(Complement):
         return G.reshape(a_in, a_in)
 
     def coupling_norm(self):
-        return self._sigma_max * self._mu_max**0.5
+        return float(self._sigma_max * self._mu_max.sqrt())
 
     def coupled_T(self, v):
         M = self.stage.to_matrix(v)
