@@ -199,10 +199,10 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     if not force_eigen:
         front = None
         L, info = torch.linalg.cholesky_ex(G)
-        if int(info) == 0:
-            if bool(torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype)):
-                front = DirectFront(F, cholesky=L)
-        else:
+        # one host read: a failed Cholesky leaves NaN or a tiny pivot, so it fails this test too
+        if bool((info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype))):
+            front = DirectFront(F, cholesky=L)
+        else:  # indefinite (or nearly singular: Bunch-Kaufman then fails its test as well)
             bk = bunch_kaufman(G)
             if bk is not None and bool(bk.smallest > _singular_tol(scale, G.dtype)):
                 front = DirectFront(F, bk=bk)

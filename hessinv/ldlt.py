@@ -41,8 +41,8 @@ class BunchKaufman:
         second = torch.cat([first.new_zeros(1), first[:-1]])
         one = d[~(first | second)]
         det2 = d[first] * d[second] - e[first] ** 2
-        n2 = int(first.sum())
-        self.inertia = (int((one > 0).sum()) + n2, int((one < 0).sum()) + n2)
+        n2, n_pos, n_neg = torch.stack([first.sum(), (one > 0).sum(), (one < 0).sum()]).tolist()
+        self.inertia = (n_pos + n2, n_neg + n2)
         self.sign = torch.prod(torch.sign(one)) * (-1.0) ** n2
         self.logabsdet = torch.log(one.abs()).sum() + torch.log(det2.abs()).sum()
         pivots = torch.cat([one.abs(), det2.abs().sqrt()])
@@ -82,7 +82,7 @@ class BunchKaufman:
 def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
     """Factor symmetric ``G``; ``None`` when LAPACK meets an exactly zero pivot."""
     LD, pivots, info = torch.linalg.ldl_factor_ex(G)
-    if int(info) != 0 or not bool(torch.isfinite(LD).all()):
+    if not bool((info == 0) & torch.isfinite(LD).all()):
         return None
     n = G.shape[0]
     piv = pivots.tolist()  # 1-based, LAPACK convention

@@ -1,0 +1,66 @@
+"""Host-device synchronisations (hessinv.syncs): counted, and not growing with depth where
+the algorithm does not need them (docs/algorithm.md section 13).
+
+These are counts of scalar reads, exact on any device, not timings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import hessinv
+from hessinv.syncs import HostSyncCounter
+
+
+def test_counter_counts_scalar_reads_and_nothing_else():
+    with HostSyncCounter() as syncs:
+        x = torch.arange(6.0).reshape(2, 3)
+        y = (x @ x.T).exp()  # kernels only
+        assert bool(y.sum() > 0) and float(y[0, 0] - y[0, 0]) == 0.0
+        assert len(y.diagonal().tolist()) == 2  # one transfer
+    assert syncs.count == 3 and sum(syncs.sites.values()) == 3
+    assert all(site.startswith(__file__) for site in syncs.sites)
+
+
+def _mlp(depth, width=8, batch=32, seed=0):
+    """tanh MLP whose stage inputs keep full rank (batch > width + 1, no collapse)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [4] + [width] * (depth - 1) + [3]
+    layers = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+        lin = nn.Linear(d_in, d_out).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+                             * 1.5 / d_in**0.5)
+        layers += [lin, nn.Tanh()]
+    model = nn.Sequential(*layers[:-1])
+    X = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    return model, X, y
+
+
+def _counts(depth):
+    """Host reads of: building the Hessian, factorizing the Gauss-Newton matrix (positive
+    definite fronts), a second solve with the kept factorization."""
+    model, X, y = _mlp(depth)
+    with HostSyncCounter() as build:
+        H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y, progress=False)
+    assert all(d.complement is None for d in H.stage_derivatives())  # the premise
+    G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
+    with HostSyncCounter() as factor:
+        F = G.factorize(0.1, progress=False)
+    assert F.method == "riccati"
+    g = torch.randn(G.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    F.solve(g)  # the first solve pays for the one-off norm estimate
+    with HostSyncCounter() as solve:
+        F.solve(g)
+    assert F.refinement_steps == 0
+    return build.count, factor.count, solve.count
+
+
+def test_construction_and_solve_read_the_host_a_fixed_number_of_times():
+    shallow, deep = _counts(4), _counts(24)
+    assert deep[0] == shallow[0]  # the derivative sweep: batched over stages
+    assert deep[2] == shallow[2]  # a solve with a kept factorization
+    # the factorization (with Cholesky fronts): two reads per stage, its pivot and growth tests
+    assert deep[1] - shallow[1] == 2 * (24 - 4)
