@@ -8,7 +8,8 @@ limit), with the device synchronised around every timing:
   constructor), ``factorize``, the one-off 12-step Lanczos norm estimate of the first
   solve, ``solve``, one extra right-hand side with the kept factorization, peak memory
   (``torch.cuda.max_memory_allocated``; peak RSS growth on CPU) and one Hessian-vector
-  product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``. Fitted
+  product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``, and the
+  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``). Fitted
   exponents in depth (log-log least squares) per dtype.
 * wide case -- width 1024, depth 16, batch 8: the same times, peak memory and the
   residual ``||(H + eps I) x - g|| / ||g||``.
@@ -51,6 +52,7 @@ from bench_width import (  # noqa: E402  (the problem and the timing helpers are
 )
 
 from hessinv import SingularMatrixError  # noqa: E402  (found through bench_width's path)
+from hessinv.syncs import HostSyncCounter  # noqa: E402
 
 EPS = 1e-2
 DTYPES = ("float32", "float64")
@@ -133,6 +135,25 @@ def hvp_times(prob, H, products, device) -> dict:
     return out
 
 
+def host_reads(prob, H) -> dict:
+    """Host-device synchronisations (docs/algorithm.md section 13) of one derivative sweep,
+    one factorization and one solve with a kept factorization (untimed: counting them
+    slows every operator down)."""
+    out = {}
+    with HostSyncCounter() as reads:
+        chain_hessian(prob)
+    out["reads_derivatives"] = reads.count
+    with HostSyncCounter() as reads:
+        F = H.factorize(EPS, progress=False)
+    out["reads_factorization"] = reads.count
+    g = H.gradient()
+    F.solve(g)
+    with HostSyncCounter() as reads:
+        F.solve(g)
+    out["reads_solve"] = reads.count
+    return out
+
+
 def measure(spec: dict) -> dict:
     """One configuration: times, peak memory (of ours, before the torch.func comparison)."""
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -153,6 +174,8 @@ def measure(spec: dict) -> dict:
         out["error"] = f"SingularMatrixError after derivatives {out['derivatives']:.3g} s: {err}"
     out["peak_memory"] = peak_memory_bytes(device, baseline)
     out |= hvp_times(prob, H, spec["products"], device)
+    if "error" not in out:
+        out |= host_reads(prob, H)
     out["busy"] = time.perf_counter() - start  # without start-up: for the budget's predictions
     return out
 
@@ -220,6 +243,11 @@ def note(r: dict) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def reads(r: dict) -> str:
+    keys = ("reads_derivatives", "reads_factorization", "reads_solve")
+    return " / ".join(str(r[k]) for k in keys) if all(k in r for k in keys) else "-"
+
+
 def fmt_mb(v) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}"
 
@@ -234,8 +262,8 @@ def sweep_table(results: dict, args) -> str:
         "| dtype | depth | n | derivatives (s) | factorization (s) | norm estimate (s) "
         "| solve (s) | total (s) | extra RHS (s) | memory (MiB) | HVP ours (s) "
         "| HVP torch.func (s) | torch.func / ours | backward error | residual | method "
-        "| repeats |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| host reads: derivatives / factorization / solve | repeats |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for dtype, rows in results.items():
         for depth, r in rows.items():
@@ -249,7 +277,7 @@ def sweep_table(results: dict, args) -> str:
                 f"| {fmt_mb(r['peak_memory'])} | {fmt_s(r['hvp_ours'])} "
                 f"| {fmt_s(r['hvp_torch_func'])} | {r['hvp_torch_func'] / r['hvp_ours']:.2f}x "
                 f"| {fmt_e(r['backward_error'])} | {fmt_e(r['residual'])} | {r['method']} "
-                f"| {r['repeats']} |"
+                f"| {reads(r)} | {r['repeats']} |"
             )
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .chain import Chain, Stage
 from .derivatives import (
+    LinearDerivatives,
     LossHead,
     StageDerivatives,
+    linear_complements,
     loss_head,
     stage_derivatives,
     structured_forwards,
@@ -152,4 +154,5 @@ def compute_derivatives(
             b = d.Dz_T(b[:, :, None])[:, :, 0]
         bar.update()
     bar.close()
+    linear_complements([d for d in derivs if isinstance(d, LinearDerivatives) and d.Q is not None])
     return ChainDerivatives(head.value, head, tuple(derivs), tuple(grads))

@@ -5,6 +5,7 @@ These are counts of scalar reads, exact on any device, not timings."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,7 +24,7 @@ def test_counter_counts_scalar_reads_and_nothing_else():
 
 
 def _mlp(depth, width=8, batch=32, seed=0):
-    """tanh MLP whose stage inputs keep full rank (batch > width + 1, no collapse)."""
+    """tanh MLP whose stage inputs have rank min(batch, width + 1) (no collapse)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = [4] + [width] * (depth - 1) + [3]
     layers = []
@@ -39,13 +40,14 @@ def _mlp(depth, width=8, batch=32, seed=0):
     return model, X, y
 
 
-def _counts(depth):
+def _counts(depth, batch):
     """Host reads of: building the Hessian, factorizing the Gauss-Newton matrix (positive
     definite fronts), a second solve with the kept factorization."""
-    model, X, y = _mlp(depth)
+    model, X, y = _mlp(depth, batch=batch)
     with HostSyncCounter() as build:
         H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y, progress=False)
-    assert all(d.complement is None for d in H.stage_derivatives())  # the premise
+    compressed = [d.complement is not None for d in H.stage_derivatives()[1:-1]]
+    assert all(compressed) if batch < 8 else not any(compressed)  # the premise
     G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
     with HostSyncCounter() as factor:
         F = G.factorize(0.1, progress=False)
@@ -58,8 +60,9 @@ def _counts(depth):
     return build.count, factor.count, solve.count
 
 
-def test_construction_and_solve_read_the_host_a_fixed_number_of_times():
-    shallow, deep = _counts(4), _counts(24)
+@pytest.mark.parametrize("batch", [32, 4])  # full basis; compressed stages (section 8)
+def test_construction_and_solve_read_the_host_a_fixed_number_of_times(batch):
+    shallow, deep = _counts(4, batch), _counts(24, batch)
     assert deep[0] == shallow[0]  # the derivative sweep: batched over stages
     assert deep[2] == shallow[2]  # a solve with a kept factorization
     # the factorization (with Cholesky fronts): two reads per stage, its pivot and growth tests

@@ -25,6 +25,7 @@ from .linear import (
     LinearForward,
     LinearInput,
     elementwise_derivatives,
+    linear_complements,
     linear_forwards,
 )
 from .loss import LossHead, loss_head
@@ -42,6 +43,7 @@ __all__ = [
     "structured_forwards",
     "LinearForward",
     "linear_forwards",
+    "linear_complements",
     "ELEMENTWISE_ACTIVATIONS",
     "block_diagonal",
     "elementwise_derivatives",

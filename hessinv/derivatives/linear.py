@@ -34,7 +34,7 @@ from torch.func import jvp
 from .base import Complement, StageDerivatives
 
 __all__ = ["LinearDerivatives", "LinearComplement", "LinearInput", "LinearForward",
-           "linear_forwards", "elementwise_derivatives"]
+           "linear_forwards", "linear_complements", "elementwise_derivatives"]
 
 
 def elementwise_derivatives(acts, pre: torch.Tensor):
@@ -55,13 +55,6 @@ def elementwise_derivatives(acts, pre: torch.Tensor):
 
     (out, d1), (_, d2) = jvp(first, (pre,), (ones,))
     return out, d1, d2
-
-
-def _numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Rank from singular values ``s`` (descending), with ``torch.linalg.matrix_rank``'s tolerance."""
-    if s.numel() == 0:
-        return 0
-    return int(_ranks(s[None], shape)[0])
 
 
 def _ranks(S: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -246,7 +239,8 @@ class LinearDerivatives(StageDerivatives):
         # the row-space basis Q of Zt (section 8); Q = None means Q = I
         self.Q, self.Zr = fwd.Q, fwd.Zr
         self.r = m if fwd.Q is None else fwd.Q.shape[1]
-        self._complement = LinearComplement(self) if self.Q is not None else None
+        self._complement = None  # built on first use, or for many stages by linear_complements
+
 
     # ------------------------------------------------------------ layout
     def to_matrix(self, v: torch.Tensor) -> torch.Tensor:
@@ -380,6 +374,8 @@ class LinearDerivatives(StageDerivatives):
 
     @property
     def complement(self):
+        if self._complement is None and self.Q is not None:
+            self._complement = linear_complements([self])[0]
         return self._complement
 
     def Y_T(self, v):
@@ -438,14 +434,14 @@ class LinearComplement(Complement):
     ``range((I - Q Q^T) Pi)``; the rest are null vectors of ``H``.
     """
 
-    def __init__(self, stage: LinearDerivatives):
+    def __init__(self, stage: LinearDerivatives, gamma_svd):
+        """``gamma_svd``: ``(S, Vh, rank)`` of ``stage.gamma`` (see :func:`linear_complements`)."""
         self.stage = stage
         Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
         self.dim = h_out * (m - r)
         nw = stage.n_weight_cols
         if nw and stage.has_input:
-            _, sg, vgh = torch.linalg.svd(stage.gamma, full_matrices=False)
-            rho = _numerical_rank(sg, tuple(stage.gamma.shape))
+            sg, vgh, rho = gamma_svd
             self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
             self._sigma_max = sg[0] if rho else sg.new_zeros(())  # read when first needed
             # A = (I - Q Q^T) Pi (m x nw) and P = A^T A = I - Qh Qh^T. range(A) has dimension
@@ -511,3 +507,24 @@ class LinearComplement(Complement):
         GU = s.gamma @ self.U_gamma  # (B, rho)
         F = torch.einsum("ba,ic->acbi", GU, self.Pc[: s.n_weight_cols])
         return F.reshape(self.coupled_dim, s.batch * s.in_size)
+
+
+def linear_complements(stages: Sequence[LinearDerivatives]) -> list[LinearComplement]:
+    """Build (and attach) the complements of compressed stages (``Q`` set), many at once: one
+    batched SVD of the stacked ``gamma`` per shape, whose ranks are read in one transfer."""
+    svds: list = [None] * len(stages)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(stages):
+        if s.Q is None:
+            raise ValueError("only a compressed stage (rank Zt < m) has a complement")
+        if s.n_weight_cols and s.has_input:
+            groups.setdefault(tuple(s.gamma.shape), []).append(i)
+    for shape, idx in groups.items():
+        _, S, Vh = torch.linalg.svd(torch.stack([stages[i].gamma for i in idx]),
+                                    full_matrices=False)
+        ranks = _ranks(S, shape).tolist() if S.shape[1] else [0] * len(idx)
+        for j, i in enumerate(idx):
+            svds[i] = (S[j], Vh[j], ranks[j])
+    for s, svd in zip(stages, svds, strict=True):
+        s._complement = LinearComplement(s, svd)
+    return [s._complement for s in stages]
