@@ -477,3 +477,19 @@ class Batches:
         idx = self.perm[self.pos : self.pos + self.batch]
         self.pos += self.batch
         return idx.to(self.device)
+
+
+class TorchOptimizerStep:
+    """One step of a ``torch.optim`` optimizer on a batch: the first-order baselines of E5, E6.
+
+    ``step(X, y)`` returns the batch loss before the step."""
+
+    def __init__(self, model, loss_fn, opt):
+        self.model, self.loss_fn, self.opt = model, loss_fn, opt
+
+    def step(self, X, y) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(X), y)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())

@@ -35,7 +35,7 @@ from torch import nn
 import hessinv
 from hessinv.optim import DampedNewton, TrustRegionNewton
 
-from .common import Batches
+from .common import Batches, TorchOptimizerStep
 
 DT = torch.float64
 
@@ -116,23 +116,12 @@ class _HessianFree:
         return f0
 
 
-class _TorchOpt:
-    def __init__(self, model, loss_fn, opt):
-        self.model, self.loss_fn, self.opt = model, loss_fn, opt
-
-    def step(self, X, y) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(X), y)
-        loss.backward()
-        self.opt.step()
-        return float(loss.detach())
-
-
 def _make_method(name: str, model, loss_fn, lr: float | None):
     if name == "SGD":
-        return _TorchOpt(model, loss_fn, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        return TorchOptimizerStep(model, loss_fn,
+                                  torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     if name == "Adam":
-        return _TorchOpt(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
+        return TorchOptimizerStep(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
     if name == "DampedNewton":
         return DampedNewton(model, loss_fn, damping=3.0, damping_up=4.0, damping_down=0.5,
                             min_damping=1e-4, max_tries=4)

@@ -60,7 +60,15 @@ from torch import nn
 
 import hessinv
 
-from .common import Batches, Config, progress, save_figure, synchronize, write_table
+from .common import (
+    Batches,
+    Config,
+    TorchOptimizerStep,
+    progress,
+    save_figure,
+    synchronize,
+    write_table,
+)
 
 DT = torch.float64
 N_CLASSES = 10
@@ -168,18 +176,6 @@ def _ggn(model, loss_fn, X, y):
     return hessinv.ChainGGN(model, loss_fn, X, y, progress=False)
 
 
-class FirstOrder:
-    def __init__(self, model, loss_fn, opt):
-        self.model, self.loss_fn, self.opt = model, loss_fn, opt
-
-    def step(self, X, y) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(X), y)
-        loss.backward()
-        self.opt.step()
-        return float(loss.detach())
-
-
 class LibraryOptimizer:
     """``hessinv.DampedNewton`` / ``TrustRegionNewton``: counts accepted steps and factorizations."""
 
@@ -284,9 +280,10 @@ class PreconditionedSGD:
 
 def make_method(name: str, model, loss_fn, st: dict, lr, big_batches, data):
     if name == "SGD":
-        return FirstOrder(model, loss_fn, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        return TorchOptimizerStep(model, loss_fn,
+                                  torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     if name == "Adam":
-        return FirstOrder(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
+        return TorchOptimizerStep(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
     if name in ("Newton-H", "LM-GGN"):
         return LibraryOptimizer(hessinv.DampedNewton(
             model, loss_fn, lr=1.0, damping=st["newton_damping"], damping_up=4.0,
