@@ -30,7 +30,7 @@ random data, right-hand side g = the gradient) and time every method:
 It prints a table per system (time, products, error, residual), the exact
 log-determinant and inertia, the backward error of our solves, and a "when to
 use what" verdict computed from the measured rows. The default problem takes
-about 11 CPU-seconds on one thread (mostly MINRES and the dense reference) and
+about 6 CPU-seconds on one thread (mostly MINRES and the dense reference) and
 1.5 GB of memory (mostly the dense reference; --dense-limit 0 skips it)."""
 
 DEMO_EPILOG = """\
