@@ -84,20 +84,15 @@ class Verdict(NamedTuple):
 
 
 def _builtin_curvature(class_name: str, oracle: str, model, loss_fn, inputs, targets):
-    cls = getattr(hessinv, class_name, None)  # resolved at step time: ChainGGN is optional
-    if cls is None:
-        raise NotImplementedError(
-            f"this curvature needs hessinv.{class_name}, which this version of hessinv does "
-            "not provide; use curvature='hessian' or pass a factory function"
-        )
+    cls = getattr(hessinv, class_name)  # looked up when called: hessinv imports this package
     return cls(model, loss_fn, inputs, targets, oracle=oracle)
 
 
 def resolve_curvature(curvature, oracle: str = "auto") -> CurvatureFactory:
     """A factory ``(model, loss_fn, inputs, targets) -> curvature`` for the ``curvature`` argument.
 
-    ``"hessian"``: :class:`hessinv.ChainHessian`; ``"ggn"``: ``hessinv.ChainGGN`` (looked up
-    when called); a callable: used as it is (what it returns is checked when called).
+    ``"hessian"``: :class:`hessinv.ChainHessian`; ``"ggn"``: :class:`hessinv.ChainGGN`; a
+    callable: used as it is (what it returns is checked when called).
     """
     if isinstance(curvature, str):
         if curvature not in _BUILTIN_CURVATURES:
