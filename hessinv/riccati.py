@@ -75,14 +75,25 @@ class RiccatiFactors:
     n_delayed: int  #: total number of delayed pivots (0 when no front needed them)
 
 
-def _complement_mode(d: StageDerivatives, damping: float, tau: float) -> tuple[str, int]:
-    """``(mode, complement directions eliminated in closed form)`` for stage ``d``."""
-    comp = d.complement
-    if comp is None or comp.dim == 0:
-        return "none", 0
-    if comp.coupled_dim == 0 or (damping != 0 and abs(damping) >= tau * comp.coupling_norm()):
-        return "closed", comp.dim
-    return "split", comp.dim - comp.coupled_dim
+def _complement_modes(stages: Sequence[StageDerivatives], damping: float, tau: float
+                      ) -> list[tuple[str, int]]:
+    """``(mode, complement directions eliminated in closed form)`` of every stage; the
+    coupling norms that decide between the modes are read from the device in one transfer."""
+    comps = [d.complement for d in stages]
+    ask = [i for i, c in enumerate(comps) if c is not None and c.dim and c.coupled_dim]
+    norms: dict[int, float] = {}
+    if ask and damping != 0:
+        values = torch.stack([comps[i].coupling_norm() for i in ask]).tolist()
+        norms = dict(zip(ask, values, strict=True))
+    modes = []
+    for i, comp in enumerate(comps):
+        if comp is None or comp.dim == 0:
+            modes.append(("none", 0))
+        elif comp.coupled_dim == 0 or (damping != 0 and abs(damping) >= tau * norms[i]):
+            modes.append(("closed", comp.dim))
+        else:
+            modes.append(("split", comp.dim - comp.coupled_dim))
+    return modes
 
 
 def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, mode: str):
@@ -151,10 +162,11 @@ def riccati_factorize(
     n_pos = n_neg = n_delayed = 0
     sign = S.new_ones(())
     logabsdet = S.new_zeros(())
+    modes = _complement_modes(stages, damping, tau)
     bar = progress_bar(total=L, desc="factorization", disable=not progress)
     for l in range(L - 1, -1, -1):
         d = stages[l]
-        mode, count = _complement_mode(d, damping, tau)
+        mode, count = modes[l]
         if count and damping == 0:
             raise SingularMatrixError(
                 f"H + 0 I is singular: the inputs of stage {l + 1} (with its bias column, "

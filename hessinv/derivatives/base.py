@@ -92,8 +92,8 @@ class Complement(ABC):
         """``E^T (I - Y Y^T) E`` as a dense ``(B h_in, B h_in)`` matrix."""
 
     @abstractmethod
-    def coupling_norm(self) -> float:
-        """``||(I - Y Y^T) E||_2``."""
+    def coupling_norm(self) -> torch.Tensor:
+        """``||(I - Y Y^T) E||_2`` (a 0-d tensor, on the device: read in batches)."""
 
     @abstractmethod
     def coupled_T(self, v: torch.Tensor) -> torch.Tensor:

@@ -491,7 +491,7 @@ class LinearComplement(Complement):
         return G.reshape(a_in, a_in)
 
     def coupling_norm(self):
-        return float(self._sigma_max * self._mu_max.sqrt())
+        return self._sigma_max * self._mu_max.sqrt()
 
     def coupled_T(self, v):
         M = self.stage.to_matrix(v)
