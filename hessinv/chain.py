@@ -127,8 +127,10 @@ def _check_supported(name: str, module: nn.Module) -> None:
 
 
 def _snapshot(module: nn.Module) -> nn.Module:
-    """A deep copy in which every ``inplace=True`` submodule runs out of place."""
-    out = copy.deepcopy(module)
+    """A deep copy in which every ``inplace=True`` submodule runs out of place and no
+    parameter requires grad (the selected ones enter as explicit tensors; the frozen ones
+    are constants, and autograd would otherwise record every product made with them)."""
+    out = copy.deepcopy(module).requires_grad_(False)
     for sub in out.modules():
         if getattr(sub, "inplace", False) is True:
             sub.inplace = False

@@ -36,7 +36,8 @@ import torch
 from .errors import SingularMatrixError
 from .ldlt import bunch_kaufman
 
-__all__ = ["DirectFront", "EigenFront", "factor_front", "symmetric_part", "DEFAULT_TAU"]
+__all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetric_part",
+           "DEFAULT_TAU"]
 
 #: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
 DEFAULT_TAU = 1e-2
@@ -182,6 +183,25 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
         "e.g. damping > 0 for a positive semi-definite H",
         damping,
     )
+
+
+def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
+    """A Cholesky :class:`DirectFront` of a front with a state (``F`` has columns), with the
+    tests :func:`factor_front` applies to it -- pivot ``> u max|G|`` and bounded growth --
+    as one boolean 0-d tensor left on the device (docs/algorithm.md section 13).
+
+    When the tests pass, the front is the one :func:`factor_front` returns, computed by the
+    same operations. When they fail it is meaningless (NaN after a failed Cholesky)."""
+    if G.shape[0] == 0:
+        return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
+                                                                      device=G.device)
+    scale = G.abs().max()
+    L, info = torch.linalg.cholesky_ex(G)
+    front = DirectFront(F, cholesky=L)
+    size = torch.stack([Q.abs().max(), F.abs().max(), scale])
+    ok = ((info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype))
+          & (front.update.abs().max() <= size.max() / tau))
+    return front, ok
 
 
 def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False):

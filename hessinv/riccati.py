@@ -38,7 +38,7 @@ import torch
 
 from .derivatives import StageDerivatives, block_diagonal
 from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, factor_front, symmetric_part
+from .fronts import DEFAULT_TAU, cholesky_front, factor_front, symmetric_part
 from .progress import progress_bar
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
@@ -133,6 +133,33 @@ def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, m
     return G, F, Q  # symmetrised with the update, in the front's next_state
 
 
+def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMatrixError:
+    return SingularMatrixError(
+        f"H + 0 I is singular: the inputs of stage {l + 1} (with its bias column, "
+        f"{d.batch} samples) span only {d.basis_size // max(d.out_size, 1)} of "
+        f"{d.num_params // max(d.out_size, 1)} dimensions, so H has a null space of "
+        f"dimension at least {count} there (docs/algorithm.md section 8); use a "
+        "damping that is not an eigenvalue of -H, e.g. damping > 0",
+        0.0, nullity=count,
+    )
+
+
+def _optimistic_chunk(stages, modes, V, chunk, damping, tau):
+    """Cholesky fronts for the stages ``chunk`` (all with a state, no delayed variables),
+    their tests read from the device once at the end: ``(fronts, V)`` after the chunk, or
+    ``None`` when one of them failed (then the chunk is redone stage by stage)."""
+    fronts, oks = [], []
+    for l in chunk:
+        G, F, Q = _front(stages[l], V, 0, damping, modes[l][0])
+        front, ok = cholesky_front(G, F, Q, tau)
+        fronts.append(front)
+        oks.append(ok)
+        V = front.next_state(F, Q)
+    if not bool(torch.stack(oks).all()):
+        return None
+    return fronts, V
+
+
 def riccati_factorize(
     stages: Sequence[StageDerivatives],
     S: torch.Tensor,
@@ -140,6 +167,7 @@ def riccati_factorize(
     *,
     tau: float = DEFAULT_TAU,
     force_eigen: bool = False,
+    check_every: int | None = None,
     progress: bool = True,
 ) -> RiccatiFactors:
     """Backward sweep over the stages (last first); see the module docstring.
@@ -150,52 +178,86 @@ def riccati_factorize(
         damping: ``eps``.
         tau: threshold of the pivot test (multipliers up to ``1/tau`` accepted).
         force_eigen: use the eigen-decomposed, threshold-pivoted front at every stage.
+        check_every: how many stages share one host read of the pivot tests (section 13).
+            ``1``: every front is tested as it is made (two reads per Cholesky front).
+            ``k > 1``: runs of ``k`` stages are factored with Cholesky, tested on the
+            device and read once; a run with a failed test is redone stage by stage (and
+            the sweep stays stage by stage until ``k`` fronts in a row were Cholesky).
+            Same factors either way. Default: 16 on CUDA (a read waits for the GPU), 1
+            elsewhere (reads are free, a redone run is not).
 
     Raises:
         SingularMatrixError: ``H + eps I`` is singular to working precision, or has an
             exact null space (``eps = 0`` on a wide layer: section 8).
     """
     L = len(stages)
+    if check_every is None:
+        check_every = 16 if S.device.type == "cuda" else 1
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    modes = _complement_modes(stages, damping, tau)
+    if damping == 0:
+        for l in range(L - 1, -1, -1):  # the stage the backward sweep meets first
+            if modes[l][1]:
+                raise _singular_null_space(stages[l], l, modes[l][1])
     factors: list[StageFactor] = [None] * L  # type: ignore[list-item]
+
+    def record(l, front, n_delay):
+        mode, count = modes[l]
+        n_w = stages[l].complement.coupled_dim if mode == "split" else 0
+        factors[l] = StageFactor(front, mode, stages[l].basis_size, n_w, n_delay, count)
+
     V = block_diagonal(S)
     n_delay = 0
-    n_pos = n_neg = n_delayed = 0
-    sign = S.new_ones(())
-    logabsdet = S.new_zeros(())
-    modes = _complement_modes(stages, damping, tau)
+    optimistic, cholesky_run = check_every > 1 and not force_eigen, 0
     bar = progress_bar(total=L, desc="factorization", disable=not progress)
-    for l in range(L - 1, -1, -1):
-        d = stages[l]
-        mode, count = modes[l]
-        if count and damping == 0:
-            raise SingularMatrixError(
-                f"H + 0 I is singular: the inputs of stage {l + 1} (with its bias column, "
-                f"{d.batch} samples) span only {d.basis_size // max(d.out_size, 1)} of "
-                f"{d.num_params // max(d.out_size, 1)} dimensions, so H has a null space of "
-                f"dimension at least {count} there (docs/algorithm.md section 8); use a "
-                "damping that is not an eigenvalue of -H, e.g. damping > 0",
-                damping, nullity=count,
-            )
-        G, F, Q = _front(d, V, n_delay, damping, mode)
+    l = L - 1
+    while l >= 0:
+        if optimistic and n_delay == 0 and l > 0:
+            chunk = range(l, max(l - check_every, 0), -1)  # never the root: it has no state
+            done = _optimistic_chunk(stages, modes, V, chunk, damping, tau)
+            if done is not None:
+                fronts, V = done
+                for k, front in zip(chunk, fronts, strict=True):
+                    record(k, front, 0)
+                l -= len(chunk)
+                bar.update(len(chunk))
+                continue
+            optimistic, cholesky_run = False, 0
+        G, F, Q = _front(stages[l], V, n_delay, damping, modes[l][0])
         front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
                              force_eigen=force_eigen)
-        factors[l] = StageFactor(front, mode, d.basis_size,
-                                 d.complement.coupled_dim if mode == "split" else 0,
-                                 n_delay, count)
-        n_pos += front.inertia[0]
-        n_neg += front.inertia[1]
-        sign = sign * front.sign
-        logabsdet = logabsdet + front.logabsdet
-        if count:
-            n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
-            sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
-            logabsdet = logabsdet + count * math.log(abs(damping))
-        n_delayed += front.n_rejected
+        record(l, front, n_delay)
+        if check_every > 1 and not force_eigen:
+            cholesky_run = cholesky_run + 1 if getattr(front, "kind", "") == "cholesky" else 0
+            optimistic = cholesky_run >= check_every
         if l > 0:
             V = front.next_state(F, Q)
             n_delay = front.n_rejected
+        l -= 1
         bar.update()
     bar.close()
+    return _totals(factors, damping, S)
+
+
+def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> RiccatiFactors:
+    """Inertia, sign and ``log|det|`` of ``H + eps I``: the fronts' (Haynsworth) and the
+    closed-form complement directions' (pivot ``eps`` each); sign and logdet stay on the
+    device."""
+    n_pos = n_neg = n_delayed = 0
+    sign = S.new_ones(())
+    logabsdet = S.new_zeros(())
+    for f in factors:
+        n_pos += f.front.inertia[0]
+        n_neg += f.front.inertia[1]
+        sign = sign * f.front.sign
+        logabsdet = logabsdet + f.front.logabsdet
+        n_delayed += f.front.n_rejected
+        if f.complement_count:
+            count = f.complement_count
+            n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
+            sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
+            logabsdet = logabsdet + count * math.log(abs(damping))
     return RiccatiFactors(factors, damping, (n_pos, n_neg, 0), sign, logabsdet, n_delayed)
 
 

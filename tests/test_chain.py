@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _chains import make_problem
 from torch import nn
 
+import hessinv
 from hessinv.chain import build_chain
 
 
@@ -58,3 +60,18 @@ def test_errors():
         build_chain([shared, nn.Sequential(shared)])
     with pytest.raises(ValueError, match="couples"):
         build_chain(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)))
+
+
+def test_frozen_parameters_do_not_record_autograd_graphs():
+    """Snapshots hold no parameter that requires grad: a frozen weight (``params=`` subset or
+    ``requires_grad=False``) is a constant, so nothing computed from it carries a graph."""
+    model, loss_fn, X, y = make_problem(depth=3, width=4, batch=5, seed=3)
+    model[2].bias.requires_grad_(False)  # frozen, and another stage only partly selected
+    H = hessinv.ChainHessian(model, loss_fn, X, y, params=["0.weight", "4.weight", "4.bias"])
+    assert all(not p.requires_grad for s in H.chain.stages for m in s.modules
+               for p in m.parameters())
+    tensors = [v for d in H.stage_derivatives() for v in vars(d).values()
+               if isinstance(v, torch.Tensor)]
+    assert tensors and not any(t.requires_grad for t in tensors)
+    assert not H.factorize(0.1, progress=False).logdet()[1].requires_grad
+    assert model[0].weight.requires_grad  # the user's model is untouched

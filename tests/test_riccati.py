@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
-from _chains import ACTIVATIONS, make_problem, relative_error, solve_tolerance
+from _chains import ACTIVATIONS, make_problem, random_chain, relative_error, solve_tolerance
 
 import hessinv
+from hessinv import riccati
 
 
 def _dense(problem):
@@ -141,3 +142,43 @@ def test_positive_definite_shift_brackets_smallest_eigenvalue():
     assert H.positive_definite_shift(-lam_min + 0.1) == 0.0
     with pytest.raises(ValueError):
         H.positive_definite_shift(rel_tol=2.0)
+
+
+def test_checking_in_runs_gives_the_same_factors(monkeypatch):
+    """``check_every > 1`` (docs/algorithm.md section 13): runs of Cholesky fronts tested on
+    the device, redone stage by stage when a test fails, give exactly the factors of
+    stage-by-stage checking -- on random chains, definite and indefinite."""
+    runs = {True: 0, False: 0}
+    optimistic_chunk = riccati._optimistic_chunk
+
+    def counted(*args):
+        done = optimistic_chunk(*args)
+        runs[done is not None] += 1
+        return done
+
+    monkeypatch.setattr(riccati, "_optimistic_chunk", counted)
+    for seed in range(40):
+        chain = random_chain(seed, max_depth=12)
+        H = hessinv.ChainHessian(chain.model, chain.loss_fn, chain.inputs, chain.targets,
+                                 params=chain.params, oracle=chain.oracle, progress=False)
+        stages, S = H.stage_derivatives(), H.loss_hessian_blocks()
+        g = [torch.randn(d.num_params, 2, dtype=torch.float64) for d in stages]
+        for eps in (1e-8, 1e-2, 1.0, -0.1):
+            outcome = []
+            for check_every in (1, 3):
+                try:
+                    rf = riccati.riccati_factorize(stages, S, eps, check_every=check_every,
+                                                   progress=False)
+                except hessinv.SingularMatrixError as err:
+                    outcome.append(str(err))
+                    continue
+                outcome.append((rf.inertia, float(rf.sign), float(rf.logabsdet), rf.n_delayed,
+                                riccati.riccati_solve(stages, rf, g)))
+            a, b = outcome
+            assert type(a) is type(b), (seed, eps)
+            if isinstance(a, str):
+                assert a == b
+                continue
+            assert a[:4] == b[:4], (seed, eps)
+            assert all(torch.equal(x, y) for x, y in zip(a[4], b[4], strict=True)), (seed, eps)
+    assert runs[True] > 20 and runs[False] > 5  # both paths were taken

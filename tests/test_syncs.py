@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import hessinv
+from hessinv import riccati
 from hessinv.syncs import HostSyncCounter
 
 
@@ -67,3 +68,18 @@ def test_construction_and_solve_read_the_host_a_fixed_number_of_times(batch):
     assert deep[2] == shallow[2]  # a solve with a kept factorization
     # the factorization (with Cholesky fronts): two reads per stage, its pivot and growth tests
     assert deep[1] - shallow[1] == 2 * (24 - 4)
+
+
+def test_factorization_checked_in_runs_reads_once_per_run():
+    """``check_every = k`` (the default on CUDA): a positive definite factorization reads the
+    host once per run of k stages instead of twice per stage."""
+    reads = {}
+    for depth in (4, 24):
+        model, X, y = _mlp(depth)
+        G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
+        stages, S = G.stage_derivatives(), G.loss_hessian_blocks()
+        with HostSyncCounter() as syncs:
+            rf = riccati.riccati_factorize(stages, S, 0.1, check_every=6, progress=False)
+        assert rf.inertia == (G.num_params, 0, 0)
+        reads[depth] = syncs.count
+    assert reads[24] - reads[4] == 4 - 1  # runs over stages 24..2: 23 stages in 4 runs of 6
