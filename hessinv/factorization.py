@@ -213,6 +213,19 @@ class Factorization:
         return f"{type(self).__name__}(damping={self.damping}, method={self.method!r})"
 
 
+#: stages per host read of the pivot tests on CUDA where the fronts are expected definite
+RUN_LENGTH = 16
+
+
+def _run_length(curvature, damping: float) -> int:
+    """``check_every`` of :func:`~hessinv.riccati.riccati_factorize` (docs/algorithm.md
+    section 13): runs of :data:`RUN_LENGTH` stages per read on CUDA for the Gauss-Newton
+    matrix with ``damping > 0`` (positive definite fronts for the convex built-in losses);
+    stage by stage otherwise (on a CPU reads are free; an indefinite Hessian would redo runs)."""
+    definite = not curvature.second_order and damping > 0
+    return RUN_LENGTH if definite and curvature.device.type == "cuda" else 1
+
+
 class RiccatiFactorization(Factorization):
     """The stage-wise factorization (docs/algorithm.md sections 5, 8, 10).
 
@@ -226,7 +239,9 @@ class RiccatiFactorization(Factorization):
         super().__init__(curvature, damping)
         self._progress = progress
         self._hard = False
-        self._factors = riccati_factorize(self._stages, self._S, damping, progress=progress)
+        self._factors = riccati_factorize(self._stages, self._S, damping,
+                                          check_every=_run_length(curvature, damping),
+                                          progress=progress)
         self._set_method()
 
     def _set_method(self):

@@ -167,7 +167,7 @@ def riccati_factorize(
     *,
     tau: float = DEFAULT_TAU,
     force_eigen: bool = False,
-    check_every: int | None = None,
+    check_every: int = 1,
     progress: bool = True,
 ) -> RiccatiFactors:
     """Backward sweep over the stages (last first); see the module docstring.
@@ -183,16 +183,14 @@ def riccati_factorize(
             ``k > 1``: runs of ``k`` stages are factored with Cholesky, tested on the
             device and read once; a run with a failed test is redone stage by stage (and
             the sweep stays stage by stage until ``k`` fronts in a row were Cholesky).
-            Same factors either way. Default: 16 on CUDA (a read waits for the GPU), 1
-            elsewhere (reads are free, a redone run is not).
+            Same factors either way. Worth it on a GPU (a read waits for the queue) when
+            most fronts are positive definite; a redone run costs its factorization twice.
 
     Raises:
         SingularMatrixError: ``H + eps I`` is singular to working precision, or has an
             exact null space (``eps = 0`` on a wide layer: section 8).
     """
     L = len(stages)
-    if check_every is None:
-        check_every = 16 if S.device.type == "cuda" else 1
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     modes = _complement_modes(stages, damping, tau)

@@ -83,3 +83,17 @@ def test_factorization_checked_in_runs_reads_once_per_run():
         assert rf.inertia == (G.num_params, 0, 0)
         reads[depth] = syncs.count
     assert reads[24] - reads[4] == 4 - 1  # runs over stages 24..2: 23 stages in 4 runs of 6
+
+
+def test_runs_are_used_where_fronts_are_expected_definite():
+    from types import SimpleNamespace
+
+    from hessinv.factorization import RUN_LENGTH, _run_length
+
+    def curvature(second_order, device):
+        return SimpleNamespace(second_order=second_order, device=torch.device(device))
+
+    assert _run_length(curvature(False, "cuda"), 0.1) == RUN_LENGTH > 1  # GGN, eps > 0, GPU
+    assert _run_length(curvature(False, "cuda"), 0.0) == 1  # G may be singular
+    assert _run_length(curvature(True, "cuda"), 0.1) == 1  # the Hessian: often indefinite
+    assert _run_length(curvature(False, "cpu"), 0.1) == 1  # reads are free on a CPU
