@@ -9,7 +9,8 @@ limit), with the device synchronised around every timing:
   solve, ``solve``, one extra right-hand side with the kept factorization, peak memory
   (``torch.cuda.max_memory_allocated``; peak RSS growth on CPU) and one Hessian-vector
   product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``, and the
-  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``). Fitted
+  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``), and the
+  Gauss-Newton factorization stage by stage against runs of stages per host read. Fitted
   exponents in depth (log-log least squares) per dtype.
 * wide case -- width 1024, depth 16, batch 8: the same times, peak memory and the
   residual ``||(H + eps I) x - g|| / ||g||``.
@@ -51,7 +52,10 @@ from bench_width import (  # noqa: E402  (the problem and the timing helpers are
     torch_func_hvp,
 )
 
+import hessinv  # noqa: E402
 from hessinv import SingularMatrixError  # noqa: E402  (found through bench_width's path)
+from hessinv.factorization import RUN_LENGTH  # noqa: E402
+from hessinv.riccati import riccati_factorize  # noqa: E402
 from hessinv.syncs import HostSyncCounter  # noqa: E402
 
 EPS = 1e-2
@@ -135,6 +139,22 @@ def hvp_times(prob, H, products, device) -> dict:
     return out
 
 
+def ggn_runs(prob, device) -> dict:
+    """The Gauss-Newton factorization stage by stage against runs of ``RUN_LENGTH`` stages
+    per host read (docs/algorithm.md section 13), one timing each, with their host reads."""
+    G = hessinv.ChainGGN(*prob, progress=False)
+    stages, S = G.stage_derivatives(), G.loss_hessian_blocks()
+    out = {}
+    for key, k in (("ggn_stagewise", 1), ("ggn_runs", RUN_LENGTH)):
+        riccati_factorize(stages, S, EPS, check_every=k, progress=False)  # warm
+        out[key], _ = timed(lambda k=k: riccati_factorize(stages, S, EPS, check_every=k,
+                                                          progress=False), device)
+        with HostSyncCounter() as reads:
+            riccati_factorize(stages, S, EPS, check_every=k, progress=False)
+        out[key + "_reads"] = reads.count
+    return out
+
+
 def host_reads(prob, H) -> dict:
     """Host-device synchronisations (docs/algorithm.md section 13) of one derivative sweep,
     one factorization and one solve with a kept factorization (untimed: counting them
@@ -176,6 +196,7 @@ def measure(spec: dict) -> dict:
     out |= hvp_times(prob, H, spec["products"], device)
     if "error" not in out:
         out |= host_reads(prob, H)
+        out |= ggn_runs(prob, device)
     out["busy"] = time.perf_counter() - start  # without start-up: for the budget's predictions
     return out
 
@@ -248,6 +269,10 @@ def reads(r: dict) -> str:
     return " / ".join(str(r[k]) for k in keys) if all(k in r for k in keys) else "-"
 
 
+def ggn(r: dict, key: str) -> str:
+    return f"{fmt_s(r[key])}, {r[key + '_reads']}" if key in r else "-"
+
+
 def fmt_mb(v) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}"
 
@@ -262,8 +287,10 @@ def sweep_table(results: dict, args) -> str:
         "| dtype | depth | n | derivatives (s) | factorization (s) | norm estimate (s) "
         "| solve (s) | total (s) | extra RHS (s) | memory (MiB) | HVP ours (s) "
         "| HVP torch.func (s) | torch.func / ours | backward error | residual | method "
-        "| host reads: derivatives / factorization / solve | repeats |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| host reads: derivatives / factorization / solve "
+        f"| GGN factorization stage by stage (s, reads) | GGN factorization in runs of {RUN_LENGTH} "
+        "(s, reads) | repeats |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|",
     ]
     for dtype, rows in results.items():
         for depth, r in rows.items():
@@ -277,7 +304,8 @@ def sweep_table(results: dict, args) -> str:
                 f"| {fmt_mb(r['peak_memory'])} | {fmt_s(r['hvp_ours'])} "
                 f"| {fmt_s(r['hvp_torch_func'])} | {r['hvp_torch_func'] / r['hvp_ours']:.2f}x "
                 f"| {fmt_e(r['backward_error'])} | {fmt_e(r['residual'])} | {r['method']} "
-                f"| {reads(r)} | {r['repeats']} |"
+                f"| {reads(r)} | {ggn(r, 'ggn_stagewise')} | {ggn(r, 'ggn_runs')} "
+                f"| {r['repeats']} |"
             )
     return "\n".join(lines)
 
