@@ -185,6 +185,20 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
     )
 
 
+def _cholesky_passes(L, info, scale) -> torch.Tensor:
+    """The pivot test of a Cholesky factor (0-d bool on the device): it succeeded and its
+    smallest pivot is above ``u max|G|``. A failed Cholesky leaves NaN or a tiny pivot, so
+    it fails this test too."""
+    return (info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, L.dtype))
+
+
+def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor:
+    """The growth test of a direct front (0-d bool on the device):
+    ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``."""
+    size = torch.stack([Q.abs().max(), F.abs().max(), scale])
+    return front.update.abs().max() <= size.max() / tau
+
+
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     """A Cholesky :class:`DirectFront` of a front with a state (``F`` has columns), with the
     tests :func:`factor_front` applies to it -- pivot ``> u max|G|`` and bounded growth --
@@ -198,10 +212,7 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     scale = G.abs().max()
     L, info = torch.linalg.cholesky_ex(G)
     front = DirectFront(F, cholesky=L)
-    size = torch.stack([Q.abs().max(), F.abs().max(), scale])
-    ok = ((info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype))
-          & (front.update.abs().max() <= size.max() / tau))
-    return front, ok
+    return front, _cholesky_passes(L, info, scale) & _growth_bounded(front, F, Q, scale, tau)
 
 
 def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False):
@@ -219,8 +230,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     if not force_eigen:
         front = None
         L, info = torch.linalg.cholesky_ex(G)
-        # one host read: a failed Cholesky leaves NaN or a tiny pivot, so it fails this test too
-        if bool((info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, G.dtype))):
+        if bool(_cholesky_passes(L, info, scale)):  # one host read
             front = DirectFront(F, cholesky=L)
         else:  # indefinite (or nearly singular: Bunch-Kaufman then fails its test as well)
             bk = bunch_kaufman(G)
@@ -228,10 +238,8 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
                 front = DirectFront(F, bk=bk)
         if front is not None and (root or F.shape[1] == 0):
             return front
-        if front is not None:
-            size = torch.stack([Q.abs().max(), F.abs().max(), scale])
-            if bool(front.update.abs().max() <= size.max() / tau):
-                return front
+        if front is not None and bool(_growth_bounded(front, F, Q, scale, tau)):
+            return front
     lam, U = torch.linalg.eigh(G)
     tol = _singular_tol(lam.abs().max(), G.dtype)
     if root:

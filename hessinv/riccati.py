@@ -207,7 +207,8 @@ def riccati_factorize(
 
     V = block_diagonal(S)
     n_delay = 0
-    optimistic, cholesky_run = check_every > 1 and not force_eigen, 0
+    runs = check_every > 1 and not force_eigen
+    optimistic, cholesky_run = runs, 0
     bar = progress_bar(total=L, desc="factorization", disable=not progress)
     l = L - 1
     while l >= 0:
@@ -226,8 +227,8 @@ def riccati_factorize(
         front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
                              force_eigen=force_eigen)
         record(l, front, n_delay)
-        if check_every > 1 and not force_eigen:
-            cholesky_run = cholesky_run + 1 if getattr(front, "kind", "") == "cholesky" else 0
+        if runs:
+            cholesky_run = cholesky_run + 1 if front.kind == "cholesky" else 0
             optimistic = cholesky_run >= check_every
         if l > 0:
             V = front.next_state(F, Q)
