@@ -443,7 +443,7 @@ def splice(old: str, sections: dict[str, str]) -> str:
     Sections are matched by their heading's first words; a part never written before is
     appended. This lets ``--parts hvp --out`` refresh one table without rerunning the rest.
     """
-    chunks = [c for c in old.split("\n## ")]
+    chunks = old.split("\n## ")
     head, body = chunks[0], ["## " + c for c in chunks[1:]]
     for part, text in sections.items():
         text = text.strip("\n")
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         old = out.read_text() if out.exists() and set(args.parts) != set(MEASUREMENTS) else ""
-        Path(args.out).write_text(splice(old or header(), sections))
+        out.write_text(splice(old or header(), sections))
     return 0
 
 
