@@ -102,9 +102,10 @@ class Factorization:
         first the free one, ``||(H + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``; only when
         that does not already prove ``beta <= bound`` the Lanczos estimate (cached per operator).
         """
-        hx = hessian_vector_product(self._stages, self._S, x)
-        r = [gl - hl - self.damping * xl for gl, hl, xl in zip(g, hx, x, strict=True)]
-        R, X, Gm = torch.cat(r), torch.cat(x), torch.cat(g)
+        hx = torch.cat(hessian_vector_product(self._stages, self._S, x))
+        X, Gm = torch.cat(x), torch.cat(g)
+        R = Gm - hx - self.damping * X  # flat: three operations, not three per stage
+        r = list(R.split([gl.shape[0] for gl in g]))
         num = torch.linalg.vector_norm(R, dim=0)
         xn, gn = torch.linalg.vector_norm(X, dim=0), torch.linalg.vector_norm(Gm, dim=0)
         tiny = torch.finfo(R.dtype).tiny

@@ -64,7 +64,10 @@ class DirectFront:
 
     Keeps ``W = L^-1 P^T F``; the update is ``F^T G^-1 F = W^T D^-1 W`` (one triangular solve
     with the ``a`` columns of ``F`` and one product; :mod:`hessinv.ldlt` puts the
-    Bunch-Kaufman factor in this explicit form).
+    Bunch-Kaufman factor in this explicit form). A solve uses the same half-factored
+    coordinates (``D = I`` for Cholesky): backward ``h = half(k)`` and ``update_T(h)``
+    ``= F^T G^-1 k``, forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve
+    each way. :class:`EigenFront` offers the same four operations with ``L P^T = U_a^T``.
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
     (``F^T G^-1 F``, ``(a, a)``, until :meth:`next_state` consumes it), ``inertia``
@@ -88,33 +91,27 @@ class DirectFront:
             self._W = bk.half_solve(F)
             self.update = self._W.T @ bk.d_solve(self._W)
 
-    def _half(self, k):
-        """``L^-1 P^T k``."""
+    def half(self, kc: torch.Tensor) -> torch.Tensor:
+        """``h = L^-1 P^T k`` for ``k`` ``(n, r)``: the right-hand side in the half-factored
+        coordinates where ``G^-1 = P L^-T D^-1 L^-1 P^T`` and ``G^-1 F = P L^-T D^-1 W``."""
         if self._bk is None:
-            return torch.linalg.solve_triangular(self._L, k, upper=False)
-        return self._bk.half_solve(k)
+            return torch.linalg.solve_triangular(self._L, kc, upper=False)
+        return self._bk.half_solve(kc)
 
-    def _half_T(self, k):
-        """``P L^-T D^-1 k``."""
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """``P L^-T D^-1 h``, so that ``finish(half(k) + W t) = G^-1 (k + F t)``."""
         if self._bk is None:
-            return torch.linalg.solve_triangular(self._L.T, k, upper=True)
-        return self._bk.half_solve_T(self._bk.d_solve(k))
+            return torch.linalg.solve_triangular(self._L.T, h, upper=True)
+        return self._bk.half_solve_T(self._bk.d_solve(h))
 
-    def pivot_solve(self, k: torch.Tensor) -> torch.Tensor:
-        """``G^-1 k`` for ``k`` ``(n, r)``."""
-        return self._half_T(self._half(k))
-
-    def gain(self, t: torch.Tensor) -> torch.Tensor:
-        """``G^-1 F t``."""
-        return self._half_T(self._W @ t)
-
-    def gain_T(self, k: torch.Tensor) -> torch.Tensor:
-        """``F^T G^-1 k`` for ``k`` ``(n, r)``."""
-        h = self._half(k)
+    def update_T(self, h: torch.Tensor) -> torch.Tensor:
+        """``F^T G^-1 k = W^T D^-1 h`` for ``h = half(k)``."""
         return self._W.T @ (h if self._bk is None else self._bk.d_solve(h))
 
-    def accepted(self, kc):
-        return kc
+    @property
+    def W(self) -> torch.Tensor:
+        """``L^-1 P^T F`` ``(n, a)``."""
+        return self._W
 
     def rejected(self, kc):
         return kc[:0]
@@ -138,27 +135,27 @@ class EigenFront:
         self.lam_a, self.lam_r = lam[accept], lam[~accept]
         self.n_accepted, self.n_rejected = self.U_a.shape[1], self.U_r.shape[1]
         self.kind = "eigen"
-        UF_a = self.U_a.T @ F
-        self._K = UF_a / self.lam_a[:, None]  # G_a^-1 F_a in eigen coordinates
+        self._UF_a = self.U_a.T @ F
         self._UF_r = self.U_r.T @ F
-        self._UF_a = UF_a
         self.inertia = (int((self.lam_a > 0).sum()), int((self.lam_a < 0).sum()))
         self.sign = torch.prod(torch.sign(self.lam_a))
         self.logabsdet = torch.log(self.lam_a.abs()).sum()
 
-    def pivot_solve(self, k_a):
-        return k_a / self.lam_a[:, None]
-
-    def gain(self, t):
-        """``G_a^-1 F_a t`` in eigen coordinates."""
-        return self._K @ t
-
-    def gain_T(self, k_a):
-        """``F_a^T G_a^-1 k_a``."""
-        return self._UF_a.T @ (k_a / self.lam_a[:, None])
-
-    def accepted(self, kc):
+    def half(self, kc):
+        """``U_a^T k``: the accepted eigen coordinates (``L = U_a``, ``D = diag(lambda_a)``)."""
         return self.U_a.T @ kc
+
+    def finish(self, h):
+        return h / self.lam_a[:, None]
+
+    def update_T(self, h):
+        """``F_a^T G_a^-1 k_a``."""
+        return self._UF_a.T @ (h / self.lam_a[:, None])
+
+    @property
+    def W(self):
+        """``U_a^T F`` ``(n_accepted, a)``."""
+        return self._UF_a
 
     def rejected(self, kc):
         return self.U_r.T @ kc
@@ -169,7 +166,7 @@ class EigenFront:
     def next_state(self, F, Q):
         """The next front's state block over ``(state, delayed)``:
         ``[[Q - F_a^T G_a^-1 F_a, F_r^T], [F_r, diag(lambda_r)]]``."""
-        top = Q - self._UF_a.T @ self._K
+        top = Q - self._UF_a.T @ (self._UF_a / self.lam_a[:, None])
         top = symmetric_part(top)
         return torch.cat(
             [torch.cat([top, self._UF_r.T], 1),

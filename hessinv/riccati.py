@@ -260,58 +260,84 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
     return RiccatiFactors(factors, damping, (n_pos, n_neg, 0), sign, logabsdet, n_delayed)
 
 
+def _by_class(method: str, stages: Sequence[StageDerivatives], *columns) -> list:
+    """``type(d).<method>`` over the stages of each derivative class (which may batch them),
+    the per-stage arguments ``columns`` split alike, the results in stage order."""
+    groups: dict[type, list[int]] = {}
+    for i, d in enumerate(stages):
+        groups.setdefault(type(d), []).append(i)
+    out: list = [None] * len(stages)
+    for cls, idx in groups.items():
+        picked = [[col[i] for i in idx] if isinstance(col, list) else col for col in columns]
+        for i, r in zip(idx, getattr(cls, method)([stages[i] for i in idx], *picked),
+                        strict=True):
+            out[i] = r
+    return out
+
+
 def riccati_solve(
     stages: Sequence[StageDerivatives], rf: RiccatiFactors, g: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` ``(p_l, k)``."""
+    """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` ``(p_l, k)`` (sections 5, 13).
+
+    The terms of ``g`` that do not depend on the recursion (``Y^T g_l`` and the closed-form
+    complement's projections) are made for all stages first, and the parameter blocks
+    ``v_l`` from the basis coordinates at the end, both in batched calls per stage shape
+    (:meth:`~hessinv.derivatives.StageDerivatives.rhs_terms`, ``controls``). In between
+    only the recursions run stage by stage. Backward, each front keeps
+    ``h_l = L^-1 P^T k_l`` (its right-hand side half solved) and passes
+    ``s_l = Dz^T s_{l+1} - W^T D^-1 h_l`` on; forward, the controls are
+    ``-G^-1 (k_l + F t_{l-1}) = -P L^-T D^-1 (h_l + W t_{l-1})``: one triangular solve each
+    way per front.
+    """
     L = len(stages)
     eps = rf.damping
     k = g[0].shape[1]
-    y: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    closed = [f.mode == "closed" for f in rf.factors]
+    terms = _by_class("rhs_terms", stages, closed, list(g))
+    h: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     s = None
     for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
-        d, f = stages[l], rf.factors[l]
+        d, f, term = stages[l], rf.factors[l], terms[l]
         B, h_out = d.batch, d.out_size
         n_t = B * h_out
-        if s is None:
-            s = g[l].new_zeros(n_t, k)
-        s_t, s_d = s[:n_t], s[n_t:]
-        parts = [d.DxY_T(s_t.reshape(B, h_out, k)) - d.Y_T(g[l])]
-        if f.n_w:
-            parts.append(-d.complement.coupled_T(g[l]))
-        parts.append(s_d)
-        kc = torch.cat(parts, dim=0)
-        k_a = f.front.accepted(kc)
-        y[l] = f.front.pivot_solve(k_a)
-        if l > 0:
-            st = d.Dz_T(s_t.reshape(B, h_out, k)).reshape(-1, k)
-            if f.mode == "closed" and d.complement.coupled_dim:
-                st = st + d.complement.coupling_T(g[l]).reshape(-1, k) / eps
-            st = st - f.front.gain_T(k_a)
-            s = torch.cat([st, f.front.rejected(kc)], dim=0)
-    out: list[torch.Tensor] = []
+        kc = -term.Y_T_g
+        if s is not None:
+            kc = kc + d.DxY_T(s[:n_t].reshape(B, h_out, k))
+        if f.n_w or f.n_delayed_in:
+            parts = [kc] + ([-d.complement.coupled_T(g[l])] if f.n_w else [])
+            kc = torch.cat(parts + ([s[n_t:]] if f.n_delayed_in else []), dim=0)
+        h[l] = f.front.half(kc)
+        if l == 0:
+            break
+        st = f.front.update_T(h[l]).neg_()
+        if s is not None:
+            st = st + d.Dz_T(s[:n_t].reshape(B, h_out, k)).reshape(-1, k)
+        if term.coupling_T is not None:
+            st = st + term.coupling_T.reshape(-1, k) / eps
+        s = st if f.front.n_rejected == 0 else torch.cat([st, f.front.rejected(kc)], dim=0)
+    alpha: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    t_prev: list[torch.Tensor | None] = [None] * L
+    split: dict[int, torch.Tensor] = {}  # coupled complement coordinates w (split mode)
     t = None  # t_{l-1}, (B, h_in, k)
     delayed = g[0].new_zeros(0, k)
     for l in range(L):  # forward: the controls
         d, f = stages[l], rf.factors[l]
-        beta = -y[l] if t is None else -(y[l] + f.front.gain(t.reshape(-1, k)))
-        c = f.front.combine(beta, delayed)
+        x = h[l] if t is None else h[l] + f.front.W @ t.reshape(-1, k)
+        c = f.front.combine(f.front.finish(x).neg_(), delayed)
         N, n_w = f.n_alpha, f.n_w
-        alpha, w, delayed = c[:N], c[N:N + n_w], c[N + n_w:]
-        v = d.Y(alpha)
-        comp = d.complement
-        if f.mode == "closed":
-            rhs = comp.project(g[l])
-            if t is not None and comp.coupled_dim:
-                rhs = rhs - comp.coupling(t)
-            v = v + rhs / eps
-        elif f.mode == "split":
-            v = v + comp.coupled(w)
-            if f.complement_count:
-                v = v + (comp.project(g[l]) - comp.coupled(comp.coupled_T(g[l]))) / eps
-        out.append(v)
-        t_new = d.DxY(alpha)
+        alpha[l], delayed = c[:N], c[N + n_w:]
+        if f.mode == "split":
+            split[l] = c[N:N + n_w]
+        t_prev[l] = t
+        t_new = d.DxY(alpha[l])
         if t is not None:
             t_new = t_new + d.Dz(t)
         t = t_new
+    out = _by_class("controls", stages, closed, alpha, t_prev, terms, eps)
+    for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
+        comp, gl = stages[l].complement, g[l]
+        out[l] = out[l] + comp.coupled(w)
+        if rf.factors[l].complement_count:
+            out[l] = out[l] + (comp.project(gl) - comp.coupled(comp.coupled_T(gl))) / eps
     return out

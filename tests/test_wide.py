@@ -182,3 +182,45 @@ def test_complement_basis_has_exactly_m_minus_r_columns():
         comp = getattr(d, "complement", None)
         if comp is not None and d.weight_selected and d.has_input:
             assert comp.Pc.shape[1] == d.m - d.r
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
+    """``LinearDerivatives.rhs_terms`` / ``controls`` stack the stages of one shape
+    (docs/algorithm.md section 13); the base class's defaults go stage by stage through the
+    per-stage operators. Same numbers, up to rounding, on stages of several ranks."""
+    from hessinv.derivatives import StageDerivatives
+
+    X, y, loss_fn = _data(batch=4, seed=6)
+    X[3] = X[1]  # the first stage's Zt of rank 3: one more shape group
+    H = hessinv.ChainHessian(_model(width=9, depth=6, bias=bias, seed=7), loss_fn, X, y)
+    stages = H.stage_derivatives()
+    assert sum(d.complement is not None for d in stages) >= 4
+    gen = torch.Generator().manual_seed(8)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    closed = [d.complement is not None for d in stages]
+    g = [rand(d.num_params, k) for d in stages]
+    alpha = [rand(d.basis_size, k) for d in stages]
+    t_prev = [rand(d.batch, d.in_size, k) if d.has_input else None for d in stages]
+    eps = 0.3
+    batched = LinearDerivatives.rhs_terms(stages, closed, g)
+    single = StageDerivatives.rhs_terms.__func__(LinearDerivatives, stages, closed, g)
+
+    def close(a, b):
+        return float((a - b).abs().max()) <= 1e-13 * max(1.0, float(b.abs().max()))
+
+    for d, bt, st, gl in zip(stages, batched, single, g, strict=True):
+        assert close(bt.Y_T_g, st.Y_T_g)
+        assert (bt.coupling_T is None) == (st.coupling_T is None)
+        if st.coupling_T is not None:
+            assert close(bt.coupling_T, st.coupling_T)
+            assert close(st.coupling_T, d.complement.coupling_T(gl))
+    v_batched = LinearDerivatives.controls(stages, closed, alpha, t_prev, batched, eps)
+    v_single = StageDerivatives.controls.__func__(LinearDerivatives, stages, closed, alpha,
+                                                  t_prev, single, eps)
+    for a, b in zip(v_batched, v_single, strict=True):
+        assert a.shape == b.shape and close(a, b)

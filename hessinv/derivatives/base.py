@@ -31,11 +31,25 @@ products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageDerivatives", "DenseStage", "Complement", "block_diagonal"]
+__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "block_diagonal"]
+
+
+class RhsTerms(NamedTuple):
+    """The parts of a stage's right-hand side ``g`` that a solve needs and that do not depend
+    on the recursion (docs/algorithm.md sections 8, 13): ``Y_T_g`` = ``Y^T g`` ``(N, k)``;
+    for a stage whose complement is eliminated in closed form, ``projected`` (``(I - Y Y^T) g``
+    in the class's own layout, handed back to :meth:`StageDerivatives.controls`) and
+    ``coupling_T`` (``E^T (I - Y Y^T) g`` ``(B, h_in, k)``, ``None`` when ``E`` leaves no trace
+    outside ``span(Y)``)."""
+
+    Y_T_g: torch.Tensor
+    projected: torch.Tensor | None
+    coupling_T: torch.Tensor | None
 
 
 class DenseStage(NamedTuple):
@@ -86,6 +100,11 @@ class Complement(ABC):
     @abstractmethod
     def coupling_T(self, v: torch.Tensor) -> torch.Tensor:
         """``E^T (I - Y Y^T) v`` ``(B, h_in, k)`` for ``v`` of shape ``(p, k)``."""
+
+    def coupling_T_of_projected(self, pv: torch.Tensor) -> torch.Tensor:
+        """``E^T pv`` for ``pv = project(v)``: equal to ``coupling_T(v)`` (the projector is
+        idempotent), without projecting again."""
+        return self.coupling_T(pv)
 
     @abstractmethod
     def gram(self) -> torch.Tensor:
@@ -266,6 +285,43 @@ class StageDerivatives(ABC):
         h_in = self.in_size
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
         return block_diagonal(self.Dzz(probe))
+
+    # ------------------------------------------------------------ solve terms, many stages at once
+    @classmethod
+    def rhs_terms(cls, stages: Sequence[StageDerivatives], closed: Sequence[bool],
+                  g: Sequence[torch.Tensor]) -> list[RhsTerms]:
+        """:class:`RhsTerms` of the stages (all of this class) for their blocks ``g[i]``
+        ``(p_i, k)``; ``closed[i]``: stage ``i``'s complement is eliminated in closed form.
+        One stage at a time here; a class may batch stages of one shape."""
+        out = []
+        for d, c, gl in zip(stages, closed, g, strict=True):
+            projected = coupling_T = None
+            if c:
+                comp = d.complement
+                projected = comp.project(gl)
+                if comp.coupled_dim:
+                    coupling_T = comp.coupling_T_of_projected(projected)
+            out.append(RhsTerms(d.Y_T(gl), projected, coupling_T))
+        return out
+
+    @classmethod
+    def controls(cls, stages: Sequence[StageDerivatives], closed: Sequence[bool],
+                 alpha: Sequence[torch.Tensor], t_prev: Sequence[torch.Tensor | None],
+                 terms: Sequence[RhsTerms], damping: float) -> list[torch.Tensor]:
+        """The solution blocks ``v_i = Y alpha_i`` ``(p_i, k)``, plus for a closed complement
+        ``((I - Y Y^T) g_i - (I - Y Y^T) E t_{i-1}) / eps`` (section 8), from the basis
+        coordinates ``alpha[i]`` ``(N_i, k)``, the stage inputs' tangents ``t_prev[i]``
+        ``(B, h_in, k)`` (``None`` for a first stage) and the stages' :meth:`rhs_terms`."""
+        out = []
+        for d, c, a, t, term in zip(stages, closed, alpha, t_prev, terms, strict=True):
+            v = d.Y(a)
+            if c:
+                rhs = term.projected
+                if t is not None and d.complement.coupled_dim:
+                    rhs = rhs - d.complement.coupling(t)
+                v = v + rhs / damping
+            out.append(v)
+        return out
 
     def stored_bytes(self) -> int:
         """Bytes held by this object's tensors (for memory estimates)."""

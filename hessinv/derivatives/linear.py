@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch.func import jvp
 
-from .base import Complement, StageDerivatives
+from .base import Complement, RhsTerms, StageDerivatives
 
 __all__ = ["LinearDerivatives", "LinearComplement", "LinearInput", "LinearForward",
            "linear_forwards", "linear_complements", "elementwise_derivatives"]
@@ -67,6 +67,8 @@ def _ranks(S: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``out[b, o, k] = sum_m Z[b, m] M[o, m, k]`` as one matrix product."""
     o, m, k = M.shape
+    if k == 1:  # one vector: a plain product, no reshaping copies
+        return (Z @ M[:, :, 0].T)[:, :, None]
     return (Z @ M.transpose(0, 1).reshape(m, o * k)).reshape(Z.shape[0], o, k)
 
 
@@ -77,6 +79,8 @@ def _left(W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     little next to ``t``); with few, one product over the samples stacked side by side.
     """
     B, i, k = t.shape
+    if k == 1:
+        return (t[:, :, 0] @ W.T)[:, :, None]
     if k >= i:
         return torch.matmul(W, t)
     return (W @ t.transpose(0, 1).reshape(i, B * k)).reshape(W.shape[0], B, k).transpose(0, 1)
@@ -86,6 +90,8 @@ def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]``: a broadcast product when ``k >= m``
     (contiguous result, ``Z`` copied once per ``o``), else one product over the stacked ``R``."""
     B, o, k = R.shape
+    if k == 1:
+        return (R[:, :, 0].T @ Z)[:, :, None]
     if k >= Z.shape[1]:
         return torch.matmul(Z.T, R.transpose(0, 1))
     return (Z.T @ R.reshape(B, o * k)).reshape(Z.shape[1], o, k).transpose(0, 1)
@@ -244,26 +250,27 @@ class LinearDerivatives(StageDerivatives):
 
     # ------------------------------------------------------------ layout
     def to_matrix(self, v: torch.Tensor) -> torch.Tensor:
-        """``(p, k)`` in parameter order (weight row-major, then bias) -> ``(h_out, m, k)``."""
-        h_out, k = self.out_size, v.shape[-1]
+        """``(..., p, k)`` in parameter order (weight row-major, then bias) ->
+        ``(..., h_out, m, k)`` (leading dimensions: stages stacked by the batched solve terms)."""
+        h_out, k, lead = self.out_size, v.shape[-1], v.shape[:-2]
         nw = h_out * self.n_weight_cols
         parts = []
         if self.weight_selected:
-            parts.append(v[:nw].reshape(h_out, self.n_weight_cols, k))
+            parts.append(v[..., :nw, :].reshape(*lead, h_out, self.n_weight_cols, k))
         if self.bias_selected:
-            parts.append(v[nw:].reshape(h_out, 1, k))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            parts.append(v[..., nw:, :].reshape(*lead, h_out, 1, k))
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
     def from_matrix(self, M: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_matrix`."""
-        k = M.shape[-1]
+        h_out, k, lead = M.shape[-3], M.shape[-1], M.shape[:-3]
         nw = self.n_weight_cols
         parts = []
         if self.weight_selected:
-            parts.append(M[:, :nw].reshape(M.shape[0] * nw, k))
+            parts.append(M[..., :nw, :].reshape(*lead, h_out * nw, k))
         if self.bias_selected:
-            parts.append(M[:, nw:].reshape(M.shape[0], k))
-        return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            parts.append(M[..., nw:, :].reshape(*lead, h_out, k))
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
     # ------------------------------------------------------------ first order
     def Dx(self, v):
@@ -424,6 +431,82 @@ class LinearDerivatives(StageDerivatives):
         return out.reshape(h_out * r, B * h_in)
 
 
+    # ------------------------------------------------------------ solve terms (sections 8, 13)
+    def _solve_key(self, closed: bool) -> tuple:
+        coupled = closed and self.complement.coupled_dim > 0
+        return (self.out_size, self.m, self.r, self.weight_selected, self.bias_selected,
+                self.batch, self.in_size, self.Q is not None, closed, coupled)
+
+    @staticmethod
+    def _solve_groups(stages, closed) -> list[list[int]]:
+        groups: dict[tuple, list[int]] = {}
+        for i, (d, c) in enumerate(zip(stages, closed, strict=True)):
+            groups.setdefault(d._solve_key(c), []).append(i)
+        return list(groups.values())
+
+    @classmethod
+    def rhs_terms(cls, stages, closed, g):
+        """Batched over the stages of one shape: with ``M`` the stacked matrix forms of the
+        ``g`` blocks and ``Q`` the stacked bases, ``Y^T g = Q^T M``, ``(I - Y Y^T) g = M - Q Q^T M``
+        (kept in matrix form) and ``E^T (I - Y Y^T) g = gamma (M - Q Q^T M)_W`` (the weight
+        columns): a few batched products per shape instead of a dozen small ones per stage."""
+        out: list[RhsTerms] = [None] * len(stages)  # type: ignore[list-item]
+        for idx in cls._solve_groups(stages, closed):
+            d = stages[idx[0]]
+            M = d.to_matrix(torch.stack([g[i] for i in idx]))  # (G, h_out, m, k)
+            G, k = len(idx), M.shape[-1]
+            P = coupling_T = None
+            if d.Q is None:
+                A = M
+            else:
+                Qs = torch.stack([stages[i].Q for i in idx])  # (G, m, r)
+                A = torch.einsum("gmr,gomk->gork", Qs, M)
+                if closed[idx[0]]:
+                    P = M - torch.einsum("gmr,gork->gomk", Qs, A)
+                    if d.complement.coupled_dim:
+                        gammas = torch.stack([stages[i].gamma for i in idx])  # (G, B, h_out)
+                        coupling_T = torch.einsum("gbo,gomk->gbmk", gammas,
+                                                  P[:, :, :d.n_weight_cols])
+            Y_T_g = A.reshape(G, d.basis_size, k)
+            for j, i in enumerate(idx):
+                out[i] = RhsTerms(Y_T_g[j], None if P is None else P[j],
+                                  None if coupling_T is None else coupling_T[j])
+        return out
+
+    @classmethod
+    def controls(cls, stages, closed, alpha, t_prev, terms, damping):
+        """Batched over the stages of one shape, in matrix form: ``V = Q A`` with ``A`` the
+        stacked ``alpha``; for a closed complement, with ``X = E t_prev`` and
+        ``P = (I - Y Y^T) g``, ``V = Q (A + Q^T X / eps) + (P - X) / eps``, which is
+        ``Q A + (P - (I - Q Q^T) X) / eps``."""
+        out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
+        for idx in cls._solve_groups(stages, closed):
+            d = stages[idx[0]]
+            G, k = len(idx), alpha[idx[0]].shape[-1]
+            A = torch.stack([alpha[i] for i in idx]).reshape(G, d.out_size, d.r, k)
+            if d.Q is None:
+                V = A
+            else:
+                Qs = torch.stack([stages[i].Q for i in idx])
+                P = torch.stack([terms[i].projected for i in idx]) if closed[idx[0]] else None
+                if P is not None and d.complement.coupled_dim and d.has_input:
+                    gammas = torch.stack([stages[i].gamma for i in idx])
+                    ts = torch.stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
+                    X = torch.einsum("gbo,gbik->goik", gammas, ts)
+                    pad = d.m - d.n_weight_cols
+                    if pad:
+                        X = torch.cat([X, X.new_zeros(G, d.out_size, pad, k)], dim=2)
+                    A = A + torch.einsum("gmr,gomk->gork", Qs, X) / damping
+                    P = P - X
+                V = torch.einsum("gmr,gork->gomk", Qs, A)
+                if P is not None:
+                    V = V + P / damping
+            v = d.from_matrix(V)
+            for j, i in enumerate(idx):
+                out[i] = v[j]
+        return out
+
+
 class LinearComplement(Complement):
     """The directions of a :class:`LinearDerivatives` stage outside ``Y = I (x) Q`` (section 8).
 
@@ -481,6 +564,12 @@ class LinearComplement(Complement):
         if self.coupled_dim == 0:
             return v.new_zeros(s.batch, s.in_size, v.shape[-1])
         return s._E_T(self._project_matrix(s.to_matrix(v)))
+
+    def coupling_T_of_projected(self, pv):
+        s = self.stage
+        if self.coupled_dim == 0:
+            return pv.new_zeros(s.batch, s.in_size, pv.shape[-1])
+        return s._E_T(s.to_matrix(pv))
 
     def gram(self):
         s = self.stage
