@@ -242,6 +242,7 @@ class RiccatiFactorization(Factorization):
         self._hard = False
         self._factors = riccati_factorize(self._stages, self._S, damping,
                                           check_every=_run_length(curvature, damping),
+                                          speculative=curvature.device.type == "cuda",
                                           progress=progress)
         self._set_method()
 

@@ -71,8 +71,9 @@ class DirectFront:
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
     (``F^T G^-1 F``, ``(a, a)``, until :meth:`next_state` consumes it), ``inertia``
-    ``(n_pos, n_neg)``, ``sign``, ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or
-    ``"ldl"``).
+    ``(n_pos, n_neg)`` (ints for Cholesky; for Bunch-Kaufman, like :class:`EigenFront`, a
+    ``(2,)`` tensor left on the device and read once for all fronts), ``sign``,
+    ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or ``"ldl"``).
     """
 
     def __init__(self, F, cholesky=None, bk=None):
@@ -137,7 +138,7 @@ class EigenFront:
         self.kind = "eigen"
         self._UF_a = self.U_a.T @ F
         self._UF_r = self.U_r.T @ F
-        self.inertia = (int((self.lam_a > 0).sum()), int((self.lam_a < 0).sum()))
+        self.inertia = torch.stack([(self.lam_a > 0).sum(), (self.lam_a < 0).sum()])
         self.sign = torch.prod(torch.sign(self.lam_a))
         self.logabsdet = torch.log(self.lam_a.abs()).sum()
 
@@ -212,31 +213,50 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     return front, _cholesky_passes(L, info, scale) & _growth_bounded(front, F, Q, scale, tau)
 
 
-def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False):
+def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False,
+                 speculative: bool = False):
     """Factor the control block ``G`` (``(n, n)``) of a front with coupling ``F`` (``(n, a)``).
 
     Tries :class:`DirectFront` and keeps it when its element growth is bounded,
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau`` (always at the root, where ``a = 0``);
     otherwise, or with ``force_eigen``, returns an :class:`EigenFront`. Raises
     :class:`SingularMatrixError` when a pivot at the root is zero to working precision.
+
+    Host reads (docs/algorithm.md section 13): the Cholesky front's pivot test and then its
+    growth test, one read each; with ``speculative`` the front is made in full first and
+    both tests are read together (one read; wasted work when the Cholesky fails, so it is
+    for devices where a read costs more than that). A Bunch-Kaufman front adds one read for
+    its pivot layout and one for its pivot and growth tests together. Same fronts either way.
     """
     n = G.shape[0]
     if n == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0))
     scale = G.abs().max()
+    no_state = root or F.shape[1] == 0
+
+    def tests(front, pivot_ok):
+        return [pivot_ok] if no_state else [pivot_ok, _growth_bounded(front, F, Q, scale, tau)]
+
     if not force_eigen:
-        front = None
         L, info = torch.linalg.cholesky_ex(G)
-        if bool(_cholesky_passes(L, info, scale)):  # one host read
+        passes = _cholesky_passes(L, info, scale)
+        if speculative:  # meaningless (NaN) front if the Cholesky failed
             front = DirectFront(F, cholesky=L)
-        else:  # indefinite (or nearly singular: Bunch-Kaufman then fails its test as well)
-            bk = bunch_kaufman(G)
-            if bk is not None and bool(bk.smallest > _singular_tol(scale, G.dtype)):
+            passed = torch.stack(tests(front, passes)).tolist()  # one host read
+        elif bool(passes):  # one host read
+            front = DirectFront(F, cholesky=L)
+            passed = [True] + [bool(t) for t in tests(front, passes)[1:]]  # and one more
+        else:
+            passed = [False]
+        if all(passed):
+            return front
+        if not passed[0]:  # indefinite (or nearly singular: Bunch-Kaufman then fails as well)
+            bk = bunch_kaufman(G)  # one host read
+            if bk is not None:
                 front = DirectFront(F, bk=bk)
-        if front is not None and (root or F.shape[1] == 0):
-            return front
-        if front is not None and bool(_growth_bounded(front, F, Q, scale, tau)):
-            return front
+                pivot_ok = bk.smallest > _singular_tol(scale, G.dtype)
+                if all(torch.stack(tests(front, pivot_ok)).tolist()):  # one host read
+                    return front
     lam, U = torch.linalg.eigh(G)
     tol = _singular_tol(lam.abs().max(), G.dtype)
     if root:

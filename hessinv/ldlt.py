@@ -32,29 +32,26 @@ class BunchKaufman:
     ``sign``, ``logabsdet``, ``smallest`` (smallest ``|pivot|``; ``sqrt|det|`` of a 2x2 block).
     """
 
-    def __init__(self, L, perm, d, e):
+    def __init__(self, L, perm, d, e, one, two):
+        """``one``, ``two``: indices (on the device) of the 1x1 pivots and of the first rows
+        of the 2x2 blocks, from the pivot layout; no boolean masks, so nothing here waits for
+        the device (the inertia stays there, docs/algorithm.md section 13)."""
         self.L, self.perm, self.d, self.e = L, perm, d, e
         self.inverse_perm = torch.empty_like(perm)
         self.inverse_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-        n = d.numel()
-        first = e != 0  # first row of a 2x2 block
-        second = torch.cat([first.new_zeros(1), first[:-1]])
-        one = d[~(first | second)]
-        det2 = d[first] * d[second] - e[first] ** 2
-        n2, n_pos, n_neg = torch.stack([first.sum(), (one > 0).sum(), (one < 0).sum()]).tolist()
-        self.inertia = (n_pos + n2, n_neg + n2)
-        self.sign = torch.prod(torch.sign(one)) * (-1.0) ** n2
-        self.logabsdet = torch.log(one.abs()).sum() + torch.log(det2.abs()).sum()
-        pivots = torch.cat([one.abs(), det2.abs().sqrt()])
+        n, n2 = d.numel(), two.numel()
+        d1, a, c, b = d[one], d[two], d[two + 1], e[two]
+        det2 = a * c - b * b
+        self.inertia = torch.stack([(d1 > 0).sum(), (d1 < 0).sum()]) + n2
+        self.sign = torch.prod(torch.sign(d1)) * (-1.0) ** n2
+        self.logabsdet = torch.log(d1.abs()).sum() + torch.log(det2.abs()).sum()
+        pivots = torch.cat([d1.abs(), det2.abs().sqrt()])
         self.smallest = pivots.min() if n else d.new_ones(())
         # D^-1 as a symmetric tridiagonal (1x1 blocks and closed-form 2x2 inverses)
-        inv_d = torch.where(first | second, torch.zeros_like(d), 1.0 / torch.where(
-            first | second, torch.ones_like(d), d))
-        inv_e = torch.zeros_like(e)
+        inv_d, inv_e = torch.zeros_like(d), torch.zeros_like(e)
+        inv_d[one] = 1.0 / d1
         if n2:
-            a, c, b = d[first], d[second], e[first]
-            det = a * c - b * b
-            inv_d[first], inv_d[second], inv_e[first] = c / det, a / det, -b / det
+            inv_d[two], inv_d[two + 1], inv_e[two] = c / det2, a / det2, -b / det2
         self._inv_d, self._inv_e = inv_d, inv_e
 
     def half_solve(self, B: torch.Tensor) -> torch.Tensor:
@@ -80,12 +77,16 @@ class BunchKaufman:
 
 
 def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
-    """Factor symmetric ``G``; ``None`` when LAPACK meets an exactly zero pivot."""
+    """Factor symmetric ``G``; ``None`` when LAPACK meets an exactly zero pivot.
+
+    Reads the device once: the pivot layout and the success flag in one transfer."""
     LD, pivots, info = torch.linalg.ldl_factor_ex(G)
-    if not bool((info == 0) & torch.isfinite(LD).all()):
+    ok = (info == 0) & torch.isfinite(LD).all()
+    *piv, flag = torch.cat([pivots, ok.to(pivots.dtype).reshape(1)]).tolist()
+    if not flag:
         return None
     n = G.shape[0]
-    piv = pivots.tolist()  # 1-based, LAPACK convention
+    # piv: 1-based, LAPACK convention
     steps = []  # (first column of the step, block size, row interchanged with ...)
     i = 0
     while i < n:
@@ -96,8 +97,13 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
             steps.append((i, 2, i + 1, -piv[i] - 1))
             i += 2
     raw = torch.tril(LD)
+
+    def on_device(values):  # host-made indices: copied without waiting for the queue
+        return torch.tensor(values, dtype=torch.long).to(G.device, non_blocking=True)
+
+    one = on_device([s[0] for s in steps if s[1] == 1])
+    two = on_device([s[0] for s in steps if s[1] == 2])
     e = torch.zeros(n, dtype=G.dtype, device=G.device)
-    two = torch.tensor([s[0] for s in steps if s[1] == 2], dtype=torch.long, device=G.device)
     if two.numel():
         e[two] = raw[two + 1, two]
         raw[two + 1, two] = 0.0
@@ -112,6 +118,6 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
             pa, pb = where[a], where[b]
             q[pa], q[pb] = b, a
             where[a], where[b] = pb, pa
-    L = torch.gather(raw, 0, index.to(G.device))
+    L = torch.gather(raw, 0, index.to(G.device, non_blocking=True))
     L = torch.tril(L, -1) + torch.eye(n, dtype=G.dtype, device=G.device)
-    return BunchKaufman(L, q.to(G.device), d, e)
+    return BunchKaufman(L, q.to(G.device, non_blocking=True), d, e, one, two)

@@ -168,6 +168,7 @@ def riccati_factorize(
     tau: float = DEFAULT_TAU,
     force_eigen: bool = False,
     check_every: int = 1,
+    speculative: bool = False,
     progress: bool = True,
 ) -> RiccatiFactors:
     """Backward sweep over the stages (last first); see the module docstring.
@@ -185,6 +186,9 @@ def riccati_factorize(
             the sweep stays stage by stage until ``k`` fronts in a row were Cholesky).
             Same factors either way. Worth it on a GPU (a read waits for the queue) when
             most fronts are positive definite; a redone run costs its factorization twice.
+        speculative: stage by stage, make each Cholesky front in full before reading its
+            two tests at once (one read instead of two; work wasted on indefinite fronts).
+            Same factors either way; see :func:`~hessinv.fronts.factor_front`.
 
     Raises:
         SingularMatrixError: ``H + eps I`` is singular to working precision, or has an
@@ -225,7 +229,7 @@ def riccati_factorize(
             optimistic, cholesky_run = False, 0
         G, F, Q = _front(stages[l], V, n_delay, damping, modes[l][0])
         front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
-                             force_eigen=force_eigen)
+                             force_eigen=force_eigen, speculative=speculative)
         record(l, front, n_delay)
         if runs:
             cholesky_run = cholesky_run + 1 if front.kind == "cholesky" else 0
@@ -241,14 +245,18 @@ def riccati_factorize(
 
 def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> RiccatiFactors:
     """Inertia, sign and ``log|det|`` of ``H + eps I``: the fronts' (Haynsworth) and the
-    closed-form complement directions' (pivot ``eps`` each); sign and logdet stay on the
-    device."""
+    closed-form complement directions' (pivot ``eps`` each). Sign and logdet stay on the
+    device; the inertias the fronts keep there are summed there and read once."""
     n_pos = n_neg = n_delayed = 0
     sign = S.new_ones(())
     logabsdet = S.new_zeros(())
+    on_device = []
     for f in factors:
-        n_pos += f.front.inertia[0]
-        n_neg += f.front.inertia[1]
+        if isinstance(f.front.inertia, torch.Tensor):
+            on_device.append(f.front.inertia)
+        else:
+            n_pos += f.front.inertia[0]
+            n_neg += f.front.inertia[1]
         sign = sign * f.front.sign
         logabsdet = logabsdet + f.front.logabsdet
         n_delayed += f.front.n_rejected
@@ -257,6 +265,9 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
             n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
             sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
             logabsdet = logabsdet + count * math.log(abs(damping))
+    if on_device:
+        pos, neg = torch.stack(on_device).sum(0).tolist()
+        n_pos, n_neg = n_pos + pos, n_neg + neg
     return RiccatiFactors(factors, damping, (n_pos, n_neg, 0), sign, logabsdet, n_delayed)
 
 

@@ -66,8 +66,33 @@ def test_construction_and_solve_read_the_host_a_fixed_number_of_times(batch):
     shallow, deep = _counts(4, batch), _counts(24, batch)
     assert deep[0] == shallow[0]  # the derivative sweep: batched over stages
     assert deep[2] == shallow[2]  # a solve with a kept factorization
-    # the factorization (with Cholesky fronts): two reads per stage, its pivot and growth tests
+    # the factorization (Cholesky fronts): its pivot test and its growth test per stage
     assert deep[1] - shallow[1] == 2 * (24 - 4)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_front_host_reads(speculative):
+    """A Cholesky front reads its pivot test, then its growth test (``speculative``: both at
+    once); a Bunch-Kaufman front the failed Cholesky's test, its pivot layout and its own two
+    tests at once; the inertias stay on the device and are read once at the end. The root
+    front has no growth test. Same factors either way."""
+    from collections import Counter
+
+    model, X, y = _mlp(12)
+    H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y, progress=False)
+    stages, S = H.stage_derivatives(), H.loss_hessian_blocks()
+    with HostSyncCounter() as syncs:
+        rf = riccati.riccati_factorize(stages, S, 1e-3, speculative=speculative, progress=False)
+    kinds = Counter(f.front.kind for f in rf.factors)
+    assert kinds["ldl"] >= 2 and kinds["eigen"] == 0 and rf.inertia[1] > 0  # the premise
+    root_cholesky = rf.factors[0].front.kind == "cholesky"
+    per_cholesky = 1 if speculative else 2
+    assert syncs.count == (per_cholesky * kinds["cholesky"] - (per_cholesky - 1) * root_cholesky
+                           + 3 * kinds["ldl"] + 1)
+    reference = riccati.riccati_factorize(stages, S, 1e-3, speculative=not speculative,
+                                          progress=False)
+    assert (rf.inertia, rf.n_delayed) == (reference.inertia, reference.n_delayed)
+    assert torch.equal(rf.logabsdet, reference.logabsdet)
 
 
 def test_factorization_checked_in_runs_reads_once_per_run():
