@@ -9,8 +9,9 @@ limit), with the device synchronised around every timing:
   solve, ``solve``, one extra right-hand side with the kept factorization, peak memory
   (``torch.cuda.max_memory_allocated``; peak RSS growth on CPU) and one Hessian-vector
   product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``, and the
-  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``), and the
-  Gauss-Newton factorization stage by stage against runs of stages per host read. Fitted
+  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``), the
+  Gauss-Newton factorization stage by stage against runs of stages per host read, and the
+  Hessian's with each front's tests read apart against speculative fronts. Fitted
   exponents in depth (log-log least squares) per dtype.
 * wide case -- width 1024, depth 16, batch 8: the same times, peak memory and the
   residual ``||(H + eps I) x - g|| / ||g||``.
@@ -139,18 +140,27 @@ def hvp_times(prob, H, products, device) -> dict:
     return out
 
 
-def ggn_runs(prob, device) -> dict:
-    """The Gauss-Newton factorization stage by stage against runs of ``RUN_LENGTH`` stages
-    per host read (docs/algorithm.md section 13), one timing each, with their host reads."""
+def read_modes(prob, H, device) -> dict:
+    """Ways of reading the pivot tests (docs/algorithm.md section 13), one timing each, with
+    their host reads: the Gauss-Newton factorization stage by stage against runs of
+    ``RUN_LENGTH`` stages per read; the Hessian's with each front's two tests read apart
+    against speculative fronts (both tests in one read)."""
     G = hessinv.ChainGGN(*prob, progress=False)
-    stages, S = G.stage_derivatives(), G.loss_hessian_blocks()
+    modes = (("ggn_stagewise", G, {"check_every": 1}),
+             ("ggn_runs", G, {"check_every": RUN_LENGTH}),
+             ("h_apart", H, {"speculative": False}),
+             ("h_speculative", H, {"speculative": True}))
     out = {}
-    for key, k in (("ggn_stagewise", 1), ("ggn_runs", RUN_LENGTH)):
-        riccati_factorize(stages, S, EPS, check_every=k, progress=False)  # warm
-        out[key], _ = timed(lambda k=k: riccati_factorize(stages, S, EPS, check_every=k,
-                                                          progress=False), device)
+    for key, curvature, kwargs in modes:
+        stages, S = curvature.stage_derivatives(), curvature.loss_hessian_blocks()
+
+        def run(stages=stages, S=S, kwargs=kwargs):
+            return riccati_factorize(stages, S, EPS, progress=False, **kwargs)
+
+        run()  # warm
+        out[key], _ = timed(run, device)
         with HostSyncCounter() as reads:
-            riccati_factorize(stages, S, EPS, check_every=k, progress=False)
+            run()
         out[key + "_reads"] = reads.count
     return out
 
@@ -196,7 +206,7 @@ def measure(spec: dict) -> dict:
     out |= hvp_times(prob, H, spec["products"], device)
     if "error" not in out:
         out |= host_reads(prob, H)
-        out |= ggn_runs(prob, device)
+        out |= read_modes(prob, H, device)
     out["busy"] = time.perf_counter() - start  # without start-up: for the budget's predictions
     return out
 
@@ -289,8 +299,10 @@ def sweep_table(results: dict, args) -> str:
         "| HVP torch.func (s) | torch.func / ours | backward error | residual | method "
         "| host reads: derivatives / factorization / solve "
         f"| GGN factorization stage by stage (s, reads) | GGN factorization in runs of {RUN_LENGTH} "
-        "(s, reads) | repeats |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|",
+        "(s, reads) | H factorization, tests read apart (s, reads) "
+        "| H factorization, speculative fronts (s, reads) | repeats |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"
+        "---|---|---:|",
     ]
     for dtype, rows in results.items():
         for depth, r in rows.items():
@@ -305,7 +317,7 @@ def sweep_table(results: dict, args) -> str:
                 f"| {fmt_s(r['hvp_torch_func'])} | {r['hvp_torch_func'] / r['hvp_ours']:.2f}x "
                 f"| {fmt_e(r['backward_error'])} | {fmt_e(r['residual'])} | {r['method']} "
                 f"| {reads(r)} | {ggn(r, 'ggn_stagewise')} | {ggn(r, 'ggn_runs')} "
-                f"| {r['repeats']} |"
+                f"| {ggn(r, 'h_apart')} | {ggn(r, 'h_speculative')} | {r['repeats']} |"
             )
     return "\n".join(lines)
 

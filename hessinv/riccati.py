@@ -180,7 +180,7 @@ def riccati_factorize(
         tau: threshold of the pivot test (multipliers up to ``1/tau`` accepted).
         force_eigen: use the eigen-decomposed, threshold-pivoted front at every stage.
         check_every: how many stages share one host read of the pivot tests (section 13).
-            ``1``: every front is tested as it is made (two reads per Cholesky front).
+            ``1``: every front is tested as it is made (one or two reads per Cholesky front).
             ``k > 1``: runs of ``k`` stages are factored with Cholesky, tested on the
             device and read once; a run with a failed test is redone stage by stage (and
             the sweep stays stage by stage until ``k`` fronts in a row were Cholesky).
