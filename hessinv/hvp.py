@@ -8,9 +8,11 @@ blocks ``S`` at the model output::
     result          : (Hv)_l = Dxx_l v_l + Dzx_l t_{l-1} + Dx_l^T u_l
 
 Tangents and adjoints are kept per sample, ``(B, h_l, k)``. Each stage's class does its
-part in two calls (``tangent`` forward, ``adjoint`` backward) that share subexpressions:
-a ``Linear`` stage costs four ``O(B h_out m k)`` products (Pearlmutter's cost), so the
-whole product is linear in depth and batch. For the Gauss-Newton matrix the
+part in four steps that share subexpressions: ``hvp_prepare`` (all stages, before),
+``tangent`` (forward), ``adjoint`` (backward), ``hvp_finish`` (all stages, after); the
+first and last are batched over the stages of one shape (section 13). A ``Linear``
+stage costs four ``O(B h_out m k)`` products (Pearlmutter's cost), so the whole product
+is linear in depth and batch. For the Gauss-Newton matrix the
 second-order terms are zero and this is ``J^T S J v``.
 """
 
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .derivatives import StageDerivatives
+from .derivatives import StageDerivatives, per_class
 
 __all__ = ["hessian_vector_product"]
 
@@ -28,15 +30,20 @@ __all__ = ["hessian_vector_product"]
 def hessian_vector_product(
     stages: Sequence[StageDerivatives], S: torch.Tensor, v: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``H v`` for per-stage blocks ``v[l]`` ``(p_l, k)`` and loss blocks ``S`` ``(B, K, K)``."""
+    """``H v`` for per-stage blocks ``v[l]`` ``(p_l, k)`` and loss blocks ``S`` ``(B, K, K)``.
+
+    The parts that do not depend on the two recursions are made before and after them, in
+    batched calls per derivative class and stage shape (``hvp_prepare``, ``hvp_finish``).
+    """
+    prepared = per_class("hvp_prepare", stages, list(v))
     tangents: list[torch.Tensor | None] = [None]  # tangents[l] = t_{l-1}
     caches = []
-    for d, vl in zip(stages, v, strict=True):
+    for d, vl in zip(stages, prepared, strict=True):
         t, cache = d.tangent(vl, tangents[-1])
         tangents.append(t)
         caches.append(cache)
     u = torch.bmm(S, tangents[-1])
-    out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
+    partial: list = [None] * len(stages)
     for l in range(len(stages) - 1, -1, -1):
-        out[l], u = stages[l].adjoint(v[l], tangents[l], u, caches[l])
-    return out
+        partial[l], u = stages[l].adjoint(prepared[l], tangents[l], u, caches[l])
+    return per_class("hvp_finish", stages, prepared, tangents[:-1], partial)

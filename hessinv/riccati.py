@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .derivatives import StageDerivatives, block_diagonal
+from .derivatives import StageDerivatives, block_diagonal, per_class
 from .errors import SingularMatrixError
 from .fronts import DEFAULT_TAU, cholesky_front, factor_front, symmetric_part
 from .progress import progress_bar
@@ -271,21 +271,6 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
     return RiccatiFactors(factors, damping, (n_pos, n_neg, 0), sign, logabsdet, n_delayed)
 
 
-def _by_class(method: str, stages: Sequence[StageDerivatives], *columns) -> list:
-    """``type(d).<method>`` over the stages of each derivative class (which may batch them),
-    the per-stage arguments ``columns`` split alike, the results in stage order."""
-    groups: dict[type, list[int]] = {}
-    for i, d in enumerate(stages):
-        groups.setdefault(type(d), []).append(i)
-    out: list = [None] * len(stages)
-    for cls, idx in groups.items():
-        picked = [[col[i] for i in idx] if isinstance(col, list) else col for col in columns]
-        for i, r in zip(idx, getattr(cls, method)([stages[i] for i in idx], *picked),
-                        strict=True):
-            out[i] = r
-    return out
-
-
 def riccati_solve(
     stages: Sequence[StageDerivatives], rf: RiccatiFactors, g: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -305,7 +290,7 @@ def riccati_solve(
     eps = rf.damping
     k = g[0].shape[1]
     closed = [f.mode == "closed" for f in rf.factors]
-    terms = _by_class("rhs_terms", stages, closed, list(g))
+    terms = per_class("rhs_terms", stages, closed, list(g))
     h: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     s = None
     for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
@@ -345,7 +330,7 @@ def riccati_solve(
         if t is not None:
             t_new = t_new + d.Dz(t)
         t = t_new
-    out = _by_class("controls", stages, closed, alpha, t_prev, terms, eps)
+    out = per_class("controls", stages, closed, alpha, t_prev, terms, eps)
     for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
         comp, gl = stages[l].complement, g[l]
         out[l] = out[l] + comp.coupled(w)

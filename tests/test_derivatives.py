@@ -229,7 +229,8 @@ def test_analytic_oracle_refuses_other_stages():
 
 @pytest.mark.parametrize("weight_selected,bias_selected", [(True, True), (True, False), (False, True)])
 def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_selected):
-    """LinearDerivatives.tangent/adjoint share subexpressions; the base class does not."""
+    """LinearDerivatives' four product steps (prepare, tangent, adjoint, finish) share
+    subexpressions; the base class uses the eight separate products."""
     from hessinv.derivatives.base import StageDerivatives
 
     gen = torch.Generator().manual_seed(9)
@@ -243,10 +244,29 @@ def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_
         v = torch.randn(d.num_params, k, generator=gen, dtype=torch.float64)
         t_prev = torch.randn(B, h_in, k, generator=gen, dtype=torch.float64) if has_input else None
         u = torch.randn(B, h_out, k, generator=gen, dtype=torch.float64)
-        t, cache = d.tangent(v, t_prev)
+        (prepared,) = LinearDerivatives.hvp_prepare([d], [v])
+        t, cache = d.tangent(prepared, t_prev)
         t_ref, cache_ref = StageDerivatives.tangent(d, v, t_prev)
         assert _close(t, t_ref)
-        hv, up = d.adjoint(v, t_prev, u, cache)
+        partial, up = d.adjoint(prepared, t_prev, u, cache)
+        (hv,) = LinearDerivatives.hvp_finish([d], [prepared], [t_prev], [partial])
         hv_ref, up_ref = StageDerivatives.adjoint(d, v, t_prev, u, cache_ref)
         assert _close(hv, hv_ref)
         assert (up is None and up_ref is None) or _close(up, up_ref)
+
+
+def test_stack_is_a_view_exactly_when_the_blocks_are_consecutive():
+    from hessinv.derivatives.linear import _stack
+
+    flat = torch.arange(24.0)
+    blocks = list(flat.split([6, 6, 6, 6]))
+    stacked = _stack([b.reshape(2, 3) for b in blocks[1:]])
+    assert stacked.shape == (3, 2, 3) and stacked.data_ptr() == blocks[1].data_ptr()
+    assert torch.equal(stacked, flat[6:].reshape(3, 2, 3))
+    for parts in ([blocks[0], blocks[2]], [blocks[1], blocks[0]], [blocks[0], blocks[0]],
+                  [blocks[0], torch.arange(6.0, 12.0)]):
+        out = _stack(parts)  # not one after the other in one storage: a copy
+        assert out.data_ptr() not in {p.data_ptr() for p in parts}
+        assert torch.equal(out, torch.stack(parts))
+    single = _stack([blocks[3]])
+    assert single.shape == (1, 6) and single.data_ptr() == blocks[3].data_ptr()

@@ -224,3 +224,16 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
                                                   t_prev, single, eps)
     for a, b in zip(v_batched, v_single, strict=True):
         assert a.shape == b.shape and close(a, b)
+
+
+@pytest.mark.parametrize("limit", [0, None])
+def test_stages_batched_or_alone_in_the_products_and_solves(monkeypatch, limit):
+    """Stages above ``BATCH_PARAMS`` parameters go through the batched steps of the products
+    and solves one by one (docs/algorithm.md section 13); ``limit = 0`` sends every stage
+    that way. Both against dense."""
+    from hessinv.derivatives import linear
+
+    if limit is not None:
+        monkeypatch.setattr(linear, "BATCH_PARAMS", limit)
+    X, y, loss_fn = _data(batch=3, seed=3)
+    _check_all(_model(width=8, depth=5, seed=2), loss_fn, X, y, eps_values=(1e-3, -0.3))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..chain import Stage
-from .base import Complement, DenseStage, StageDerivatives, block_diagonal
+from .base import Complement, DenseStage, RhsTerms, StageDerivatives, block_diagonal, per_class
 from .generic import GenericDerivatives
 from .linear import (
     LinearComplement,
@@ -46,6 +46,8 @@ __all__ = [
     "linear_complements",
     "ELEMENTWISE_ACTIVATIONS",
     "block_diagonal",
+    "per_class",
+    "RhsTerms",
     "elementwise_derivatives",
 ]
 

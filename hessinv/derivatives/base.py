@@ -36,7 +36,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "block_diagonal"]
+__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "block_diagonal",
+           "per_class"]
 
 
 class RhsTerms(NamedTuple):
@@ -74,6 +75,22 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(B, device=blocks.device)
     out[idx, :, idx, :] = blocks
     return out.reshape(B * h, B * w)
+
+
+def per_class(method: str, stages: Sequence[StageDerivatives], *columns) -> list:
+    """``type(d).<method>(stages of that class, *columns)`` for each derivative class among
+    the stages (a class may batch its stages), with the per-stage arguments (the list
+    ``columns``; others are passed as they are) split alike; the results in stage order."""
+    groups: dict[type, list[int]] = {}
+    for i, d in enumerate(stages):
+        groups.setdefault(type(d), []).append(i)
+    out: list = [None] * len(stages)
+    for cls, idx in groups.items():
+        picked = [[col[i] for i in idx] if isinstance(col, list) else col for col in columns]
+        for i, r in zip(idx, getattr(cls, method)([stages[i] for i in idx], *picked),
+                        strict=True):
+            out[i] = r
+    return out
 
 
 class Complement(ABC):
@@ -176,9 +193,20 @@ class StageDerivatives(ABC):
     def Dzz(self, t: torch.Tensor) -> torch.Tensor:
         """``Dzz t``: ``(B, h_in, k) -> (B, h_in, k)``."""
 
-    # ------------------------------------------------------------ one stage of H v (section 3)
-    def tangent(self, v: torch.Tensor, t_prev: torch.Tensor | None):
-        """``(t, cache)`` with ``t = Dx v + Dz t_prev`` (``t_prev`` is ``None`` for a first stage).
+    # ------------------------------------------------------------ H v (section 3)
+    # A product runs in four steps: hvp_prepare (all stages, before the sweeps), tangent
+    # (forward, stage by stage), adjoint (backward, stage by stage), hvp_finish (all stages,
+    # after). Only the two middle ones are sequential; a class may batch the others over
+    # its stages of one shape (section 13). The defaults do everything in the middle.
+    @classmethod
+    def hvp_prepare(cls, stages: Sequence[StageDerivatives], v: Sequence[torch.Tensor]) -> list:
+        """What each stage's :meth:`tangent` and :meth:`adjoint` take from its block
+        ``v[i]`` ``(p_i, k)`` (here the block itself)."""
+        return list(v)
+
+    def tangent(self, v, t_prev: torch.Tensor | None):
+        """``(t, cache)`` with ``t = Dx v + Dz t_prev`` (``t_prev`` is ``None`` for a first
+        stage); ``v`` as :meth:`hvp_prepare` made it.
 
         ``cache`` is whatever :meth:`adjoint` can reuse; classes with shared subexpressions
         override both (the defaults use the eight products separately).
@@ -187,11 +215,18 @@ class StageDerivatives(ABC):
         return (t if t_prev is None else t + self.Dz(t_prev)), None
 
     def adjoint(self, v, t_prev, u, cache):
-        """``(Hv_l, u_prev)``: ``Dxx v + Dzx t_prev + Dx^T u`` and ``Dz^T u + Dzx^T v + Dzz t_prev``."""
+        """``(partial, u_prev)``: ``u_prev = Dz^T u + Dzx^T v + Dzz t_prev`` and what
+        :meth:`hvp_finish` turns into ``Hv_l = Dxx v + Dzx t_prev + Dx^T u`` (here ``Hv_l``)."""
         hv = self.Dxx(v) + self.Dx_T(u)
         if t_prev is None:
             return hv, None
         return hv + self.Dzx(t_prev), self.Dz_T(u) + self.Dzx_T(v) + self.Dzz(t_prev)
+
+    @classmethod
+    def hvp_finish(cls, stages: Sequence[StageDerivatives], v: Sequence, t_prev: Sequence,
+                   partial: Sequence) -> list[torch.Tensor]:
+        """The blocks ``Hv_i`` ``(p_i, k)`` from what :meth:`adjoint` returned (here: them)."""
+        return list(partial)
 
     # ------------------------------------------------------------ dense forms
     def _eye_columns(self, n: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -97,6 +97,53 @@ def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return (Z.T @ R.reshape(B, o * k)).reshape(Z.shape[1], o, k).transpose(0, 1)
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``(G, ...)``: the tensors of one group of stages stacked; a view, not a copy, when they
+    lie one after the other in one storage (blocks of consecutive stages split from one flat
+    vector, parts of an earlier stack): on wide layers a copy costs as much as the products."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first[None]
+    step = first.numel()
+    if first.is_contiguous() and all(
+            t.is_contiguous() and t.shape == first.shape
+            and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and t.storage_offset() == first.storage_offset() + j * step
+            for j, t in enumerate(tensors)):
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
+    return torch.stack(tensors)
+
+
+#: stages with more parameters than this are not batched with others in the sweeps' batched
+#: steps: their products already keep a device busy, and on a CPU a stack of them falls out
+#: of the cache (width 256: 3x slower products than one stage at a time)
+BATCH_PARAMS = 1 << 14
+
+
+def _shape_groups(stages, keys) -> list[list[int]]:
+    """Indices of the stages grouped by ``keys`` (their shapes), a stage above
+    :data:`BATCH_PARAMS` parameters in a group of its own."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (d, key) in enumerate(zip(stages, keys, strict=True)):
+        groups.setdefault(key if d.num_params <= BATCH_PARAMS else ("alone", i), []).append(i)
+    return list(groups.values())
+
+
+def _bmm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``A @ X`` for stacks ``(G, I, C)``, ``(G, C, J)`` (either may be a transposed view);
+    a plain product for a stack of one (faster than a batched one on transposed views)."""
+    return (A[0] @ X[0])[None] if A.shape[0] == 1 else torch.bmm(A, X)
+
+
+def _bmm_k(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``out[g, i, j, k] = sum_c A[g, i, c] X[g, c, j, k]`` for a stack of matrices ``A``
+    ``(G, I, C)`` and of ``k`` matrices ``X`` ``(G, C, J, k)`` (either may be a transposed
+    view): one batched product for one vector, no copies; an ``einsum`` for several."""
+    if X.shape[-1] == 1:
+        return _bmm(A, X[..., 0])[..., None]
+    return torch.einsum("gic,gcjk->gijk", A, X)
+
+
 class LinearInput(NamedTuple):
     """One ``Linear`` stage as the forward pass sees it: ``act(z W^T + bias)``, with the
     selected parameters named by the two flags (``bias`` is ``None`` when the module has none)."""
@@ -320,40 +367,87 @@ class LinearDerivatives(StageDerivatives):
     def Dzz(self, t):
         return _left(self.W.T, self.beta[:, :, None] * _left(self.W, t))
 
-    # ------------------------------------------------------------ one stage of H v (section 3)
+    # ------------------------------------------------------------ H v (sections 3, 13)
+    # With V_W, v_b the weight and bias parts of v: the pre-activation's tangent is
+    # P = P0 + W t_prev with P0 = Z V_W^T + 1 v_b^T, the stage's tangent t = s' * P;
+    # backward R = beta * P + s' * u, u_prev = W^T R + E^T V_W and
+    # Hv = (Z^T R + E t_prev, sum_i R_i). P0, E^T V_W and Hv do not depend on the
+    # recursions: batched over the stages of one shape.
+    def _hvp_key(self) -> tuple:
+        return (self.out_size, self.m, self.weight_selected, self.bias_selected, self.batch,
+                self.in_size)
+
+    @staticmethod
+    def _hvp_groups(stages) -> list[list[int]]:
+        return _shape_groups(stages, [d._hvp_key() for d in stages])
+
+    @classmethod
+    def hvp_prepare(cls, stages, v):
+        """``(P0, E^T V_W)`` per stage (``None`` for the second without a stage input or
+        weight columns): ``P0 = Z V_W^T + 1 v_b^T`` ``(B, h_out, k)`` and ``gamma V_W``
+        ``(B, h_in, k)``, one batched product each per shape; the weight and bias parts of
+        ``v`` are used as views."""
+        out: list = [None] * len(stages)
+        for idx in cls._hvp_groups(stages):
+            d = stages[idx[0]]
+            V = _stack([v[i] for i in idx])  # (G, p, k)
+            G, k, h, nw = V.shape[0], V.shape[-1], d.out_size, d.n_weight_cols
+            P0 = EV = None
+            if d.weight_selected:
+                VW = V[:, :h * nw].reshape(G, h, nw, k)
+                Z = _stack([stages[i].Zt for i in idx])[:, :, :nw]
+                P0 = _bmm_k(Z, VW.transpose(1, 2))  # (G, B, h_out, k)
+                if d.has_input:
+                    gammas = _stack([stages[i].gamma for i in idx])
+                    EV = _bmm_k(gammas, VW)  # (G, B, h_in, k)
+            if d.bias_selected:
+                vb = V[:, h * nw:][:, None]  # (G, 1, h_out, k)
+                P0 = vb.expand(G, d.batch, h, k) if P0 is None else P0 + vb
+            for j, i in enumerate(idx):
+                out[i] = (P0[j], None if EV is None else EV[j])
+        return out
+
     def tangent(self, v, t_prev):
-        """``t = s' * P`` with ``P = Z V_W^T + 1 v_b^T + W t_prev`` the tangent of the
-        pre-activation (weight part ``V_W`` and bias part ``v_b`` of ``v``, used as views)."""
-        h, nw, k = self.out_size, self.n_weight_cols, v.shape[-1]
-        VW = v[: h * nw].reshape(h, nw, k) if self.weight_selected else None
-        P = _apply_rows(self.Zt[:, :nw], VW) if self.weight_selected else 0.0
-        if self.bias_selected:
-            P = P + v[h * nw :].reshape(1, h, k)
-        if t_prev is not None:
-            P = P + _left(self.W, t_prev)
-        return self.s1[:, :, None] * P, (VW, P)
+        P0, _ = v
+        P = P0 if t_prev is None else P0 + _left(self.W, t_prev)
+        return self.s1[:, :, None] * P, P
 
     def adjoint(self, v, t_prev, u, cache):
-        """With ``R = beta * P + s' * u``: ``Hv = (Z^T R (+ E t_prev), sum_i R_i)`` and
-        ``u_prev = W^T R (+ E^T V_W)``; two products instead of the eight of the defaults."""
-        VW, P = cache
-        R = self.beta[:, :, None] * P + self.s1[:, :, None] * u
-        h, nw, k = self.out_size, self.n_weight_cols, u.shape[-1]
-        parts = []
-        if self.weight_selected:
-            hw = _gather_rows(self.Zt[:, :nw], R)
-            if t_prev is not None:  # E t_prev: the gamma term of Dzx on the weight columns
-                hw = hw + (self.gamma.T @ t_prev.reshape(self.batch, nw * k)).reshape(h, nw, k)
-            parts.append(hw.reshape(h * nw, k))
-        if self.bias_selected:
-            parts.append(R.sum(0))
-        hv = torch.cat(parts) if len(parts) > 1 else parts[0]
+        """``R = beta * P + s' * u`` (the partial) and ``u_prev = W^T R + E^T V_W``."""
+        R = self.beta[:, :, None] * cache + self.s1[:, :, None] * u
         if t_prev is None:
-            return hv, None
+            return R, None
         u_prev = _left(self.W.T, R)
-        if self.weight_selected:  # E^T V_W
-            u_prev = u_prev + (self.gamma @ VW.reshape(h, nw * k)).reshape(self.batch, nw, k)
-        return hv, u_prev
+        if v[1] is not None:
+            u_prev = u_prev + v[1]
+        return R, u_prev
+
+    @classmethod
+    def hvp_finish(cls, stages, v, t_prev, partial):
+        """``Hv = (Z^T R + E t_prev, sum_i R_i)`` (weight and bias parts): batched per shape."""
+        out: list[torch.Tensor] = [None] * len(stages)
+        for idx in cls._hvp_groups(stages):
+            d = stages[idx[0]]
+            R = _stack([partial[i] for i in idx])  # (G, B, h_out, k)
+            G, k, h, nw = R.shape[0], R.shape[-1], d.out_size, d.n_weight_cols
+            parts = []
+            if d.weight_selected:
+                Z = _stack([stages[i].Zt for i in idx])[:, :, :nw]
+                if k == 1:  # (G, h_out, nw, k): sum over the samples of R_i Z_i^T
+                    HW = _bmm(R[..., 0].transpose(1, 2), Z)[..., None]
+                else:
+                    HW = torch.einsum("gbok,gbm->gomk", R, Z)
+                if d.has_input:  # E t_prev: the gamma term of Dzx on the weight columns
+                    gammas = _stack([stages[i].gamma for i in idx])
+                    T = _stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
+                    HW = HW + _bmm_k(gammas.transpose(1, 2), T)
+                parts.append(HW.reshape(G, h * nw, k))
+            if d.bias_selected:
+                parts.append(R.sum(1))
+            hv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            for j, i in enumerate(idx):
+                out[i] = hv[j]
+        return out
 
     # ------------------------------------------------------------ curvature (section 6)
     def propagate_curvature(self, R):
@@ -439,10 +533,8 @@ class LinearDerivatives(StageDerivatives):
 
     @staticmethod
     def _solve_groups(stages, closed) -> list[list[int]]:
-        groups: dict[tuple, list[int]] = {}
-        for i, (d, c) in enumerate(zip(stages, closed, strict=True)):
-            groups.setdefault(d._solve_key(c), []).append(i)
-        return list(groups.values())
+        return _shape_groups(stages, [d._solve_key(c) for d, c in zip(stages, closed,
+                                                                        strict=True)])
 
     @classmethod
     def rhs_terms(cls, stages, closed, g):
@@ -453,18 +545,18 @@ class LinearDerivatives(StageDerivatives):
         out: list[RhsTerms] = [None] * len(stages)  # type: ignore[list-item]
         for idx in cls._solve_groups(stages, closed):
             d = stages[idx[0]]
-            M = d.to_matrix(torch.stack([g[i] for i in idx]))  # (G, h_out, m, k)
+            M = d.to_matrix(_stack([g[i] for i in idx]))  # (G, h_out, m, k)
             G, k = len(idx), M.shape[-1]
             P = coupling_T = None
             if d.Q is None:
                 A = M
             else:
-                Qs = torch.stack([stages[i].Q for i in idx])  # (G, m, r)
+                Qs = _stack([stages[i].Q for i in idx])  # (G, m, r)
                 A = torch.einsum("gmr,gomk->gork", Qs, M)
                 if closed[idx[0]]:
                     P = M - torch.einsum("gmr,gork->gomk", Qs, A)
                     if d.complement.coupled_dim:
-                        gammas = torch.stack([stages[i].gamma for i in idx])  # (G, B, h_out)
+                        gammas = _stack([stages[i].gamma for i in idx])  # (G, B, h_out)
                         coupling_T = torch.einsum("gbo,gomk->gbmk", gammas,
                                                   P[:, :, :d.n_weight_cols])
             Y_T_g = A.reshape(G, d.basis_size, k)
@@ -483,15 +575,15 @@ class LinearDerivatives(StageDerivatives):
         for idx in cls._solve_groups(stages, closed):
             d = stages[idx[0]]
             G, k = len(idx), alpha[idx[0]].shape[-1]
-            A = torch.stack([alpha[i] for i in idx]).reshape(G, d.out_size, d.r, k)
+            A = _stack([alpha[i] for i in idx]).reshape(G, d.out_size, d.r, k)
             if d.Q is None:
                 V = A
             else:
-                Qs = torch.stack([stages[i].Q for i in idx])
-                P = torch.stack([terms[i].projected for i in idx]) if closed[idx[0]] else None
+                Qs = _stack([stages[i].Q for i in idx])
+                P = _stack([terms[i].projected for i in idx]) if closed[idx[0]] else None
                 if P is not None and d.complement.coupled_dim and d.has_input:
-                    gammas = torch.stack([stages[i].gamma for i in idx])
-                    ts = torch.stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
+                    gammas = _stack([stages[i].gamma for i in idx])
+                    ts = _stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
                     X = torch.einsum("gbo,gbik->goik", gammas, ts)
                     pad = d.m - d.n_weight_cols
                     if pad:
