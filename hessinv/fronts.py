@@ -36,17 +36,18 @@ import torch
 from .errors import SingularMatrixError
 from .ldlt import bunch_kaufman
 
-__all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetric_part",
+__all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
            "DEFAULT_TAU"]
 
 #: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
 DEFAULT_TAU = 1e-2
 
 
-def symmetric_part(M: torch.Tensor) -> torch.Tensor:
-    """``(M + M^T) / 2`` (the transpose made contiguous first: a strided read of ``M^T``
-    inside the sum is several times slower on the CPU)."""
-    return (M + M.T.contiguous()).mul_(0.5)
+def symmetrize_(M: torch.Tensor) -> torch.Tensor:
+    """``M <- (M + M^T) / 2`` in place, exactly symmetric, for a square ``M`` the caller owns
+    (the transpose copied contiguous first: a strided read of ``M^T`` inside the sum is
+    several times slower on the CPU)."""
+    return M.add_(M.T.clone(memory_format=torch.contiguous_format)).mul_(0.5)
 
 
 def _singular_tol(lam_abs_max: torch.Tensor, dtype) -> torch.Tensor:
@@ -121,10 +122,11 @@ class DirectFront:
         return beta
 
     def next_state(self, F, Q):
-        """``V = Q - F^T G^-1 F`` over the state (no delayed variables)."""
-        V = Q - self.update
+        """``V = Q - F^T G^-1 F`` over the state (no delayed variables); made in ``Q``'s
+        memory (the front's ``Q`` is not used again)."""
+        V = Q.sub_(self.update)
         self.update = None
-        return symmetric_part(V)
+        return symmetrize_(V)
 
 
 class EigenFront:
@@ -168,7 +170,7 @@ class EigenFront:
         """The next front's state block over ``(state, delayed)``:
         ``[[Q - F_a^T G_a^-1 F_a, F_r^T], [F_r, diag(lambda_r)]]``."""
         top = Q - self._UF_a.T @ (self._UF_a / self.lam_a[:, None])
-        top = symmetric_part(top)
+        top = symmetrize_(top)
         return torch.cat(
             [torch.cat([top, self._UF_r.T], 1),
              torch.cat([self._UF_r, torch.diag(self.lam_r)], 1)], 0)
@@ -193,8 +195,8 @@ def _cholesky_passes(L, info, scale) -> torch.Tensor:
 def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor:
     """The growth test of a direct front (0-d bool on the device):
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``."""
-    size = torch.stack([Q.abs().max(), F.abs().max(), scale])
-    return front.update.abs().max() <= size.max() / tau
+    size = torch.stack([Q.abs().amax(), F.abs().amax(), scale])
+    return front.update.abs().amax() <= size.amax() / tau
 
 
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
@@ -207,7 +209,7 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     if G.shape[0] == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
                                                                       device=G.device)
-    scale = G.abs().max()
+    scale = G.abs().amax()
     L, info = torch.linalg.cholesky_ex(G)
     front = DirectFront(F, cholesky=L)
     return front, _cholesky_passes(L, info, scale) & _growth_bounded(front, F, Q, scale, tau)
@@ -231,7 +233,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     n = G.shape[0]
     if n == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0))
-    scale = G.abs().max()
+    scale = G.abs().amax()
     no_state = root or F.shape[1] == 0
 
     def tests(front, pivot_ok):

@@ -38,7 +38,7 @@ import torch
 
 from .derivatives import StageDerivatives, block_diagonal, per_class
 from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, cholesky_front, factor_front, symmetric_part
+from .fronts import DEFAULT_TAU, cholesky_front, factor_front, symmetrize_
 from .progress import progress_bar
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
@@ -103,7 +103,7 @@ def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, m
     V_tt, V_td, V_dd = V[:n_t, :n_t], V[:n_t, n_t:], V[n_t:, n_t:]
     comp = d.complement
     n_w = comp.coupled_dim if mode == "split" else 0
-    X = d.right_DxY(V_tt)  # (n_t, N) = V_tt Dx Y
+    X, Z = d.right_DxY_Dz(V_tt)  # (n_t, N) = V_tt Dx Y and (n_t, a_in) = V_tt Dz
     G_aa = d.Y_T_Dxx_Y() + d.DxY_T(X.reshape(B, h_out, N))
     G_aa.diagonal().add_(damping)
     G_ad = d.DxY_T(V_td.reshape(B, h_out, n_delay))  # (N, n_delay)
@@ -118,18 +118,22 @@ def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, m
         G[N + n_w:, N + n_w:] = V_dd
         if n_w:
             G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
-    G = symmetric_part(G)
+    G = symmetrize_(G)
     if not d.has_input:
         return G, V.new_zeros(n, 0), V.new_zeros(0, 0)
-    a_in = B * d.in_size
-    Z = d.right_Dz(V_tt)  # (n_t, a_in) = V_tt Dz
-    F_a = d.Y_T_Dzx() + d.DxY_T(Z.reshape(B, h_out, a_in))
+    h_in = d.in_size
+    a_in = B * h_in
+    FZ, QZ = d.DxY_T_Dz_T(Z.reshape(B, h_out, a_in))
+    F_a = d.Y_T_Dzx() + FZ
     F_d = d.Dz_T(V_td.reshape(B, h_out, n_delay)).reshape(a_in, n_delay).T
     parts = [F_a] + ([comp.coupled_F()] if n_w else []) + ([F_d] if n_delay else [])
     F = torch.cat(parts, dim=0) if len(parts) > 1 else F_a
-    Q = d.Dzz_dense() + d.Dz_T(Z.reshape(B, h_out, a_in)).reshape(a_in, a_in)
+    Q = QZ.reshape(a_in, a_in)  # Dz^T V Dz, a new tensor: updated in place
+    # + Dzz on the diagonal blocks (a view of them, (h_in, h_in, B))
+    torch.diagonal(Q.view(B, h_in, B, h_in), dim1=0, dim2=2).add_(
+        d.Dzz_blocks().permute(1, 2, 0))
     if mode == "closed" and comp.coupled_dim:
-        Q = Q - comp.gram() / damping
+        comp.subtract_gram_(Q, 1.0 / damping)
     return G, F, Q  # symmetrised with the update, in the front's next_state
 
 

@@ -184,3 +184,14 @@ def test_checking_in_runs_gives_the_same_factors(monkeypatch):
                 assert a[:4] == b[:4], (seed, eps)
                 assert all(torch.equal(x, y) for x, y in zip(a[4], b[4], strict=True)), (seed, eps)
     assert runs[True] > 20 and runs[False] > 5  # both paths were taken
+
+
+def test_symmetrize_in_place_is_exactly_symmetric():
+    from hessinv.fronts import symmetrize_
+
+    for n in (0, 1, 2, 7):
+        M = torch.randn(n, n, dtype=torch.float64)
+        expected = (M + M.T) / 2
+        out = symmetrize_(M)
+        assert out.data_ptr() == M.data_ptr() and torch.equal(out, out.T)
+        assert torch.equal(out, expected)

@@ -219,6 +219,12 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
         if st.coupling_T is not None:
             assert close(bt.coupling_T, st.coupling_T)
             assert close(st.coupling_T, d.complement.coupling_T(gl))
+    for d in stages:  # the Gram term subtracted in place, without forming it
+        if d.complement is not None and d.has_input:
+            a = d.batch * d.in_size
+            Q = rand(a, a)
+            expected = Q - 0.7 * d.complement.gram()
+            assert close(d.complement.subtract_gram_(Q, 0.7), expected)
     v_batched = LinearDerivatives.controls(stages, closed, alpha, t_prev, batched, eps)
     v_single = StageDerivatives.controls.__func__(LinearDerivatives, stages, closed, alpha,
                                                   t_prev, single, eps)

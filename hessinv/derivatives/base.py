@@ -127,6 +127,10 @@ class Complement(ABC):
     def gram(self) -> torch.Tensor:
         """``E^T (I - Y Y^T) E`` as a dense ``(B h_in, B h_in)`` matrix."""
 
+    def subtract_gram_(self, Q: torch.Tensor, scale: float) -> torch.Tensor:
+        """``Q <- Q - scale E^T (I - Y Y^T) E`` in place (``Q`` ``(B h_in, B h_in)``)."""
+        return Q.sub_(self.gram(), alpha=scale)
+
     @abstractmethod
     def coupling_norm(self) -> torch.Tensor:
         """``||(I - Y Y^T) E||_2`` (a 0-d tensor, on the device: read in batches)."""
@@ -306,6 +310,16 @@ class StageDerivatives(ABC):
         c = M.shape[0]
         return self.Dz_T(M.T.reshape(self.batch, self.out_size, c)).reshape(-1, c).T
 
+    def right_DxY_Dz(self, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(M Dx Y, M Dz)`` (the second ``None`` for a first stage); a class may share
+        their subexpressions."""
+        return self.right_DxY(M), (self.right_Dz(M) if self.has_input else None)
+
+    def DxY_T_Dz_T(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((Dx Y)^T w, Dz^T w)`` for ``w`` ``(B, h_out, k)``, new tensors (the
+        factorization updates the second in place); a class may share their subexpressions."""
+        return self.DxY_T(w), self.Dz_T(w)
+
     def Y_T_Dxx_Y(self) -> torch.Tensor:
         """``Y^T Dxx Y`` ``(N, N)``."""
         return self.Dxx(self._eye_columns(self.num_params, (self.num_params,)))
@@ -315,11 +329,15 @@ class StageDerivatives(ABC):
         eye = self._eye_columns(self.basis_size, (self.basis_size,))
         return self.Dzx_T(self.Y(eye)).reshape(self.batch * self.in_size, self.basis_size).T
 
-    def Dzz_dense(self) -> torch.Tensor:
-        """``Dzz`` as a dense ``(B h_in, B h_in)`` (block-diagonal) matrix."""
+    def Dzz_blocks(self) -> torch.Tensor:
+        """``Dzz`` per sample, ``(B, h_in, h_in)``."""
         h_in = self.in_size
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
-        return block_diagonal(self.Dzz(probe))
+        return self.Dzz(probe)
+
+    def Dzz_dense(self) -> torch.Tensor:
+        """``Dzz`` as a dense ``(B h_in, B h_in)`` (block-diagonal) matrix."""
+        return block_diagonal(self.Dzz_blocks())
 
     # ------------------------------------------------------------ solve terms, many stages at once
     @classmethod

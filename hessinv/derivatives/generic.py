@@ -118,5 +118,5 @@ class GenericDerivatives(StageDerivatives):
     def Y_T_Dzx(self):
         return self._Dzx.permute(1, 0, 2).reshape(self.num_params, -1)
 
-    def Dzz_dense(self):
-        return block_diagonal(self._Dzz)
+    def Dzz_blocks(self):
+        return self._Dzz

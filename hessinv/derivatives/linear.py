@@ -500,12 +500,25 @@ class LinearDerivatives(StageDerivatives):
         return out.reshape(self.basis_size, w.shape[-1])
 
     def right_DxY(self, M):
-        R = M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
-        return torch.matmul(R.transpose(1, 2), self.Zr).reshape(M.shape[0], self.basis_size)
+        return self.right_DxY_Dz(M)[0]
 
     def right_Dz(self, M):
         R = M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
         return (R @ self.W).reshape(M.shape[0], self.batch * self.W.shape[1])
+
+    def right_DxY_Dz(self, M):
+        """Both from ``R = M diag(s')`` (one pass over ``M``)."""
+        c = M.shape[0]
+        R = M.reshape(c, self.batch, self.out_size) * self.s1
+        X = torch.matmul(R.transpose(1, 2), self.Zr).reshape(c, self.basis_size)
+        if not self.has_input:
+            return X, None
+        return X, (R @ self.W).reshape(c, self.batch * self.W.shape[1])
+
+    def DxY_T_Dz_T(self, w):
+        """Both from ``s' * w`` (one pass over ``w``)."""
+        S = self.s1[:, :, None] * w
+        return _gather_rows(self.Zr, S).reshape(self.basis_size, w.shape[-1]), _left(self.W.T, S)
 
     def Y_T_Dxx_Y(self):
         h_out, r = self.out_size, self.r
@@ -670,6 +683,17 @@ class LinearComplement(Complement):
             return s.Zt.new_zeros(a_in, a_in)
         G = torch.einsum("bo,co,ij->bicj", s.gamma, s.gamma, self.P)
         return G.reshape(a_in, a_in)
+
+    def subtract_gram_(self, Q, scale):
+        """``E^T (I - Y Y^T) E = (gamma gamma^T) (x) P``: subtracted in one pass over ``Q``,
+        without forming it."""
+        s = self.stage
+        if self.coupled_dim == 0:
+            return Q
+        B, h = s.batch, s.in_size
+        GG = s.gamma @ s.gamma.T  # (B, B)
+        Q.view(B, h, B, h).addcmul_(GG[:, None, :, None], self.P[None, :, None, :], value=-scale)
+        return Q
 
     def coupling_norm(self):
         return self._sigma_max * self._mu_max.sqrt()
