@@ -185,6 +185,12 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
     )
 
 
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` (0-d) without an ``|x|`` temporary: two reductions over ``x`` (NaN
+    propagates, so a failed factorization fails the tests it enters)."""
+    return torch.maximum(x.amax(), x.amin().neg())
+
+
 def _cholesky_passes(L, info, scale) -> torch.Tensor:
     """The pivot test of a Cholesky factor (0-d bool on the device): it succeeded and its
     smallest pivot is above ``u max|G|``. A failed Cholesky leaves NaN or a tiny pivot, so
@@ -195,8 +201,8 @@ def _cholesky_passes(L, info, scale) -> torch.Tensor:
 def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor:
     """The growth test of a direct front (0-d bool on the device):
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``."""
-    size = torch.stack([Q.abs().amax(), F.abs().amax(), scale])
-    return front.update.abs().amax() <= size.amax() / tau
+    size = torch.stack([_abs_max(Q), _abs_max(F), scale])
+    return _abs_max(front.update) <= size.amax() / tau
 
 
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
@@ -209,7 +215,7 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     if G.shape[0] == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
                                                                       device=G.device)
-    scale = G.abs().amax()
+    scale = _abs_max(G)
     L, info = torch.linalg.cholesky_ex(G)
     front = DirectFront(F, cholesky=L)
     return front, _cholesky_passes(L, info, scale) & _growth_bounded(front, F, Q, scale, tau)
@@ -233,7 +239,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     n = G.shape[0]
     if n == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0))
-    scale = G.abs().amax()
+    scale = _abs_max(G)
     no_state = root or F.shape[1] == 0
 
     def tests(front, pivot_ok):
