@@ -28,8 +28,9 @@ class BunchKaufman:
     """``G = P L D L^T P^T``; ``perm`` gathers ``P^T B = B[perm]``.
 
     Attributes: ``L`` (unit lower triangular), ``perm``, ``d`` (diagonal of ``D``), ``e``
-    (its subdiagonal, nonzero only in 2x2 blocks), ``inertia`` ``(n_pos, n_neg)``,
-    ``sign``, ``logabsdet``, ``smallest`` (smallest ``|pivot|``; ``sqrt|det|`` of a 2x2 block).
+    (its subdiagonal, nonzero only in 2x2 blocks), ``inertia`` (``(n_pos, n_neg)`` as a
+    ``(2,)`` tensor on the device), ``sign``, ``logabsdet``, ``smallest`` (smallest
+    ``|pivot|``; ``sqrt|det|`` of a 2x2 block), all left on the device.
     """
 
     def __init__(self, L, perm, d, e, one, two):
