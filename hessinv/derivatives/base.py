@@ -25,7 +25,14 @@ columns) of the stage's parameter space that contains ``range(Dxx)`` and ``range
 than ``p``, and the directions outside it are described by :class:`Complement`.
 Everything the factorization needs is expressed through ``Y``:
 ``Y_T``, ``Y``, ``DxY`` (``= Dx Y``), ``DxY_T``, ``Y_T_Dxx_Y`` and ``Y_T_Dzx``, and the
-products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``).
+products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``); the pairs
+``right_DxY_Dz`` and ``DxY_T_Dz_T`` let a class share the work of two products.
+
+Sweeps over many stages (section 13): the class methods ``hvp_prepare``/``hvp_finish``
+(products) and ``rhs_terms``/``controls`` (solves) do the parts that do not depend on the
+recursions, for all stages of a class at once (:func:`per_class` dispatches); the defaults
+go stage by stage, :class:`~hessinv.derivatives.LinearDerivatives` batches stages of one
+shape.
 """
 
 from __future__ import annotations
