@@ -202,7 +202,11 @@ def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor
     """The growth test of a direct front (0-d bool on the device):
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``."""
     size = torch.stack([_abs_max(Q), _abs_max(F), scale])
-    return _abs_max(front.update) <= size.amax() / tau
+    if front.kind == "cholesky":  # W^T W is positive semi-definite: its largest entry
+        growth = front.update.diagonal().amax()  # is on the diagonal (|U_ij|^2 <= U_ii U_jj)
+    else:
+        growth = _abs_max(front.update)
+    return growth <= size.amax() / tau
 
 
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
