@@ -37,6 +37,7 @@ from .errors import SingularMatrixError
 from .ldlt import bunch_kaufman
 
 __all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
+           "symmetric_product",
            "DEFAULT_TAU"]
 
 #: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
@@ -48,6 +49,29 @@ def symmetrize_(M: torch.Tensor) -> torch.Tensor:
     (the transpose copied contiguous first: a strided read of ``M^T`` inside the sum is
     several times slower on the CPU)."""
     return M.add_(M.T.clone(memory_format=torch.contiguous_format)).mul_(0.5)
+
+
+def symmetric_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A^T B`` ``(a, a)`` for ``A``, ``B`` ``(n, a)`` when it is known to be symmetric
+    (``B = A`` or ``B = D A`` with ``D`` symmetric): the blocks on and above the diagonal of a
+    ``b x b`` block partition are multiplied, those below copied from them -- ``(b + 1) / 2b``
+    of the work (the symmetric rank-k update ``syrk`` that torch does not expose). ``b`` grows
+    with ``a``: small blocks multiply less efficiently (``b = 1`` below 384 columns)."""
+    a = A.shape[1]
+    b = 1 if a < 384 else 2 if a < 1024 else 4
+    if b == 1:
+        return A.T @ B
+    edges = [round(i * a / b) for i in range(b + 1)]
+    out = A.new_empty(a, a)
+    for i in range(b):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, b):
+            cols = slice(edges[j], edges[j + 1])
+            block = A[:, rows].T @ B[:, cols]
+            out[rows, cols] = block
+            if j > i:
+                out[cols, rows] = block.T
+    return out
 
 
 def _singular_tol(lam_abs_max: torch.Tensor, dtype) -> torch.Tensor:
@@ -87,11 +111,11 @@ class DirectFront:
             self.inertia, self.sign = (self.n, 0), F.new_ones(())
             self.logabsdet = 2 * torch.log(diag).sum()
             self._W = torch.linalg.solve_triangular(cholesky, F, upper=False)
-            self.update = self._W.T @ self._W
+            self.update = symmetric_product(self._W, self._W)
         else:
             self.inertia, self.sign, self.logabsdet = bk.inertia, bk.sign, bk.logabsdet
             self._W = bk.half_solve(F)
-            self.update = self._W.T @ bk.d_solve(self._W)
+            self.update = symmetric_product(self._W, bk.d_solve(self._W))
 
     def half(self, kc: torch.Tensor) -> torch.Tensor:
         """``h = L^-1 P^T k`` for ``k`` ``(n, r)``: the right-hand side in the half-factored

@@ -195,3 +195,17 @@ def test_symmetrize_in_place_is_exactly_symmetric():
         out = symmetrize_(M)
         assert out.data_ptr() == M.data_ptr() and torch.equal(out, out.T)
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("a", [5, 383, 384, 700, 1030])  # one, two and four blocks
+def test_symmetric_product_equals_the_full_product(a):
+    from hessinv.fronts import symmetric_product
+
+    gen = torch.Generator().manual_seed(a)
+    A = torch.randn(37, a, dtype=torch.float64, generator=gen)
+    D = torch.randn(37, 37, dtype=torch.float64, generator=gen)
+    for B in (A, (D + D.T) @ A):
+        full = A.T @ B
+        out = symmetric_product(A, B)
+        bound = 37 * 2.2e-16 * float((A.abs().T @ B.abs()).max())
+        assert float((out - full).abs().max()) <= bound
