@@ -19,6 +19,7 @@ eigenvalue. With the 1x1 pivots this gives the inertia of ``D``, hence of ``G`` 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["BunchKaufman", "bunch_kaufman"]
@@ -97,7 +98,7 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
         else:
             steps.append((i, 2, i + 1, -piv[i] - 1))
             i += 2
-    raw = torch.tril(LD)
+    raw = LD.tril_()  # LD is ours: its strict upper triangle is not part of the factor
 
     def on_device(values):  # host-made indices: copied without waiting for the queue
         return torch.tensor(values, dtype=torch.long).to(G.device, non_blocking=True)
@@ -109,16 +110,18 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
         e[two] = raw[two + 1, two]
         raw[two + 1, two] = 0.0
     d = torch.diagonal(raw).clone()
-    # q: gather index of the interchanges of all later steps; value/position maps kept in sync
-    q = torch.arange(n)
-    where = list(range(n))  # where[v] = position of value v in q
-    index = torch.empty(n, n, dtype=torch.long)
+    # q: gather index of the interchanges of all later steps; value/position maps kept in
+    # sync. Built on the host with numpy (a loop over the steps), one row per column of L.
+    q = np.arange(n)
+    where = np.arange(n)  # where[v] = position of value v in q
+    index_T = np.empty((n, n), dtype=np.int64)
     for start, size, a, b in reversed(steps):
-        index[:, start : start + size] = q[:, None]
+        index_T[start : start + size] = q
         if a != b:  # exchange the values a and b in q
             pa, pb = where[a], where[b]
             q[pa], q[pb] = b, a
             where[a], where[b] = pb, pa
-    L = torch.gather(raw, 0, index.to(G.device, non_blocking=True))
-    L = torch.tril(L, -1) + torch.eye(n, dtype=G.dtype, device=G.device)
-    return BunchKaufman(L, q.to(G.device, non_blocking=True), d, e, one, two)
+    index = torch.from_numpy(index_T).to(G.device, non_blocking=True).T
+    L = torch.gather(raw, 0, index).tril_(-1)
+    L.diagonal().fill_(1.0)
+    return BunchKaufman(L, torch.from_numpy(q).to(G.device, non_blocking=True), d, e, one, two)
