@@ -233,6 +233,21 @@ def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor
     return growth <= size.amax() / tau
 
 
+def _front_tests(front: DirectFront, pivot_ok, F, Q, scale, tau: float, no_state: bool) -> list:
+    """The tests a direct front must pass (0-d bools on the device): its pivot test, and the
+    growth test when it has a state to pass on."""
+    return [pivot_ok] if no_state else [pivot_ok, _growth_bounded(front, F, Q, scale, tau)]
+
+
+def _cholesky_in_full(G, F, Q, scale, tau: float, no_state: bool):
+    """The Cholesky front made before anything is read (meaningless, NaN, if the Cholesky
+    failed), with its :func:`_front_tests`."""
+    L, info = torch.linalg.cholesky_ex(G)
+    front = DirectFront(F, cholesky=L)
+    return front, _front_tests(front, _cholesky_passes(L, info, scale), F, Q, scale, tau,
+                                no_state)
+
+
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     """A Cholesky :class:`DirectFront` of a front with a state (``F`` has columns), with the
     tests :func:`factor_front` applies to it -- pivot ``> u max|G|`` and bounded growth --
@@ -243,10 +258,8 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     if G.shape[0] == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
                                                                       device=G.device)
-    scale = _abs_max(G)
-    L, info = torch.linalg.cholesky_ex(G)
-    front = DirectFront(F, cholesky=L)
-    return front, _cholesky_passes(L, info, scale) & _growth_bounded(front, F, Q, scale, tau)
+    front, (pivot_ok, growth_ok) = _cholesky_in_full(G, F, Q, _abs_max(G), tau, no_state=False)
+    return front, pivot_ok & growth_ok
 
 
 def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False,
@@ -269,21 +282,17 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
         return DirectFront(F, cholesky=G.new_zeros(0, 0))
     scale = _abs_max(G)
     no_state = root or F.shape[1] == 0
-
-    def tests(front, pivot_ok):
-        return [pivot_ok] if no_state else [pivot_ok, _growth_bounded(front, F, Q, scale, tau)]
-
     if not force_eigen:
-        L, info = torch.linalg.cholesky_ex(G)
-        passes = _cholesky_passes(L, info, scale)
-        if speculative:  # meaningless (NaN) front if the Cholesky failed
-            front = DirectFront(F, cholesky=L)
-            passed = torch.stack(tests(front, passes)).tolist()  # one host read
-        elif bool(passes):  # one host read
-            front = DirectFront(F, cholesky=L)
-            passed = [True] + [bool(t) for t in tests(front, passes)[1:]]  # and one more
+        if speculative:
+            front, tests = _cholesky_in_full(G, F, Q, scale, tau, no_state)
+            passed = torch.stack(tests).tolist()  # one host read
         else:
-            passed = [False]
+            L, info = torch.linalg.cholesky_ex(G)
+            passed = [bool(_cholesky_passes(L, info, scale))]  # one host read
+            if passed[0]:
+                front = DirectFront(F, cholesky=L)
+                if not no_state:  # and one more
+                    passed.append(bool(_growth_bounded(front, F, Q, scale, tau)))
         if all(passed):
             return front
         if not passed[0]:  # indefinite (or nearly singular: Bunch-Kaufman then fails as well)
@@ -291,7 +300,8 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
             if bk is not None:
                 front = DirectFront(F, bk=bk)
                 pivot_ok = bk.smallest > _singular_tol(scale, G.dtype)
-                if all(torch.stack(tests(front, pivot_ok)).tolist()):  # one host read
+                tests = _front_tests(front, pivot_ok, F, Q, scale, tau, no_state)
+                if all(torch.stack(tests).tolist()):  # one host read
                     return front
     lam, U = torch.linalg.eigh(G)
     tol = _singular_tol(lam.abs().max(), G.dtype)

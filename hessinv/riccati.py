@@ -302,8 +302,14 @@ def riccati_solve(
         B, h_out = d.batch, d.out_size
         n_t = B * h_out
         kc = -term.Y_T_g
+        s_z = None  # Dz^T s_t
         if s is not None:
-            kc = kc + d.DxY_T(s[:n_t].reshape(B, h_out, k))
+            s_t = s[:n_t].reshape(B, h_out, k)
+            if l > 0:
+                s_x, s_z = d.DxY_T_Dz_T(s_t)
+            else:  # the first stage has no Dz
+                s_x = d.DxY_T(s_t)
+            kc = kc + s_x
         if f.n_w or f.n_delayed_in:
             parts = [kc] + ([-d.complement.coupled_T(g[l])] if f.n_w else [])
             kc = torch.cat(parts + ([s[n_t:]] if f.n_delayed_in else []), dim=0)
@@ -311,8 +317,8 @@ def riccati_solve(
         if l == 0:
             break
         st = f.front.update_T(h[l]).neg_()
-        if s is not None:
-            st = st + d.Dz_T(s[:n_t].reshape(B, h_out, k)).reshape(-1, k)
+        if s_z is not None:
+            st = st + s_z.reshape(-1, k)
         if term.coupling_T is not None:
             st = st + term.coupling_T.reshape(-1, k) / eps
         s = st if f.front.n_rejected == 0 else torch.cat([st, f.front.rejected(kc)], dim=0)

@@ -53,6 +53,11 @@ def test_structured_equals_generic(activation, bias, batch):
             for d in (a, b):
                 Y = d.Y(torch.eye(d.basis_size, dtype=torch.float64))
                 assert _close(d.right_DxY(M), M @ Dx @ Y) and _close(d.right_Dz(M), M @ Dz)
+                X, Z = d.right_DxY_Dz(M)  # the pairs that share work, against the singles
+                assert _close(X, d.right_DxY(M)) and _close(Z, d.right_Dz(M))
+                w = torch.randn(a.batch, a.out_size, 3, dtype=torch.float64)
+                wx, wz = d.DxY_T_Dz_T(w)
+                assert _close(wx, d.DxY_T(w)) and _close(wz, d.Dz_T(w))
 
 
 def test_compression_is_taken_when_batch_is_below_width():

@@ -337,14 +337,11 @@ class StageDerivatives(ABC):
         return self.Dzx_T(self.Y(eye)).reshape(self.batch * self.in_size, self.basis_size).T
 
     def Dzz_blocks(self) -> torch.Tensor:
-        """``Dzz`` per sample, ``(B, h_in, h_in)``."""
+        """``Dzz`` per sample, ``(B, h_in, h_in)`` (the diagonal blocks of the dense
+        ``(B h_in, B h_in)`` matrix: :func:`block_diagonal` of them)."""
         h_in = self.in_size
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
         return self.Dzz(probe)
-
-    def Dzz_dense(self) -> torch.Tensor:
-        """``Dzz`` as a dense ``(B h_in, B h_in)`` (block-diagonal) matrix."""
-        return block_diagonal(self.Dzz_blocks())
 
     # ------------------------------------------------------------ solve terms, many stages at once
     @classmethod

@@ -499,21 +499,26 @@ class LinearDerivatives(StageDerivatives):
         out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
         return out.reshape(self.basis_size, w.shape[-1])
 
+    def _right_scaled(self, M):
+        """``M diag(s')`` as ``(c, B, h_out)``: what both products from the right start from."""
+        return M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
+
+    def _right_DxY_of(self, R):
+        return torch.matmul(R.transpose(1, 2), self.Zr).reshape(R.shape[0], self.basis_size)
+
+    def _right_Dz_of(self, R):
+        return (R @ self.W).reshape(R.shape[0], self.batch * self.W.shape[1])
+
     def right_DxY(self, M):
-        return self.right_DxY_Dz(M)[0]
+        return self._right_DxY_of(self._right_scaled(M))
 
     def right_Dz(self, M):
-        R = M.reshape(M.shape[0], self.batch, self.out_size) * self.s1
-        return (R @ self.W).reshape(M.shape[0], self.batch * self.W.shape[1])
+        return self._right_Dz_of(self._right_scaled(M))
 
     def right_DxY_Dz(self, M):
-        """Both from ``R = M diag(s')`` (one pass over ``M``)."""
-        c = M.shape[0]
-        R = M.reshape(c, self.batch, self.out_size) * self.s1
-        X = torch.matmul(R.transpose(1, 2), self.Zr).reshape(c, self.basis_size)
-        if not self.has_input:
-            return X, None
-        return X, (R @ self.W).reshape(c, self.batch * self.W.shape[1])
+        """Both from one ``M diag(s')`` (one pass over ``M``)."""
+        R = self._right_scaled(M)
+        return self._right_DxY_of(R), (self._right_Dz_of(R) if self.has_input else None)
 
     def DxY_T_Dz_T(self, w):
         """Both from ``s' * w`` (one pass over ``w``)."""
