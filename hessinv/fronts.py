@@ -264,7 +264,8 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
 
 def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False,
                  speculative: bool = False):
-    """Factor the control block ``G`` (``(n, n)``) of a front with coupling ``F`` (``(n, a)``).
+    """Factor the control block ``G`` (``(n, n)``, symmetric: only its lower triangle is read)
+    of a front with coupling ``F`` (``(n, a)``).
 
     Tries :class:`DirectFront` and keeps it when its element growth is bounded,
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau`` (always at the root, where ``a = 0``);

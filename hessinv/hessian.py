@@ -83,20 +83,13 @@ class _ChainCurvature:
         self.loss_fn = loss_fn
         self.oracle = oracle
         self.progress = progress
-        self._params = [s.flat_params() for s in self.chain.stages]
-        dtype, device = self._params[0].dtype, self._params[0].device
-        for stage, x in zip(self.chain.stages, self._params, strict=True):
-            if not x.dtype.is_floating_point:
-                raise TypeError(f"parameters {stage.param_names} have non-floating dtype {x.dtype}")
-            if x.dtype != dtype or x.device != device:
-                raise TypeError(
-                    f"parameters {stage.param_names} are {x.dtype} on {x.device} but the first "
-                    f"are {dtype} on {device}; all selected parameters must share dtype and device"
-                )
-        finite = torch.stack([torch.isfinite(x).all() for x in self._params]).tolist()  # one sync
-        for stage, ok in zip(self.chain.stages, finite, strict=True):
-            if not ok:
-                raise ValueError(f"parameters {stage.param_names} contain NaN or Inf")
+        flat = self.chain.flat_params()
+        self._params = list(flat.split([s.num_params for s in self.chain.stages]))
+        dtype, device = flat.dtype, flat.device
+        if not bool(torch.isfinite(flat).all()):  # one sync; the culprit found only on failure
+            for stage, x in zip(self.chain.stages, self._params, strict=True):
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"parameters {stage.param_names} contain NaN or Inf")
         _check_inputs(inputs, dtype, device)
         if isinstance(targets, torch.Tensor):
             if targets.device != device:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .derivatives import StageDerivatives, block_diagonal, per_class
+from .derivatives import FrontTerms, StageDerivatives, block_diagonal, per_class
 from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, cholesky_front, factor_front, symmetrize_
+from .fronts import DEFAULT_TAU, cholesky_front, factor_front
 from .progress import progress_bar
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
@@ -96,15 +96,17 @@ def _complement_modes(stages: Sequence[StageDerivatives], damping: float, tau: f
     return modes
 
 
-def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, mode: str):
-    """The front of stage ``d``: control block ``G``, coupling ``F``, state block ``Q``."""
+def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int,
+           damping: float, mode: str):
+    """The front of stage ``d`` (its :class:`FrontTerms` ``terms``): control block ``G``,
+    coupling ``F``, state block ``Q``."""
     B, h_out, N = d.batch, d.out_size, d.basis_size
     n_t = B * h_out
     V_tt, V_td, V_dd = V[:n_t, :n_t], V[:n_t, n_t:], V[n_t:, n_t:]
     comp = d.complement
     n_w = comp.coupled_dim if mode == "split" else 0
     X, Z = d.right_DxY_Dz(V_tt)  # (n_t, N) = V_tt Dx Y and (n_t, a_in) = V_tt Dz
-    G_aa = d.Y_T_Dxx_Y() + d.DxY_T(X.reshape(B, h_out, N))
+    G_aa = terms.Y_T_Dxx_Y + d.DxY_T(X.reshape(B, h_out, N))
     G_aa.diagonal().add_(damping)
     G_ad = d.DxY_T(V_td.reshape(B, h_out, n_delay))  # (N, n_delay)
     n = N + n_w + n_delay
@@ -118,23 +120,24 @@ def _front(d: StageDerivatives, V: torch.Tensor, n_delay: int, damping: float, m
         G[N + n_w:, N + n_w:] = V_dd
         if n_w:
             G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
-    G = symmetrize_(G)
     if not d.has_input:
         return G, V.new_zeros(n, 0), V.new_zeros(0, 0)
     h_in = d.in_size
     a_in = B * h_in
     FZ, QZ = d.DxY_T_Dz_T(Z.reshape(B, h_out, a_in))
-    F_a = d.Y_T_Dzx() + FZ
+    F_a = terms.Y_T_Dzx + FZ
     F_d = d.Dz_T(V_td.reshape(B, h_out, n_delay)).reshape(a_in, n_delay).T
     parts = [F_a] + ([comp.coupled_F()] if n_w else []) + ([F_d] if n_delay else [])
     F = torch.cat(parts, dim=0) if len(parts) > 1 else F_a
     Q = QZ.reshape(a_in, a_in)  # Dz^T V Dz, a new tensor: updated in place
     # + Dzz on the diagonal blocks (a view of them, (h_in, h_in, B))
     torch.diagonal(Q.view(B, h_in, B, h_in), dim1=0, dim2=2).add_(
-        d.Dzz_blocks().permute(1, 2, 0))
+        terms.Dzz.permute(1, 2, 0))
     if mode == "closed" and comp.coupled_dim:
         comp.subtract_gram_(Q, 1.0 / damping)
-    return G, F, Q  # symmetrised with the update, in the front's next_state
+    # G: only its lower triangle is read (Cholesky, LDL^T and eigh all take that one); Q is
+    # symmetrised with the update, in the front's next_state
+    return G, F, Q
 
 
 def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMatrixError:
@@ -148,13 +151,44 @@ def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMat
     )
 
 
-def _optimistic_chunk(stages, modes, V, chunk, damping, tau):
+#: at most this many stages' :class:`FrontTerms` are made in one batched call ...
+TERMS_STAGES = 16
+#: ... and held at once (bytes)
+TERMS_BYTES = 1 << 25
+
+
+class _TermsAhead:
+    """The stages' :class:`FrontTerms`, made in batched calls for up to :data:`TERMS_STAGES`
+    stages ahead of the backward sweep (within :data:`TERMS_BYTES`; a bigger stage alone),
+    each dropped once its front is kept (docs/algorithm.md section 13)."""
+
+    def __init__(self, stages: Sequence[StageDerivatives]):
+        self.stages, self.made = stages, {}
+
+    def __getitem__(self, l: int) -> FrontTerms:
+        if l not in self.made:
+            chunk, size = [l], FrontTerms.stored_bytes(self.stages[l])
+            while len(chunk) < TERMS_STAGES and chunk[-1] > 0:
+                more = FrontTerms.stored_bytes(self.stages[chunk[-1] - 1])
+                if size + more > TERMS_BYTES:
+                    break
+                chunk.append(chunk[-1] - 1)
+                size += more
+            self.made.update(zip(chunk, per_class("front_terms", [self.stages[i] for i in chunk]),
+                                 strict=True))
+        return self.made[l]
+
+    def drop(self, l: int) -> None:
+        self.made.pop(l, None)
+
+
+def _optimistic_chunk(stages, terms, modes, V, chunk, damping, tau):
     """Cholesky fronts for the stages ``chunk`` (all with a state, no delayed variables),
     their tests read from the device once at the end: ``(fronts, V)`` after the chunk, or
     ``None`` when one of them failed (then the chunk is redone stage by stage)."""
     fronts, oks = [], []
     for l in chunk:
-        G, F, Q = _front(stages[l], V, 0, damping, modes[l][0])
+        G, F, Q = _front(stages[l], terms[l], V, 0, damping, modes[l][0])
         front, ok = cholesky_front(G, F, Q, tau)
         fronts.append(front)
         oks.append(ok)
@@ -208,7 +242,10 @@ def riccati_factorize(
                 raise _singular_null_space(stages[l], l, modes[l][1])
     factors: list[StageFactor] = [None] * L  # type: ignore[list-item]
 
+    terms = _TermsAhead(stages)
+
     def record(l, front, n_delay):
+        terms.drop(l)
         mode, count = modes[l]
         n_w = stages[l].complement.coupled_dim if mode == "split" else 0
         factors[l] = StageFactor(front, mode, stages[l].basis_size, n_w, n_delay, count)
@@ -222,7 +259,7 @@ def riccati_factorize(
     while l >= 0:
         if optimistic and n_delay == 0 and l > 0:
             chunk = range(l, max(l - check_every, 0), -1)  # never the root: it has no state
-            done = _optimistic_chunk(stages, modes, V, chunk, damping, tau)
+            done = _optimistic_chunk(stages, terms, modes, V, chunk, damping, tau)
             if done is not None:
                 fronts, V = done
                 for k, front in zip(chunk, fronts, strict=True):
@@ -231,7 +268,7 @@ def riccati_factorize(
                 bar.update(len(chunk))
                 continue
             optimistic, cholesky_run = False, 0
-        G, F, Q = _front(stages[l], V, n_delay, damping, modes[l][0])
+        G, F, Q = _front(stages[l], terms[l], V, n_delay, damping, modes[l][0])
         front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
                              force_eigen=force_eigen, speculative=speculative)
         record(l, front, n_delay)

@@ -75,3 +75,54 @@ def test_frozen_parameters_do_not_record_autograd_graphs():
     assert tensors and not any(t.requires_grad for t in tensors)
     assert not H.factorize(0.1, progress=False).logdet()[1].requires_grad
     assert model[0].weight.requires_grad  # the user's model is untouched
+
+
+class _Scaled(nn.Module):
+    """A module whose state includes a plain tensor attribute (not a parameter or buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale = torch.tensor([2.0, 3.0])
+
+    def forward(self, z):
+        return self.lin(z) * self.scale
+
+
+@pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.ReLU(inplace=True), nn.LayerNorm(3),
+                                    nn.LeakyReLU(0.3), nn.Sequential(nn.Linear(3, 3)),
+                                    _Scaled()])
+def test_snapshots_are_independent_frozen_copies(module):
+    """A stage holds what ``copy.deepcopy`` would give (made directly for plain modules),
+    frozen and out of place: later changes to the model or its hooks do not reach it."""
+    from hessinv.chain import _plain_copy, _snapshot
+
+    snap = _snapshot(module)
+    plain = _plain_copy(module)
+    assert (plain is not None) == (not module._modules and not isinstance(module, _Scaled))
+    assert type(snap) is type(module) and snap is not module
+    assert not any(p.requires_grad for p in snap.parameters())
+    assert not any(getattr(m, "inplace", False) for m in snap.modules())
+    assert getattr(module, "inplace", False) == isinstance(module, nn.ReLU)  # the model's own
+    z = torch.randn(4, 2 if isinstance(module, _Scaled) else 3)
+    before = snap(z.clone())
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    module.register_forward_hook(lambda m, args, out: out * 0)
+    assert torch.equal(snap(z.clone()), before)
+    assert all(p.data_ptr() != q.data_ptr()
+               for p, q in zip(module.parameters(), snap.parameters(), strict=True))
+
+
+def test_flat_params_one_vector_and_dtype_errors():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    chain = build_chain(model)
+    flat = chain.flat_params()
+    assert torch.equal(flat, torch.cat([s.flat_params() for s in chain.stages]))
+    model[2].bias.data = model[2].bias.data.float()  # would be promoted silently by a cat
+    with pytest.raises(TypeError, match=r"parameter 2\.bias .*float32"):
+        build_chain(model).flat_params()
+    model[2].bias = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match=r"2\.bias has non-floating"):
+        build_chain(model, params=["0.weight", "2.bias"]).flat_params()

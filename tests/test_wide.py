@@ -232,6 +232,47 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
         assert a.shape == b.shape and close(a, b)
 
 
+@pytest.mark.parametrize("params", ["all", "bias", "weight"])
+@pytest.mark.parametrize("batch", [4, 40])  # compressed stages of two ranks; full bases
+def test_batched_front_terms_equal_the_stage_by_stage_ones(batch, params):
+    """``LinearDerivatives.front_terms`` stacks the stages of one shape (docs/algorithm.md
+    section 13); the base class's default builds each stage's terms from its own operators
+    (``Y_T_Dxx_Y``, ``Y_T_Dzx``, ``Dzz_blocks``, themselves checked against dense in
+    test_derivatives). Same numbers up to rounding, and the factorization is unchanged when
+    every stage is made alone."""
+    from hessinv import riccati
+    from hessinv.derivatives import StageDerivatives
+
+    X, y, loss_fn = _data(batch=batch, seed=6)
+    X[3] = X[1]  # the first stage's Zt one rank lower: one more shape group
+    model = _model(width=9, depth=6, seed=7)
+    chosen = None if params == "all" else [n for n, _ in model.named_parameters()
+                                           if n.endswith(params)]
+    H = hessinv.ChainHessian(model, loss_fn, X, y, params=chosen)
+    stages = H.stage_derivatives()
+    batched = LinearDerivatives.front_terms(stages)
+    single = StageDerivatives.front_terms.__func__(LinearDerivatives, stages)
+
+    def close(a, b):
+        return float((a - b).abs().max()) <= 1e-13 * max(1.0, float(b.abs().max()))
+
+    for d, bt, st in zip(stages, batched, single, strict=True):
+        assert close(bt.Y_T_Dxx_Y, st.Y_T_Dxx_Y)
+        assert (bt.Y_T_Dzx is None) == (st.Y_T_Dzx is None) == (not d.has_input)
+        if d.has_input:
+            assert close(bt.Y_T_Dzx, st.Y_T_Dzx) and close(bt.Dzz, st.Dzz)
+    S = H.loss_hessian_blocks()
+    F = riccati.riccati_factorize(stages, S, 0.05, progress=False)
+    old = riccati.TERMS_STAGES
+    riccati.TERMS_STAGES = 1
+    try:
+        F1 = riccati.riccati_factorize(stages, S, 0.05, progress=False)
+    finally:
+        riccati.TERMS_STAGES = old
+    assert F.inertia == F1.inertia
+    assert abs(float(F.logabsdet - F1.logabsdet)) <= 1e-12 * abs(float(F1.logabsdet))
+
+
 @pytest.mark.parametrize("limit", [0, None])
 def test_stages_batched_or_alone_in_the_products_and_solves(monkeypatch, limit):
     """Stages above ``BATCH_PARAMS`` parameters go through the batched steps of the products

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from ..chain import Stage
-from .base import Complement, DenseStage, RhsTerms, StageDerivatives, block_diagonal, per_class
+from .base import (
+    Complement,
+    DenseStage,
+    FrontTerms,
+    RhsTerms,
+    StageDerivatives,
+    block_diagonal,
+    per_class,
+)
 from .generic import GenericDerivatives
 from .linear import (
     LinearComplement,
@@ -48,6 +56,7 @@ __all__ = [
     "block_diagonal",
     "per_class",
     "RhsTerms",
+    "FrontTerms",
     "elementwise_derivatives",
 ]
 

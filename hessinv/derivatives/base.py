@@ -29,8 +29,8 @@ products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``); 
 ``right_DxY_Dz`` and ``DxY_T_Dz_T`` let a class share the work of two products.
 
 Sweeps over many stages (section 13): the class methods ``hvp_prepare``/``hvp_finish``
-(products) and ``rhs_terms``/``controls`` (solves) do the parts that do not depend on the
-recursions, for all stages of a class at once (:func:`per_class` dispatches); the defaults
+(products), ``front_terms`` (factorization) and ``rhs_terms``/``controls`` (solves) do the
+parts that do not depend on the recursions, for many stages of a class at once (:func:`per_class` dispatches); the defaults
 go stage by stage, :class:`~hessinv.derivatives.LinearDerivatives` batches stages of one
 shape.
 """
@@ -43,8 +43,25 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "block_diagonal",
-           "per_class"]
+__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "FrontTerms",
+           "block_diagonal", "per_class"]
+
+
+class FrontTerms(NamedTuple):
+    """The parts of a stage's front that do not depend on the state ``V`` (docs/algorithm.md
+    sections 5, 13): ``Y_T_Dxx_Y`` ``(N, N)``, ``Y_T_Dzx`` ``(N, B h_in)`` and ``Dzz`` per
+    sample ``(B, h_in, h_in)`` (the last two ``None`` for a first stage). The factorization
+    adds them to the products with ``V``."""
+
+    Y_T_Dxx_Y: torch.Tensor
+    Y_T_Dzx: torch.Tensor | None
+    Dzz: torch.Tensor | None
+
+    @staticmethod
+    def stored_bytes(d: StageDerivatives) -> int:
+        """Their size for stage ``d`` (to bound how many stages are made at once)."""
+        N, a_in = d.basis_size, d.batch * d.in_size
+        return (N * N + N * a_in + d.batch * d.in_size ** 2) * d.dtype.itemsize
 
 
 class RhsTerms(NamedTuple):
@@ -343,7 +360,14 @@ class StageDerivatives(ABC):
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
         return self.Dzz(probe)
 
-    # ------------------------------------------------------------ solve terms, many stages at once
+    # ------------------------------------------------------------ many stages at once (section 13)
+    @classmethod
+    def front_terms(cls, stages: Sequence[StageDerivatives]) -> list[FrontTerms]:
+        """:class:`FrontTerms` of the stages (all of this class). One stage at a time here; a
+        class may batch stages of one shape."""
+        return [FrontTerms(d.Y_T_Dxx_Y(), d.Y_T_Dzx() if d.has_input else None,
+                           d.Dzz_blocks() if d.has_input else None) for d in stages]
+
     @classmethod
     def rhs_terms(cls, stages: Sequence[StageDerivatives], closed: Sequence[bool],
                   g: Sequence[torch.Tensor]) -> list[RhsTerms]:

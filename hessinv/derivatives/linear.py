@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch.func import jvp
 
-from .base import Complement, RhsTerms, StageDerivatives
+from .base import Complement, FrontTerms, RhsTerms, StageDerivatives
 
 __all__ = ["LinearDerivatives", "LinearComplement", "LinearInput", "LinearForward",
            "linear_forwards", "linear_complements", "elementwise_derivatives"]
@@ -180,9 +180,10 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
     """:class:`LinearForward` of many stages at once (docs/algorithm.md section 8).
 
     Stages of one shape share batched products and one batched SVD whose ranks are read in
-    one host transfer; stages with the same activations share one call of
-    :func:`elementwise_derivatives` on their concatenated pre-activations. Only stages whose
-    ``Zt`` is rank deficient get their own SVD (for the basis ``Q``).
+    one host transfer, and that SVD's right singular vectors give the basis ``Q`` of the
+    stages whose ``Zt`` is rank deficient (stacked per shape and rank: no SVD per stage).
+    Stages with the same activations share one call of :func:`elementwise_derivatives` on
+    their concatenated pre-activations.
     """
     for it in items:
         if not (it.weight_selected or it.bias_selected):
@@ -194,7 +195,8 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
         shape_groups.setdefault(key, []).append(i)
     pre: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     Zt: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
-    rank: list[int] = [0] * len(items)
+    Q: list[torch.Tensor | None] = [None] * len(items)
+    Zr: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     for idx in shape_groups.values():
         group = [items[i] for i in idx]
         z = torch.stack([it.z for it in group])  # (G, B, h_in)
@@ -205,11 +207,10 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
         ones = z.new_ones(z.shape[0], z.shape[1], 1)
         cols = ([z] if first.weight_selected else []) + ([ones] if first.bias_selected else [])
         zt = torch.cat(cols, dim=2)
-        ranks = [zt.shape[2]] * len(idx)
-        if compress:
-            ranks = _ranks(torch.linalg.svdvals(zt), tuple(zt.shape[1:])).tolist()
         for j, i in enumerate(idx):
-            pre[i], Zt[i], rank[i] = u[j], zt[j], ranks[j]
+            pre[i], Zt[i], Zr[i] = u[j], zt[j], zt[j]
+        if compress:
+            _row_space_bases(zt, idx, Q, Zr)
     s1: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     s2: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     act_groups: dict[tuple, list[int]] = {}
@@ -221,16 +222,26 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
         sizes = [pre[i].numel() for i in idx]
         for i, a, b in zip(idx, d1.split(sizes), d2.split(sizes), strict=True):
             s1[i], s2[i] = a.reshape(pre[i].shape), b.reshape(pre[i].shape)
-    out = []
-    for i, it in enumerate(items):
-        Q, Zr = None, Zt[i]
-        if rank[i] < Zt[i].shape[1]:
-            Vh = torch.linalg.svd(Zt[i], full_matrices=False)[2]
-            Q = Vh[: rank[i]].T.contiguous()
-            Zr = Zt[i] @ Q
-        out.append(LinearForward(it.weight, Zt[i], s1[i], s2[i], Q, Zr, it.weight_selected,
-                                 it.bias_selected))
-    return out
+    return [LinearForward(it.weight, Zt[i], s1[i], s2[i], Q[i], Zr[i], it.weight_selected,
+                          it.bias_selected) for i, it in enumerate(items)]
+
+
+def _row_space_bases(zt: torch.Tensor, idx: list[int], Q: list, Zr: list) -> None:
+    """The bases ``Q`` ``(m, r)`` and ``Zr = Zt Q`` of the rank-deficient matrices of a stack
+    ``zt`` ``(G, B, m)`` (stages ``idx``), written into ``Q`` and ``Zr``: one batched SVD, its
+    ranks read in one transfer, and one batched product per rank."""
+    _, S, Vh = torch.linalg.svd(zt, full_matrices=False)
+    m = zt.shape[2]
+    by_rank: dict[int, list[int]] = {}
+    for j, r in enumerate(_ranks(S, tuple(zt.shape[1:])).tolist()):
+        if r < m:
+            by_rank.setdefault(r, []).append(j)
+    for r, js in by_rank.items():
+        pick = torch.tensor(js, device=zt.device)
+        q = Vh[pick, :r].transpose(1, 2).contiguous()  # (G_r, m, r)
+        zr = torch.bmm(zt[pick], q)
+        for k, j in enumerate(js):
+            Q[idx[j]], Zr[idx[j]] = q[k], zr[k]
 
 
 class LinearDerivatives(StageDerivatives):
@@ -543,6 +554,44 @@ class LinearDerivatives(StageDerivatives):
         return out.reshape(h_out * r, B * h_in)
 
 
+    # ------------------------------------------------------------ front terms (section 13)
+    def _front_key(self) -> tuple:
+        return (self.out_size, self.m, self.r, self.weight_selected, self.batch, self.in_size,
+                self.Q is not None)
+
+    @classmethod
+    def front_terms(cls, stages):
+        """Batched over the stages of one shape, with ``g`` indexing them:
+        ``Y^T Dxx Y = blockdiag_o(Zr^T diag(beta[:, o]) Zr)``,
+        ``(Y^T Dzx)[(o, r), (b, i)] = beta[b, o] W[o, i] Zr[b, r] + gamma[b, o] Q[i, r]``
+        (the second term for a selected weight) and ``Dzz_b = W^T diag(beta[b]) W``."""
+        out: list = [None] * len(stages)
+        for idx in _shape_groups(stages, [d._front_key() for d in stages]):
+            group = [stages[i] for i in idx]
+            d0 = group[0]
+            G, B, h_out, r, h_in = len(idx), d0.batch, d0.out_size, d0.r, d0.in_size
+            N = h_out * r
+            Zr, beta = _stack([d.Zr for d in group]), _stack([d.beta for d in group])
+            blocks = torch.einsum("gbr,gbo,gbs->gors", Zr, beta, Zr)
+            Dxx = blocks.new_zeros(G, h_out, r, h_out, r)
+            torch.diagonal(Dxx, dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
+            Dxx = Dxx.view(G, N, N)
+            Dzx = Dzz = [None] * G
+            if d0.has_input:
+                W = _stack([d.W for d in group])
+                Dzx = torch.einsum("gbo,goi,gbr->gorbi", beta, W, Zr)
+                if d0.weight_selected:
+                    Qh = (_stack([d.Q for d in group])[:, :h_in] if d0.Q is not None else
+                          torch.eye(d0.m, dtype=d0.dtype, device=d0.device)[:h_in].expand(
+                              G, h_in, d0.m))
+                    gamma = _stack([d.gamma for d in group])
+                    Dzx = Dzx + torch.einsum("gbo,gir->gorbi", gamma, Qh)
+                Dzx = Dzx.reshape(G, N, B * h_in)
+                Dzz = torch.einsum("goi,gbo,goj->gbij", W, beta, W)
+            for j, i in enumerate(idx):
+                out[i] = FrontTerms(Dxx[j], Dzx[j], Dzz[j])
+        return out
+
     # ------------------------------------------------------------ solve terms (sections 8, 13)
     def _solve_key(self, closed: bool) -> tuple:
         coupled = closed and self.complement.coupled_dim > 0
@@ -627,26 +676,17 @@ class LinearComplement(Complement):
     ``range((I - Q Q^T) Pi)``; the rest are null vectors of ``H``.
     """
 
-    def __init__(self, stage: LinearDerivatives, gamma_svd):
-        """``gamma_svd``: ``(S, Vh, rank)`` of ``stage.gamma`` (see :func:`linear_complements`)."""
+    def __init__(self, stage: LinearDerivatives, gamma_svd, projector):
+        """``gamma_svd``: ``(S, Vh, rank)`` of ``stage.gamma``; ``projector``: ``(P, Pc,
+        mu_max)`` of ``A = (I - Q Q^T) Pi`` (both from :func:`linear_complements`)."""
         self.stage = stage
         Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
         self.dim = h_out * (m - r)
-        nw = stage.n_weight_cols
-        if nw and stage.has_input:
+        if stage.n_weight_cols and stage.has_input:
             sg, vgh, rho = gamma_svd
             self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
             self._sigma_max = sg[0] if rho else sg.new_zeros(())  # read when first needed
-            # A = (I - Q Q^T) Pi (m x nw) and P = A^T A = I - Qh Qh^T. range(A) has dimension
-            # exactly m - r: without a bias Pi = I and A is the projector onto span(Q)'s
-            # complement; with one, every row of Zt ends in 1, so span(Q) + span(Pi) = R^m.
-            # P_c = its leading m - r left singular vectors (no rank tolerance involved).
-            Pi = torch.eye(m, nw, dtype=stage.dtype, device=stage.device)
-            A = Pi - Q @ Q[:nw].T
-            self.P = A.T @ A
-            U, S, _ = torch.linalg.svd(A, full_matrices=False)
-            self.Pc = U[:, : m - r]
-            self._mu_max = S[0] ** 2 if S.numel() else S.new_zeros(())
+            self.P, self.Pc, self._mu_max = projector
         else:  # no weight columns or no stage input: E = 0
             self.U_gamma = Q.new_zeros(h_out, 0)
             self.P = None
@@ -723,18 +763,45 @@ def linear_complements(stages: Sequence[LinearDerivatives]) -> list[LinearComple
     """Build (and attach) the complements of compressed stages (``Q`` set), many at once: one
     batched SVD of the stacked ``gamma`` per shape, whose ranks are read in one transfer."""
     svds: list = [None] * len(stages)
+    projectors: list = [None] * len(stages)
     groups: dict[tuple, list[int]] = {}
+    bases: dict[tuple, list[int]] = {}
     for i, s in enumerate(stages):
         if s.Q is None:
             raise ValueError("only a compressed stage (rank Zt < m) has a complement")
         if s.n_weight_cols and s.has_input:
             groups.setdefault(tuple(s.gamma.shape), []).append(i)
+            bases.setdefault((s.m, s.r, s.n_weight_cols), []).append(i)
     for shape, idx in groups.items():
         _, S, Vh = torch.linalg.svd(torch.stack([stages[i].gamma for i in idx]),
                                     full_matrices=False)
         ranks = _ranks(S, shape).tolist() if S.shape[1] else [0] * len(idx)
         for j, i in enumerate(idx):
             svds[i] = (S[j], Vh[j], ranks[j])
-    for s, svd in zip(stages, svds, strict=True):
-        s._complement = LinearComplement(s, svd)
+    for idx in bases.values():
+        nw = stages[idx[0]].n_weight_cols
+        for i, projector in zip(idx, _complement_projectors([stages[i].Q for i in idx], nw),
+                                strict=True):
+            projectors[i] = projector
+    for s, svd, projector in zip(stages, svds, projectors, strict=True):
+        s._complement = LinearComplement(s, svd, projector)
     return [s._complement for s in stages]
+
+
+def _complement_projectors(Qs: list[torch.Tensor], nw: int) -> list[tuple]:
+    """``(P, Pc, mu_max)`` for bases ``Q`` ``(m, r)`` of one shape, in batched calls.
+
+    ``A = (I - Q Q^T) Pi`` ``(m, nw)`` (``Pi`` the first ``nw`` columns of ``I``) and
+    ``P = A^T A = I - Qh Qh^T``. ``range(A)`` has dimension exactly ``m - r``: without a bias
+    ``Pi = I`` and ``A`` is the projector onto the complement of ``span(Q)``; with one, every
+    row of ``Zt`` ends in 1, so ``span(Q) + span(Pi) = R^m``. ``Pc`` is ``A``'s leading
+    ``m - r`` left singular vectors (no rank tolerance involved), ``mu_max = ||A||^2``."""
+    Q = _stack(Qs)  # (G, m, r)
+    m, r = Q.shape[1:]
+    Pi = torch.eye(m, nw, dtype=Q.dtype, device=Q.device)
+    A = Pi - torch.bmm(Q, Q[:, :nw].transpose(1, 2))
+    P = torch.bmm(A.transpose(1, 2), A)
+    U, S, _ = torch.linalg.svd(A, full_matrices=False)
+    Pc = U[:, :, : m - r]
+    mu_max = S[:, 0] ** 2 if S.shape[1] else S.new_zeros(len(Qs))
+    return [(P[j], Pc[j], mu_max[j]) for j in range(len(Qs))]
