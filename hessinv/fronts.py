@@ -37,7 +37,7 @@ from .errors import SingularMatrixError
 from .ldlt import bunch_kaufman
 
 __all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
-           "symmetric_product",
+           "symmetric_product", "sign_logabsdet",
            "DEFAULT_TAU"]
 
 #: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
@@ -90,8 +90,8 @@ class DirectFront:
     Keeps ``W = L^-1 P^T F``; the update is ``F^T G^-1 F = W^T D^-1 W`` (one triangular solve
     with the ``a`` columns of ``F`` and one product; :mod:`hessinv.ldlt` puts the
     Bunch-Kaufman factor in this explicit form). A solve uses the same half-factored
-    coordinates (``D = I`` for Cholesky): backward ``h = half(k)`` and ``update_T(h)``
-    ``= F^T G^-1 k``, forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve
+    coordinates (``D = I`` for Cholesky): backward ``h = half(k)`` and ``add_update_T(acc, h)``
+    ``= acc + F^T G^-1 k``, forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve
     each way. :class:`EigenFront` offers the same four operations with ``L P^T = U_a^T``.
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
@@ -107,15 +107,25 @@ class DirectFront:
         self.n = F.shape[0]
         self.n_accepted, self.n_rejected = self.n, 0
         if bk is None:
-            diag = torch.diagonal(cholesky)
-            self.inertia, self.sign = (self.n, 0), F.new_ones(())
-            self.logabsdet = 2 * torch.log(diag).sum()
+            self.inertia = (self.n, 0)
             self._W = torch.linalg.solve_triangular(cholesky, F, upper=False)
             self.update = symmetric_product(self._W, self._W)
         else:
-            self.inertia, self.sign, self.logabsdet = bk.inertia, bk.sign, bk.logabsdet
+            self.inertia = bk.inertia
             self._W = bk.half_solve(F)
             self.update = symmetric_product(self._W, bk.d_solve(self._W))
+
+    @property
+    def sign(self) -> torch.Tensor:
+        return self._W.new_ones(()) if self._bk is None else self._bk.sign
+
+    @property
+    def logabsdet(self) -> torch.Tensor:
+        """``log|det G|``; for Cholesky ``2 sum log L_ii``, made when asked (a sweep sums the
+        diagonals of all its Cholesky fronts at once: :func:`sign_logabsdet`)."""
+        if self._bk is None:
+            return 2 * torch.log(torch.diagonal(self._L)).sum()
+        return self._bk.logabsdet
 
     def half(self, kc: torch.Tensor) -> torch.Tensor:
         """``h = L^-1 P^T k`` for ``k`` ``(n, r)``: the right-hand side in the half-factored
@@ -130,9 +140,9 @@ class DirectFront:
             return torch.linalg.solve_triangular(self._L.T, h, upper=True)
         return self._bk.half_solve_T(self._bk.d_solve(h))
 
-    def update_T(self, h: torch.Tensor) -> torch.Tensor:
-        """``F^T G^-1 k = W^T D^-1 h`` for ``h = half(k)``."""
-        return self._W.T @ (h if self._bk is None else self._bk.d_solve(h))
+    def add_update_T(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``acc + F^T G^-1 k = acc + W^T D^-1 h`` for ``h = half(k)`` (one ``addmm``)."""
+        return torch.addmm(acc, self._W.T, h if self._bk is None else self._bk.d_solve(h))
 
     @property
     def W(self) -> torch.Tensor:
@@ -175,9 +185,9 @@ class EigenFront:
     def finish(self, h):
         return h / self.lam_a[:, None]
 
-    def update_T(self, h):
-        """``F_a^T G_a^-1 k_a``."""
-        return self._UF_a.T @ (h / self.lam_a[:, None])
+    def add_update_T(self, acc, h):
+        """``acc + F_a^T G_a^-1 k_a``."""
+        return torch.addmm(acc, self._UF_a.T, h / self.lam_a[:, None])
 
     @property
     def W(self):
@@ -209,43 +219,63 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
     )
 
 
+def sign_logabsdet(fronts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sign, log|det|)`` of the product of the fronts' control blocks (0-d tensors), with
+    the diagonals of all Cholesky factors in one ``log`` and one sum and the other fronts'
+    values stacked: a few operators for a whole sweep, not a few per front."""
+    chol = [torch.diagonal(f._L) for f in fronts if f.kind == "cholesky" and f.n]
+    other = [f for f in fronts if f.kind != "cholesky"]
+    like = (chol or [f.logabsdet for f in other])[0] if chol or other else torch.zeros(())
+    sign, logabsdet = like.new_ones(()), like.new_zeros(())
+    if chol:
+        logabsdet = 2 * torch.log(torch.cat(chol)).sum()
+    if other:
+        sign = torch.stack([f.sign for f in other]).prod()
+        logabsdet = logabsdet + torch.stack([f.logabsdet for f in other]).sum()
+    return sign, logabsdet
+
+
 def _abs_max(x: torch.Tensor) -> torch.Tensor:
     """``max |x|`` (0-d) without an ``|x|`` temporary: two reductions over ``x`` (NaN
     propagates, so a failed factorization fails the tests it enters)."""
     return torch.maximum(x.amax(), x.amin().neg())
 
 
-def _cholesky_passes(L, info, scale) -> torch.Tensor:
-    """The pivot test of a Cholesky factor (0-d bool on the device): it succeeded and its
-    smallest pivot is above ``u max|G|``. A failed Cholesky leaves NaN or a tiny pivot, so
-    it fails this test too."""
+def _cholesky_passes(L, info, G) -> torch.Tensor:
+    """The pivot test of a Cholesky factor of ``G`` (0-d bool on the device): it succeeded and
+    its smallest pivot is above ``u max|G|``, where ``max|G| = max_i G_ii`` because a
+    Cholesky that succeeded shows ``G`` positive definite (``|G_ij|^2 <= G_ii G_jj``). A
+    failed Cholesky leaves NaN or a tiny pivot, so it fails this test too."""
+    scale = torch.diagonal(G).amax()
     return (info == 0) & (torch.diagonal(L).min() ** 2 > _singular_tol(scale, L.dtype))
 
 
-def _growth_bounded(front: DirectFront, F, Q, scale, tau: float) -> torch.Tensor:
+def _growth_bounded(front: DirectFront, F, Q, G, tau: float) -> torch.Tensor:
     """The growth test of a direct front (0-d bool on the device):
-    ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``."""
-    size = torch.stack([_abs_max(Q), _abs_max(F), scale])
-    if front.kind == "cholesky":  # W^T W is positive semi-definite: its largest entry
-        growth = front.update.diagonal().amax()  # is on the diagonal (|U_ij|^2 <= U_ii U_jj)
+    ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``; the extremes of the three and of a
+    Cholesky front's positive semi-definite update (whose largest entry is on its diagonal,
+    ``|U_ij|^2 <= U_ii U_jj``, as for ``G``) in one stack."""
+    if front.kind == "cholesky":
+        G_max, growth = torch.diagonal(G).amax(), front.update.diagonal().amax()
+        extremes = [Q.amax(), Q.amin(), F.amax(), F.amin(), G_max]
     else:
         growth = _abs_max(front.update)
-    return growth <= size.amax() / tau
+        extremes = [Q.amax(), Q.amin(), F.amax(), F.amin(), G.amax(), G.amin()]
+    return growth <= torch.stack(extremes).abs().amax() / tau
 
 
-def _front_tests(front: DirectFront, pivot_ok, F, Q, scale, tau: float, no_state: bool) -> list:
+def _front_tests(front: DirectFront, pivot_ok, F, Q, G, tau: float, no_state: bool) -> list:
     """The tests a direct front must pass (0-d bools on the device): its pivot test, and the
     growth test when it has a state to pass on."""
-    return [pivot_ok] if no_state else [pivot_ok, _growth_bounded(front, F, Q, scale, tau)]
+    return [pivot_ok] if no_state else [pivot_ok, _growth_bounded(front, F, Q, G, tau)]
 
 
-def _cholesky_in_full(G, F, Q, scale, tau: float, no_state: bool):
+def _cholesky_in_full(G, F, Q, tau: float, no_state: bool):
     """The Cholesky front made before anything is read (meaningless, NaN, if the Cholesky
     failed), with its :func:`_front_tests`."""
     L, info = torch.linalg.cholesky_ex(G)
     front = DirectFront(F, cholesky=L)
-    return front, _front_tests(front, _cholesky_passes(L, info, scale), F, Q, scale, tau,
-                                no_state)
+    return front, _front_tests(front, _cholesky_passes(L, info, G), F, Q, G, tau, no_state)
 
 
 def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
@@ -258,7 +288,7 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     if G.shape[0] == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
                                                                       device=G.device)
-    front, (pivot_ok, growth_ok) = _cholesky_in_full(G, F, Q, _abs_max(G), tau, no_state=False)
+    front, (pivot_ok, growth_ok) = _cholesky_in_full(G, F, Q, tau, no_state=False)
     return front, pivot_ok & growth_ok
 
 
@@ -281,27 +311,26 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     n = G.shape[0]
     if n == 0:
         return DirectFront(F, cholesky=G.new_zeros(0, 0))
-    scale = _abs_max(G)
     no_state = root or F.shape[1] == 0
     if not force_eigen:
         if speculative:
-            front, tests = _cholesky_in_full(G, F, Q, scale, tau, no_state)
+            front, tests = _cholesky_in_full(G, F, Q, tau, no_state)
             passed = torch.stack(tests).tolist()  # one host read
         else:
             L, info = torch.linalg.cholesky_ex(G)
-            passed = [bool(_cholesky_passes(L, info, scale))]  # one host read
+            passed = [bool(_cholesky_passes(L, info, G))]  # one host read
             if passed[0]:
                 front = DirectFront(F, cholesky=L)
                 if not no_state:  # and one more
-                    passed.append(bool(_growth_bounded(front, F, Q, scale, tau)))
+                    passed.append(bool(_growth_bounded(front, F, Q, G, tau)))
         if all(passed):
             return front
         if not passed[0]:  # indefinite (or nearly singular: Bunch-Kaufman then fails as well)
             bk = bunch_kaufman(G)  # one host read
             if bk is not None:
                 front = DirectFront(F, bk=bk)
-                pivot_ok = bk.smallest > _singular_tol(scale, G.dtype)
-                tests = _front_tests(front, pivot_ok, F, Q, scale, tau, no_state)
+                pivot_ok = bk.smallest > _singular_tol(_abs_max(G), G.dtype)
+                tests = _front_tests(front, pivot_ok, F, Q, G, tau, no_state)
                 if all(torch.stack(tests).tolist()):  # one host read
                     return front
     lam, U = torch.linalg.eigh(G)

@@ -38,7 +38,7 @@ import torch
 
 from .derivatives import FrontTerms, StageDerivatives, block_diagonal, per_class
 from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, cholesky_front, factor_front
+from .fronts import DEFAULT_TAU, cholesky_front, factor_front, sign_logabsdet
 from .progress import progress_bar
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
@@ -289,23 +289,22 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
     closed-form complement directions' (pivot ``eps`` each). Sign and logdet stay on the
     device; the inertias the fronts keep there are summed there and read once."""
     n_pos = n_neg = n_delayed = 0
-    sign = S.new_ones(())
-    logabsdet = S.new_zeros(())
+    sign, logabsdet = sign_logabsdet([f.front for f in factors])
     on_device = []
+    closed_count = 0
     for f in factors:
         if isinstance(f.front.inertia, torch.Tensor):
             on_device.append(f.front.inertia)
         else:
             n_pos += f.front.inertia[0]
             n_neg += f.front.inertia[1]
-        sign = sign * f.front.sign
-        logabsdet = logabsdet + f.front.logabsdet
         n_delayed += f.front.n_rejected
-        if f.complement_count:
-            count = f.complement_count
-            n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
-            sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
-            logabsdet = logabsdet + count * math.log(abs(damping))
+        closed_count += f.complement_count
+    if closed_count:
+        count = closed_count
+        n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
+        sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
+        logabsdet = logabsdet + count * math.log(abs(damping))
     if on_device:
         pos, neg = torch.stack(on_device).sum(0).tolist()
         n_pos, n_neg = n_pos + pos, n_neg + neg
@@ -325,40 +324,43 @@ def riccati_solve(
     ``h_l = L^-1 P^T k_l`` (its right-hand side half solved) and passes
     ``s_l = Dz^T s_{l+1} - W^T D^-1 h_l`` on; forward, the controls are
     ``-G^-1 (k_l + F t_{l-1}) = -P L^-T D^-1 (h_l + W t_{l-1})``: one triangular solve each
-    way per front.
+    way per front. The sweeps carry ``-k_l`` and ``-h_l``, so that every sum with a product
+    is one ``addmm`` and no negation is left over.
     """
     L = len(stages)
     eps = rf.damping
     k = g[0].shape[1]
     closed = [f.mode == "closed" for f in rf.factors]
     terms = per_class("rhs_terms", stages, closed, list(g))
-    h: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    hn: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     s = None
     for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
         d, f, term = stages[l], rf.factors[l], terms[l]
         B, h_out = d.batch, d.out_size
         n_t = B * h_out
-        kc = -term.Y_T_g
-        s_z = None  # Dz^T s_t
+        m = term.Y_T_g  # m = -k: the negated right-hand side of the front
+        acc = None  # Dz^T s_t (+ the closed-form complement's coupling)
         if s is not None:
             s_t = s[:n_t].reshape(B, h_out, k)
             if l > 0:
                 s_x, s_z = d.DxY_T_Dz_T(s_t)
+                acc = s_z.reshape(-1, k)
             else:  # the first stage has no Dz
                 s_x = d.DxY_T(s_t)
-            kc = kc + s_x
+            m = m - s_x
         if f.n_w or f.n_delayed_in:
-            parts = [kc] + ([-d.complement.coupled_T(g[l])] if f.n_w else [])
-            kc = torch.cat(parts + ([s[n_t:]] if f.n_delayed_in else []), dim=0)
-        h[l] = f.front.half(kc)
+            parts = [m] + ([d.complement.coupled_T(g[l])] if f.n_w else [])
+            m = torch.cat(parts + ([-s[n_t:]] if f.n_delayed_in else []), dim=0)
+        hn[l] = f.front.half(m)  # -h
         if l == 0:
             break
-        st = f.front.update_T(h[l]).neg_()
-        if s_z is not None:
-            st = st + s_z.reshape(-1, k)
         if term.coupling_T is not None:
-            st = st + term.coupling_T.reshape(-1, k) / eps
-        s = st if f.front.n_rejected == 0 else torch.cat([st, f.front.rejected(kc)], dim=0)
+            coupling = term.coupling_T.reshape(-1, k) / eps
+            acc = coupling if acc is None else acc + coupling
+        if acc is None:
+            acc = m.new_zeros(B * d.in_size, k)
+        st = f.front.add_update_T(acc, hn[l])  # acc - F^T G^-1 k
+        s = st if f.front.n_rejected == 0 else torch.cat([st, f.front.rejected(m).neg_()], dim=0)
     alpha: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     t_prev: list[torch.Tensor | None] = [None] * L
     split: dict[int, torch.Tensor] = {}  # coupled complement coordinates w (split mode)
@@ -366,17 +368,15 @@ def riccati_solve(
     delayed = g[0].new_zeros(0, k)
     for l in range(L):  # forward: the controls
         d, f = stages[l], rf.factors[l]
-        x = h[l] if t is None else h[l] + f.front.W @ t.reshape(-1, k)
-        c = f.front.combine(f.front.finish(x).neg_(), delayed)
+        # -(h + W t) in one product; the controls -G^-1 (k + F t) = finish(-(h + W t))
+        x = hn[l] if t is None else torch.addmm(hn[l], f.front.W, t.reshape(-1, k), alpha=-1)
+        c = f.front.combine(f.front.finish(x), delayed)
         N, n_w = f.n_alpha, f.n_w
         alpha[l], delayed = c[:N], c[N + n_w:]
         if f.mode == "split":
             split[l] = c[N:N + n_w]
         t_prev[l] = t
-        t_new = d.DxY(alpha[l])
-        if t is not None:
-            t_new = t_new + d.Dz(t)
-        t = t_new
+        t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
     out = per_class("controls", stages, closed, alpha, t_prev, terms, eps)
     for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
         comp, gl = stages[l].complement, g[l]

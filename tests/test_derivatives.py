@@ -58,6 +58,10 @@ def test_structured_equals_generic(activation, bias, batch):
                 w = torch.randn(a.batch, a.out_size, 3, dtype=torch.float64)
                 wx, wz = d.DxY_T_Dz_T(w)
                 assert _close(wx, d.DxY_T(w)) and _close(wz, d.Dz_T(w))
+                for k in (1, 3):  # the tangent passed on: one addmm for one vector
+                    alpha = torch.randn(d.basis_size, k, dtype=torch.float64)
+                    t = torch.randn(a.batch, a.in_size, k, dtype=torch.float64)
+                    assert _close(d.DxY_Dz(alpha, t), d.DxY(alpha) + d.Dz(t))
 
 
 def test_compression_is_taken_when_batch_is_below_width():

@@ -319,6 +319,11 @@ class StageDerivatives(ABC):
         """``Dx Y alpha``: ``(N, k) -> (B, h_out, k)``."""
         return self.Dx(alpha)
 
+    def DxY_Dz(self, alpha: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``Dx Y alpha + Dz t``: ``(N, k), (B, h_in, k) -> (B, h_out, k)`` (the tangent a
+        stage passes on); a class may share the work of the two products."""
+        return self.DxY(alpha) + self.Dz(t)
+
     def DxY_T(self, w: torch.Tensor) -> torch.Tensor:
         """``(Dx Y)^T w``: ``(B, h_out, k) -> (N, k)``."""
         return self.Dx_T(w)

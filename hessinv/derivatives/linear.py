@@ -506,6 +506,17 @@ class LinearDerivatives(StageDerivatives):
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
         return self.s1[:, :, None] * _apply_rows(self.Zr, A)
 
+    def DxY_Dz(self, alpha, t):
+        """``s' * (Zr A^T + t W^T)`` per sample, the second product accumulated into the first
+        (one ``addmm`` for one vector)."""
+        k = alpha.shape[-1]
+        A = alpha.reshape(self.out_size, self.r, k)
+        if k == 1:
+            P = torch.addmm(self.Zr @ A[:, :, 0].T, t[:, :, 0], self.W.T)[:, :, None]
+        else:
+            P = _apply_rows(self.Zr, A) + _left(self.W, t)
+        return self.s1[:, :, None] * P
+
     def DxY_T(self, w):
         out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
         return out.reshape(self.basis_size, w.shape[-1])
