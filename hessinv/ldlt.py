@@ -34,27 +34,32 @@ class BunchKaufman:
     ``|pivot|``; ``sqrt|det|`` of a 2x2 block), all left on the device.
     """
 
-    def __init__(self, L, perm, d, e, one, two):
-        """``one``, ``two``: indices (on the device) of the 1x1 pivots and of the first rows
-        of the 2x2 blocks, from the pivot layout; no boolean masks, so nothing here waits for
-        the device (the inertia stays there, docs/algorithm.md section 13)."""
-        self.L, self.perm, self.d, self.e = L, perm, d, e
-        self.inverse_perm = torch.empty_like(perm)
-        self.inverse_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-        n, n2 = d.numel(), two.numel()
-        d1, a, c, b = d[one], d[two], d[two + 1], e[two]
-        det2 = a * c - b * b
-        self.inertia = torch.stack([(d1 > 0).sum(), (d1 < 0).sum()]) + n2
-        self.sign = torch.prod(torch.sign(d1)) * (-1.0) ** n2
-        self.logabsdet = torch.log(d1.abs()).sum() + torch.log(det2.abs()).sum()
-        pivots = torch.cat([d1.abs(), det2.abs().sqrt()])
-        self.smallest = pivots.min() if n else d.new_ones(())
+    def __init__(self, L, perm, inverse_perm, d, e, one, two, two_next, slots):
+        """``one``, ``two``, ``two_next``: indices (on the device) of the 1x1 pivots and of the
+        first and second rows of the 2x2 blocks, from the pivot layout, and ``slots`` where the entries of
+        ``D^-1``'s diagonal land (see :func:`bunch_kaufman`); no boolean masks, so nothing here
+        waits for the device (the inertia stays there, docs/algorithm.md section 13).
+
+        With ``d1`` the 1x1 pivots and ``det2 = a c - b^2 < 0`` the determinants of the 2x2
+        blocks ``[[a, b], [b, c]]`` (one eigenvalue of each sign): ``n_pos = #(d1 > 0) + n2``,
+        ``n_neg = n - n_pos``, ``sign = prod sign(d1, det2)``, ``log|det| = sum log|d1, det2|``,
+        ``smallest = min(|d1|, sqrt|det2|)``."""
+        self.L, self.perm, self.inverse_perm, self.d, self.e = L, perm, inverse_perm, d, e
+        n, n1, n2 = d.numel(), one.numel(), two.numel()
+        d1, a, c, b = d[one], d[two], d[two_next], e[two]
+        det2 = torch.addcmul(a * c, b, b, value=-1.0)
+        pivots = torch.cat([d1, det2])
+        positive = (d1 > 0).sum()
+        self.inertia = torch.stack([positive + n2, (n1 + n2) - positive])
+        self.sign = torch.sign(pivots).prod()
+        magnitude = pivots.abs()
+        self.logabsdet = magnitude.log().sum()
+        magnitude[n1:].sqrt_()
+        self.smallest = magnitude.min() if n else d.new_ones(())
         # D^-1 as a symmetric tridiagonal (1x1 blocks and closed-form 2x2 inverses)
-        inv_d, inv_e = torch.zeros_like(d), torch.zeros_like(e)
-        inv_d[one] = 1.0 / d1
-        if n2:
-            inv_d[two], inv_d[two + 1], inv_e[two] = c / det2, a / det2, -b / det2
-        self._inv_d, self._inv_e = inv_d, inv_e
+        inv2 = torch.stack([c, a, b.neg()]) / det2  # (3, n2): the 2x2 inverses' entries
+        self._inv_d = torch.cat([d1.reciprocal(), inv2[0], inv2[1]])[slots]
+        self._inv_e = torch.zeros_like(e).index_put_((two,), inv2[2])
 
     def half_solve(self, B: torch.Tensor) -> torch.Tensor:
         """``L^-1 P^T B``."""
@@ -66,11 +71,11 @@ class BunchKaufman:
         return X[self.inverse_perm]
 
     def d_solve(self, B: torch.Tensor) -> torch.Tensor:
-        """``D^-1 B``."""
+        """``D^-1 B``: the diagonal, then the two off-diagonals accumulated in place."""
         out = self._inv_d[:, None] * B
         e = self._inv_e[:-1, None]
-        out[:-1] += e * B[1:]
-        out[1:] += e * B[:-1]
+        out[:-1].addcmul_(e, B[1:])
+        out[1:].addcmul_(e, B[:-1])
         return out
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
@@ -79,11 +84,14 @@ class BunchKaufman:
 
 
 def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
-    """Factor symmetric ``G``; ``None`` when LAPACK meets an exactly zero pivot.
+    """Factor symmetric ``G`` (its lower triangle); ``None`` when LAPACK meets an exactly zero
+    pivot or the factor is not finite.
 
-    Reads the device once: the pivot layout and the success flag in one transfer."""
+    Reads the device once: the pivot layout and the success flag in one transfer. Everything
+    derived from the layout (the 1x1 and 2x2 pivot positions, the permutation and its
+    inverse, the gather index of ``L``) is made on the host and sent in one copy."""
     LD, pivots, info = torch.linalg.ldl_factor_ex(G)
-    ok = (info == 0) & torch.isfinite(LD).all()
+    ok = (info == 0) & torch.isfinite(LD.sum())  # NaN or Inf anywhere reaches the sum
     *piv, flag = torch.cat([pivots, ok.to(pivots.dtype).reshape(1)]).tolist()
     if not flag:
         return None
@@ -98,20 +106,10 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
         else:
             steps.append((i, 2, i + 1, -piv[i] - 1))
             i += 2
-    raw = LD.tril_()  # LD is ours: its strict upper triangle is not part of the factor
-
-    def on_device(values):  # host-made indices: copied without waiting for the queue
-        return torch.tensor(values, dtype=torch.long).to(G.device, non_blocking=True)
-
-    one = on_device([s[0] for s in steps if s[1] == 1])
-    two = on_device([s[0] for s in steps if s[1] == 2])
-    e = torch.zeros(n, dtype=G.dtype, device=G.device)
-    if two.numel():
-        e[two] = raw[two + 1, two]
-        raw[two + 1, two] = 0.0
-    d = torch.diagonal(raw).clone()
+    one = np.array([st[0] for st in steps if st[1] == 1], dtype=np.int64)
+    two = np.array([st[0] for st in steps if st[1] == 2], dtype=np.int64)
     # q: gather index of the interchanges of all later steps; value/position maps kept in
-    # sync. Built on the host with numpy (a loop over the steps), one row per column of L.
+    # sync. Built with numpy (a loop over the steps), one row per column of L.
     q = np.arange(n)
     where = np.arange(n)  # where[v] = position of value v in q
     index_T = np.empty((n, n), dtype=np.int64)
@@ -121,7 +119,23 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
             pa, pb = where[a], where[b]
             q[pa], q[pb] = b, a
             where[a], where[b] = pb, pa
-    index = torch.from_numpy(index_T).to(G.device, non_blocking=True).T
-    L = torch.gather(raw, 0, index).tril_(-1)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[q] = np.arange(n)
+    slots = np.empty(n, dtype=np.int64)  # D^-1's diagonal from [1/d1, c/det2, a/det2]
+    slots[one] = np.arange(one.size)
+    slots[two] = one.size + np.arange(two.size)
+    slots[two + 1] = one.size + two.size + np.arange(two.size)
+    packed = torch.from_numpy(np.concatenate([one, two, two + 1, q, inverse, slots,
+                                              index_T.ravel()]))
+    packed = packed.to(G.device, non_blocking=True)  # one copy, without waiting for the queue
+    one_d, two_d, next_d, q_d, inverse_d, slots_d, index_d = packed.split(
+        [one.size, two.size, two.size, n, n, n, n * n])
+    raw = LD.tril_()  # LD is ours: its strict upper triangle is not part of the factor
+    e = torch.zeros(n, dtype=G.dtype, device=G.device)
+    if two.size:
+        e[two_d] = raw[next_d, two_d]
+        raw[next_d, two_d] = 0.0
+    d = torch.diagonal(raw).clone()
+    L = torch.gather(raw, 0, index_d.view(n, n).T).tril_(-1)
     L.diagonal().fill_(1.0)
-    return BunchKaufman(L, torch.from_numpy(q).to(G.device, non_blocking=True), d, e, one, two)
+    return BunchKaufman(L, q_d, inverse_d, d, e, one_d, two_d, next_d, slots_d)
