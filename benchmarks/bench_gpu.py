@@ -15,11 +15,15 @@ limit), with the device synchronised around every timing:
   exponents in depth (log-log least squares) per dtype.
 * wide case -- width 1024, depth 16, batch 8: the same times, peak memory and the
   residual ``||(H + eps I) x - g|| / ||g||``.
+* per-stage floor -- width 4, batch 4, depth 512: the same phases per stage where the
+  arithmetic is negligible, so what is left is the dispatch (on a GPU, the launch) of each
+  stage's operators and its host reads; with the operators per stage
+  (``hessinv.syncs.KernelCounter``), also given for the depth sweep.
 
 The whole run keeps to ``--budget`` seconds (default 420, under 8 minutes with start-up):
-the wide cases run first, then the depth sweep with both dtypes interleaved, and a
-configuration whose predicted time (linear in depth from the previous one) does not fit
-what is left is skipped and marked so.
+the wide cases run first, then the floor, then the depth sweep with both dtypes
+interleaved, and a configuration whose predicted time (linear in depth from the previous
+one) does not fit what is left is skipped and marked so.
 
     python benchmarks/bench_gpu.py --device cuda --out        # one H100: results/bench_gpu.md
     python benchmarks/bench_gpu.py --device cpu --small       # smoke test on CPU
@@ -57,13 +61,14 @@ import hessinv  # noqa: E402
 from hessinv import SingularMatrixError  # noqa: E402  (found through bench_width's path)
 from hessinv.factorization import RUN_LENGTH  # noqa: E402
 from hessinv.riccati import riccati_factorize  # noqa: E402
-from hessinv.syncs import HostSyncCounter  # noqa: E402
+from hessinv.syncs import HostSyncCounter, KernelCounter  # noqa: E402
 
 EPS = 1e-2
 DTYPES = ("float32", "float64")
 SWEEP_WIDTH, SWEEP_BATCH = 16, 32
 DEPTHS, SMALL_DEPTHS = (64, 128, 256, 512, 1024, 2048), (8, 16, 32, 64)
 WIDE, SMALL_WIDE = (16, 1024, 8), (4, 64, 8)  # (depth, width, batch)
+FLOOR_WIDTH, FLOOR_BATCH, FLOOR_DEPTH, SMALL_FLOOR_DEPTH = 4, 4, 512, 128
 
 
 # ----------------------------------------------------------------------------- memory (child)
@@ -166,21 +171,21 @@ def read_modes(prob, H, device) -> dict:
 
 
 def host_reads(prob, H) -> dict:
-    """Host-device synchronisations (docs/algorithm.md section 13) of one derivative sweep,
-    one factorization and one solve with a kept factorization (untimed: counting them
-    slows every operator down)."""
+    """Host-device synchronisations and operators (kernel launches at most; docs/algorithm.md
+    section 13) of one derivative sweep, one factorization and one solve with a kept
+    factorization (untimed: counting them slows every operator down)."""
     out = {}
-    with HostSyncCounter() as reads:
+    with HostSyncCounter() as reads, KernelCounter() as kernels:
         chain_hessian(prob)
-    out["reads_derivatives"] = reads.count
-    with HostSyncCounter() as reads:
+    out["reads_derivatives"], out["kernels_derivatives"] = reads.count, kernels.count
+    with HostSyncCounter() as reads, KernelCounter() as kernels:
         F = H.factorize(EPS, progress=False)
-    out["reads_factorization"] = reads.count
+    out["reads_factorization"], out["kernels_factorization"] = reads.count, kernels.count
     g = H.gradient()
     F.solve(g)
-    with HostSyncCounter() as reads:
+    with HostSyncCounter() as reads, KernelCounter() as kernels:
         F.solve(g)
-    out["reads_solve"] = reads.count
+    out["reads_solve"], out["kernels_solve"] = reads.count, kernels.count
     return out
 
 
@@ -268,6 +273,38 @@ def run_depth_sweep(args, budget: Budget) -> dict:
     return results
 
 
+def run_floor(args, budget: Budget) -> dict:
+    """The per-stage floor: width 4, batch 4, where the arithmetic is negligible and what is
+    timed is the dispatch of the operators (and on a GPU their launches and the host reads)."""
+    depth = SMALL_FLOOR_DEPTH if args.small else FLOOR_DEPTH
+    return {dtype: run_config(dict(depth=depth, width=FLOOR_WIDTH, batch=FLOOR_BATCH,
+                                   dtype=dtype, device=args.device, threads=args.threads,
+                                   repeats=args.repeats, products=args.products), budget)
+            for dtype in DTYPES}
+
+
+def floor_table(results: dict, args) -> str:
+    depth = SMALL_FLOOR_DEPTH if args.small else FLOOR_DEPTH
+    lines = [
+        f"\n## Per-stage floor: width {FLOOR_WIDTH}, batch {FLOOR_BATCH}, depth {depth}, "
+        f"eps = {EPS:g}\n",
+        "Time per stage (microseconds) where the arithmetic is negligible: the cost of "
+        "dispatching (on a GPU, launching) each stage's operators and of its host reads.\n",
+        "| dtype | derivatives (us) | factorization (us) | solve (us) | extra RHS (us) "
+        "| HVP ours (us) | host reads: derivatives / factorization / solve "
+        "| operators per stage: derivatives / factorization / solve |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for dtype, r in results.items():
+        if "total" not in r:
+            lines.append(f"| {dtype} | {note(r)} |")
+            continue
+        per = [f"{r[k] / depth * 1e6:.0f}" for k in
+               ("derivatives", "factorization", "solve", "extra_rhs", "hvp_ours")]
+        lines.append(f"| {dtype} | " + " | ".join(per) + f" | {reads(r)} | {kernels(r, depth)} |")
+    return "\n".join(lines)
+
+
 def note(r: dict) -> str:
     """Why a row has no times: the error or the reason it was skipped, shortened."""
     text = r.get("error") or r.get("skipped") or "?"
@@ -277,6 +314,13 @@ def note(r: dict) -> str:
 def reads(r: dict) -> str:
     keys = ("reads_derivatives", "reads_factorization", "reads_solve")
     return " / ".join(str(r[k]) for k in keys) if all(k in r for k in keys) else "-"
+
+
+def kernels(r: dict, depth: int) -> str:
+    """Operators per stage of the three phases (their count over the depth)."""
+    keys = ("kernels_derivatives", "kernels_factorization", "kernels_solve")
+    return (" / ".join(f"{r[k] / depth:.0f}" for k in keys) if all(k in r for k in keys)
+            else "-")
 
 
 def ggn(r: dict, key: str) -> str:
@@ -298,11 +342,12 @@ def sweep_table(results: dict, args) -> str:
         "| solve (s) | total (s) | extra RHS (s) | memory (MiB) | HVP ours (s) "
         "| HVP torch.func (s) | torch.func / ours | backward error | residual | method "
         "| host reads: derivatives / factorization / solve "
+        "| operators per stage: derivatives / factorization / solve "
         f"| GGN factorization stage by stage (s, reads) | GGN factorization in runs of {RUN_LENGTH} "
         "(s, reads) | H factorization, tests read apart (s, reads) "
         "| H factorization, speculative fronts (s, reads) | repeats |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"
-        "---|---|---:|",
+        "---|---|---|---:|",
     ]
     for dtype, rows in results.items():
         for depth, r in rows.items():
@@ -316,7 +361,7 @@ def sweep_table(results: dict, args) -> str:
                 f"| {fmt_mb(r['peak_memory'])} | {fmt_s(r['hvp_ours'])} "
                 f"| {fmt_s(r['hvp_torch_func'])} | {r['hvp_torch_func'] / r['hvp_ours']:.2f}x "
                 f"| {fmt_e(r['backward_error'])} | {fmt_e(r['residual'])} | {r['method']} "
-                f"| {reads(r)} | {ggn(r, 'ggn_stagewise')} | {ggn(r, 'ggn_runs')} "
+                f"| {reads(r)} | {kernels(r, depth)} | {ggn(r, 'ggn_stagewise')} | {ggn(r, 'ggn_runs')} "
                 f"| {ggn(r, 'h_apart')} | {ggn(r, 'h_speculative')} | {r['repeats']} |"
             )
     return "\n".join(lines)
@@ -400,9 +445,10 @@ def main(argv=None) -> int:
         return 2
     budget = Budget(args.budget)
     wide = run_wide(args, budget)
+    floor = run_floor(args, budget)
     sweep = run_depth_sweep(args, budget)
     report = "\n".join([header(args), sweep_table(sweep, args), sweep_exponents(sweep),
-                        wide_table(wide, args)])
+                        wide_table(wide, args), floor_table(floor, args)])
     print(report)
     if args.out is not None:
         path = Path(args.out) if args.out else default_out(args)

@@ -86,6 +86,14 @@ def _left(W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (W @ t.transpose(0, 1).reshape(i, B * k)).reshape(W.shape[0], B, k).transpose(0, 1)
 
 
+def _left_add(acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``acc + _left(W, t)``; for one vector one ``addmm`` over the samples (``acc`` may be a
+    broadcast view)."""
+    if t.shape[2] == 1:
+        return torch.addmm(acc[:, :, 0], t[:, :, 0], W.T)[:, :, None]
+    return acc + _left(W, t)
+
+
 def _gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``out[o, m, k] = sum_b Z[b, m] R[b, o, k]``: a broadcast product when ``k >= m``
     (contiguous result, ``Z`` copied once per ``o``), else one product over the stacked ``R``."""
@@ -420,18 +428,15 @@ class LinearDerivatives(StageDerivatives):
 
     def tangent(self, v, t_prev):
         P0, _ = v
-        P = P0 if t_prev is None else P0 + _left(self.W, t_prev)
+        P = P0 if t_prev is None else _left_add(P0, self.W, t_prev)
         return self.s1[:, :, None] * P, P
 
     def adjoint(self, v, t_prev, u, cache):
         """``R = beta * P + s' * u`` (the partial) and ``u_prev = W^T R + E^T V_W``."""
-        R = self.beta[:, :, None] * cache + self.s1[:, :, None] * u
+        R = torch.addcmul(self.beta[:, :, None] * cache, self.s1[:, :, None], u)
         if t_prev is None:
             return R, None
-        u_prev = _left(self.W.T, R)
-        if v[1] is not None:
-            u_prev = u_prev + v[1]
-        return R, u_prev
+        return R, _left(self.W.T, R) if v[1] is None else _left_add(v[1], self.W.T, R)
 
     @classmethod
     def hvp_finish(cls, stages, v, t_prev, partial):
@@ -509,13 +514,8 @@ class LinearDerivatives(StageDerivatives):
     def DxY_Dz(self, alpha, t):
         """``s' * (Zr A^T + t W^T)`` per sample, the second product accumulated into the first
         (one ``addmm`` for one vector)."""
-        k = alpha.shape[-1]
-        A = alpha.reshape(self.out_size, self.r, k)
-        if k == 1:
-            P = torch.addmm(self.Zr @ A[:, :, 0].T, t[:, :, 0], self.W.T)[:, :, None]
-        else:
-            P = _apply_rows(self.Zr, A) + _left(self.W, t)
-        return self.s1[:, :, None] * P
+        A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
+        return self.s1[:, :, None] * _left_add(_apply_rows(self.Zr, A), self.W, t)
 
     def DxY_T(self, w):
         out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
