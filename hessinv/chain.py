@@ -78,6 +78,12 @@ class Stage:
             offset += n
         return out
 
+    @property
+    def has_hooks(self) -> bool:
+        """Whether a module of the stage has forward hooks (they may change what it computes,
+        so the stage is applied through its modules and differentiated generically)."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
     def selected_params(self) -> list[torch.Tensor]:
         """The stage's selected parameter tensors (detached), in order."""
         named = dict(self.modules[0].named_parameters())
@@ -90,7 +96,8 @@ class Stage:
     def apply(self, x: torch.Tensor, z) -> torch.Tensor:
         """``f_l(z; x)`` for a batch ``z`` (batch first) and flat selected parameters ``x``."""
         first = self.modules[0]
-        if type(first) is nn.Linear:  # directly: functional_call costs more than the product
+        if type(first) is nn.Linear and not self.has_hooks:  # directly: cheaper than
+            # functional_call, which would also run the module's hooks
             p = self.split_params(x)
             out = nn.functional.linear(z, p.get("weight", first.weight), p.get("bias", first.bias))
         else:

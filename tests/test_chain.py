@@ -126,3 +126,18 @@ def test_flat_params_one_vector_and_dtype_errors():
     model[2].bias = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
     with pytest.raises(TypeError, match=r"2\.bias has non-floating"):
         build_chain(model, params=["0.weight", "2.bias"]).flat_params()
+
+
+def test_forward_hooks_are_part_of_the_function():
+    """A forward hook that changes a module's output changes the Hessian: such a stage is
+    applied through its modules and differentiated generically, never by the structured
+    ``Linear`` formulas (which would silently leave the hook out). Checked against dense."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].register_forward_hook(lambda m, args, out: 2.0 * out + out**2)
+    model[1].register_forward_pre_hook(lambda m, args: (args[0] - 0.5,))
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    H = hessinv.ChainHessian(model, nn.MSELoss(), X, y, progress=False)
+    D = hessinv.dense_hessian(model, nn.MSELoss(), X, y)
+    assert type(H.stage_derivatives()[0]).__name__ == "GenericDerivatives"
+    assert float((H.dense() - D).abs().max()) <= 1e-12 * float(D.abs().max())

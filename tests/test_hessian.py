@@ -307,3 +307,27 @@ def test_param_grid_exhaustive_small():
             methods=("riccati",),
             k=1,
         )
+
+
+def test_garbage_collector_paused_during_construction_and_restored():
+    """The constructor turns Python's cyclic collector off while it builds the stages and
+    leaves it as it found it, also when it raises."""
+    import gc
+
+    from torch import nn
+
+    seen = []
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(gc.isenabled()))
+    X, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            hessinv.ChainHessian(model, nn.MSELoss(), X, y, progress=False)
+            assert gc.isenabled() == enabled
+            with pytest.raises(RuntimeError):
+                hessinv.ChainHessian(model, nn.MSELoss(), X[:, :1], y, progress=False)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    assert seen == [] or not any(seen)

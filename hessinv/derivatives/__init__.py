@@ -82,6 +82,7 @@ def _is_linear_stage(stage: Stage, z) -> bool:
         and all(type(m) in ELEMENTWISE_ACTIVATIONS for m in stage.modules[1:])
         and isinstance(z, torch.Tensor)
         and z.dim() == 2
+        and not stage.has_hooks  # a hook may change the function: torch.func sees it
     )
 
 
