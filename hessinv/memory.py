@@ -20,11 +20,17 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
     """Estimated bytes per method for the stages' derivatives and loss blocks ``S``.
 
     Keys: ``"derivatives"`` (what is stored now), ``"riccati"`` (kept factors plus the
-    largest transient front, without delayed pivots), ``"tridiagonal"`` (the pivoted band
+    largest transient front, without delayed pivots, plus the front terms made ahead of
+    the sweep, docs/algorithm.md section 13), ``"tridiagonal"`` (the pivoted band
     LU of blocks ``p_l + 2 a_l``) and ``"dense"`` (``H`` and its LU).
     """
+    from .derivatives import FrontTerms
+    from .riccati import TERMS_BYTES
+
     item = S.element_size()
     stored = sum(d.stored_bytes() for d in stages)
+    terms = [FrontTerms.stored_bytes(d) for d in stages]
+    ahead = max(max(terms, default=0), min(TERMS_BYTES, sum(terms)))
     kept = peak = 0
     tri = 0
     n = 0
@@ -42,7 +48,7 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
         n += d.num_params
     return {
         "derivatives": stored,
-        "riccati": (kept + peak) * item,
+        "riccati": (kept + peak) * item + ahead,
         "tridiagonal": (tri + peak) * item,
         "dense": 2 * n * n * item,
     }
