@@ -153,24 +153,30 @@ def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMat
 
 #: at most this many stages' :class:`FrontTerms` are made in one batched call ...
 TERMS_STAGES = 16
-#: ... and held at once (bytes)
+#: ... and held at once (bytes): on a GPU, where a batched call saves launches ...
 TERMS_BYTES = 1 << 25
+#: ... and on a CPU, where it saves dispatches but terms that fall out of the cache before
+#: their front uses them cost more than that (width 16, batch 32: 4 MB per stage, 6% slower)
+TERMS_BYTES_CPU = 1 << 20
 
 
 class _TermsAhead:
     """The stages' :class:`FrontTerms`, made in batched calls for up to :data:`TERMS_STAGES`
-    stages ahead of the backward sweep (within :data:`TERMS_BYTES`; a bigger stage alone),
-    each dropped once its front is kept (docs/algorithm.md section 13)."""
+    stages ahead of the backward sweep (within :data:`TERMS_BYTES`, or
+    :data:`TERMS_BYTES_CPU` on a CPU; a bigger stage alone), each dropped once its front is
+    kept (docs/algorithm.md section 13)."""
 
     def __init__(self, stages: Sequence[StageDerivatives]):
         self.stages, self.made = stages, {}
+        on_cpu = bool(stages) and stages[0].device.type == "cpu"
+        self.budget = TERMS_BYTES_CPU if on_cpu else TERMS_BYTES
 
     def __getitem__(self, l: int) -> FrontTerms:
         if l not in self.made:
             chunk, size = [l], FrontTerms.stored_bytes(self.stages[l])
             while len(chunk) < TERMS_STAGES and chunk[-1] > 0:
                 more = FrontTerms.stored_bytes(self.stages[chunk[-1] - 1])
-                if size + more > TERMS_BYTES:
+                if size + more > self.budget:
                     break
                 chunk.append(chunk[-1] - 1)
                 size += more
