@@ -176,6 +176,9 @@ def _snapshot(module: nn.Module) -> nn.Module:
 
 
 _ATOMS = (bool, int, float, str, type(None), torch.dtype, torch.device)
+#: methods through which a class may customise its copies
+_COPY_HOOKS = ("__deepcopy__", "__copy__", "__getstate__", "__setstate__", "__reduce_ex__",
+               "__reduce__")
 
 
 def _is_atomic(value) -> bool:
@@ -189,8 +192,11 @@ def _plain_copy(module: nn.Module) -> nn.Module | None:
     is its parameters and buffers, dicts (of hooks), sets of names and immutable settings
     (``nn.Linear``, the activations): a new object with its own dicts and cloned tensors,
     several times faster than the generic deep copy (two modules per stage of a deep chain).
-    ``None`` for any other module (it is deep-copied)."""
-    if module._modules:
+    ``None`` for any other module, or one that customises how it is copied (it is
+    deep-copied)."""
+    cls = type(module)
+    if module._modules or any(getattr(cls, name, None) is not getattr(nn.Module, name, None)
+                              for name in _COPY_HOOKS):
         return None
     state = {}
     for key, value in vars(module).items():

@@ -89,9 +89,21 @@ class _Scaled(nn.Module):
         return self.lin(z) * self.scale
 
 
+class _CustomCopy(nn.Linear):
+    """A module that customises its deep copy (counted here): it must be honoured."""
+
+    copies = 0
+
+    def __deepcopy__(self, memo):
+        type(self).copies += 1
+        out = type(self)(self.in_features, self.out_features).to(self.weight.dtype)
+        out.load_state_dict(self.state_dict())
+        return out
+
+
 @pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.ReLU(inplace=True), nn.LayerNorm(3),
                                     nn.LeakyReLU(0.3), nn.Sequential(nn.Linear(3, 3)),
-                                    _Scaled()])
+                                    _Scaled(), _CustomCopy(3, 2)])
 def test_snapshots_are_independent_frozen_copies(module):
     """A stage holds what ``copy.deepcopy`` would give (made directly for plain modules),
     frozen and out of place: later changes to the model or its hooks do not reach it."""
@@ -99,7 +111,10 @@ def test_snapshots_are_independent_frozen_copies(module):
 
     snap = _snapshot(module)
     plain = _plain_copy(module)
-    assert (plain is not None) == (not module._modules and not isinstance(module, _Scaled))
+    plain_kinds = not module._modules and not isinstance(module, (_Scaled, _CustomCopy))
+    assert (plain is not None) == plain_kinds
+    if isinstance(module, _CustomCopy):
+        assert _CustomCopy.copies == 1
     assert type(snap) is type(module) and snap is not module
     assert not any(p.requires_grad for p in snap.parameters())
     assert not any(getattr(m, "inplace", False) for m in snap.modules())
