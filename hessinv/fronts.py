@@ -108,12 +108,14 @@ class DirectFront:
         self.n_accepted, self.n_rejected = self.n, 0
         if bk is None:
             self.inertia = (self.n, 0)
+            self._LT = cholesky.T  # views the solves use, made once
             self._W = torch.linalg.solve_triangular(cholesky, F, upper=False)
             self.update = symmetric_product(self._W, self._W)
         else:
             self.inertia = bk.inertia
             self._W = bk.half_solve(F)
             self.update = symmetric_product(self._W, bk.d_solve(self._W))
+        self._WT = self._W.T
 
     @property
     def sign(self) -> torch.Tensor:
@@ -137,12 +139,12 @@ class DirectFront:
     def finish(self, h: torch.Tensor) -> torch.Tensor:
         """``P L^-T D^-1 h``, so that ``finish(half(k) + W t) = G^-1 (k + F t)``."""
         if self._bk is None:
-            return torch.linalg.solve_triangular(self._L.T, h, upper=True)
+            return torch.linalg.solve_triangular(self._LT, h, upper=True)
         return self._bk.half_solve_T(self._bk.d_solve(h))
 
     def add_update_T(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``acc + F^T G^-1 k = acc + W^T D^-1 h`` for ``h = half(k)`` (one ``addmm``)."""
-        return torch.addmm(acc, self._W.T, h if self._bk is None else self._bk.d_solve(h))
+        return torch.addmm(acc, self._WT, h if self._bk is None else self._bk.d_solve(h))
 
     @property
     def W(self) -> torch.Tensor:

@@ -410,9 +410,9 @@ class StageDerivatives(ABC):
         return out
 
     def stored_bytes(self) -> int:
-        """Bytes held by this object's tensors (for memory estimates)."""
-        total = 0
-        for value in vars(self).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-        return total
+        """Bytes held by this object's tensors (for memory estimates); two views of the same
+        memory (``W`` and the ``W.T`` kept for the sweeps) are counted once."""
+        regions = {(v.untyped_storage().data_ptr(), v.storage_offset(), v.numel()):
+                   v.numel() * v.element_size()
+                   for v in vars(self).values() if isinstance(v, torch.Tensor)}
+        return sum(regions.values())

@@ -72,25 +72,27 @@ def _apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return (Z @ M.transpose(0, 1).reshape(m, o * k)).reshape(Z.shape[0], o, k)
 
 
-def _left(W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``out[b, o, k] = sum_i W[o, i] t[b, i, k]``.
+def _left(W: torch.Tensor, t: torch.Tensor, W_T: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[b, o, k] = sum_i W[o, i] t[b, i, k]``; ``W_T``: ``W.T`` if the caller keeps it
+    (a transposed view costs two operators to make, per call).
 
     With many columns (``k >= i``) one broadcast product (it copies ``W`` once per sample,
     little next to ``t``); with few, one product over the samples stacked side by side.
     """
     B, i, k = t.shape
     if k == 1:
-        return (t[:, :, 0] @ W.T)[:, :, None]
+        return (t[:, :, 0] @ (W.T if W_T is None else W_T))[:, :, None]
     if k >= i:
         return torch.matmul(W, t)
     return (W @ t.transpose(0, 1).reshape(i, B * k)).reshape(W.shape[0], B, k).transpose(0, 1)
 
 
-def _left_add(acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _left_add(acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor,
+              W_T: torch.Tensor | None = None) -> torch.Tensor:
     """``acc + _left(W, t)``; for one vector one ``addmm`` over the samples (``acc`` may be a
     broadcast view)."""
     if t.shape[2] == 1:
-        return torch.addmm(acc[:, :, 0], t[:, :, 0], W.T)[:, :, None]
+        return torch.addmm(acc[:, :, 0], t[:, :, 0], W.T if W_T is None else W_T)[:, :, None]
     return acc + _left(W, t)
 
 
@@ -300,6 +302,8 @@ class LinearDerivatives(StageDerivatives):
             self.beta, self.gamma = b * fwd.s2, b * fwd.s1
         else:
             self.beta, self.gamma = torch.zeros_like(fwd.s1), torch.zeros_like(fwd.s1)
+        # views the sweeps use at every stage, made once (each costs an operator per use)
+        self._WT, self._s1c, self._betac = self.W.T, self.s1[:, :, None], self.beta[:, :, None]
         self.batch, self.out_size = B, h_out
         self.in_size = h_in if has_input else 0
         self.has_input = has_input
@@ -340,21 +344,21 @@ class LinearDerivatives(StageDerivatives):
 
     # ------------------------------------------------------------ first order
     def Dx(self, v):
-        return self.s1[:, :, None] * _apply_rows(self.Zt, self.to_matrix(v))
+        return self._s1c * _apply_rows(self.Zt, self.to_matrix(v))
 
     def Dx_T(self, w):
-        return self.from_matrix(_gather_rows(self.Zt, self.s1[:, :, None] * w))
+        return self.from_matrix(_gather_rows(self.Zt, self._s1c * w))
 
     def Dz(self, t):
-        return self.s1[:, :, None] * _left(self.W, t)
+        return self._s1c * _left(self.W, t, self._WT)
 
     def Dz_T(self, w):
-        return _left(self.W.T, self.s1[:, :, None] * w)
+        return _left(self._WT, self._s1c * w, self.W)
 
     # ------------------------------------------------------------ second order
     def Dxx(self, v):
         T = _apply_rows(self.Zt, self.to_matrix(v))
-        return self.from_matrix(_gather_rows(self.Zt, self.beta[:, :, None] * T))
+        return self.from_matrix(_gather_rows(self.Zt, self._betac * T))
 
     def _E(self, t):
         """``E t`` in matrix form ``(h_out, m, k)``: the ``gamma`` term of ``Dzx``."""
@@ -371,20 +375,20 @@ class LinearDerivatives(StageDerivatives):
         return (self.gamma @ M[:, :nw].reshape(o, nw * k)).reshape(-1, nw, k)
 
     def Dzx(self, t):
-        out = _gather_rows(self.Zt, self.beta[:, :, None] * _left(self.W, t))
+        out = _gather_rows(self.Zt, self._betac * _left(self.W, t, self._WT))
         if self.weight_selected:
             out = out + self._E(t)
         return self.from_matrix(out)
 
     def Dzx_T(self, v):
         M = self.to_matrix(v)
-        out = _left(self.W.T, self.beta[:, :, None] * _apply_rows(self.Zt, M))
+        out = _left(self._WT, self._betac * _apply_rows(self.Zt, M), self.W)
         if self.weight_selected:
             out = out + self._E_T(M)
         return out
 
     def Dzz(self, t):
-        return _left(self.W.T, self.beta[:, :, None] * _left(self.W, t))
+        return _left(self._WT, self._betac * _left(self.W, t, self._WT), self.W)
 
     # ------------------------------------------------------------ H v (sections 3, 13)
     # With V_W, v_b the weight and bias parts of v: the pre-activation's tangent is
@@ -428,15 +432,16 @@ class LinearDerivatives(StageDerivatives):
 
     def tangent(self, v, t_prev):
         P0, _ = v
-        P = P0 if t_prev is None else _left_add(P0, self.W, t_prev)
-        return self.s1[:, :, None] * P, P
+        P = P0 if t_prev is None else _left_add(P0, self.W, t_prev, self._WT)
+        return self._s1c * P, P
 
     def adjoint(self, v, t_prev, u, cache):
         """``R = beta * P + s' * u`` (the partial) and ``u_prev = W^T R + E^T V_W``."""
-        R = torch.addcmul(self.beta[:, :, None] * cache, self.s1[:, :, None], u)
+        R = torch.addcmul(self._betac * cache, self._s1c, u)
         if t_prev is None:
             return R, None
-        return R, _left(self.W.T, R) if v[1] is None else _left_add(v[1], self.W.T, R)
+        return R, (_left(self._WT, R, self.W) if v[1] is None
+                   else _left_add(v[1], self._WT, R, self.W))
 
     @classmethod
     def hvp_finish(cls, stages, v, t_prev, partial):
@@ -509,16 +514,16 @@ class LinearDerivatives(StageDerivatives):
 
     def DxY(self, alpha):
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
-        return self.s1[:, :, None] * _apply_rows(self.Zr, A)
+        return self._s1c * _apply_rows(self.Zr, A)
 
     def DxY_Dz(self, alpha, t):
         """``s' * (Zr A^T + t W^T)`` per sample, the second product accumulated into the first
         (one ``addmm`` for one vector)."""
         A = alpha.reshape(self.out_size, self.r, alpha.shape[-1])
-        return self.s1[:, :, None] * _left_add(_apply_rows(self.Zr, A), self.W, t)
+        return self._s1c * _left_add(_apply_rows(self.Zr, A), self.W, t, self._WT)
 
     def DxY_T(self, w):
-        out = _gather_rows(self.Zr, self.s1[:, :, None] * w)
+        out = _gather_rows(self.Zr, self._s1c * w)
         return out.reshape(self.basis_size, w.shape[-1])
 
     def _right_scaled(self, M):
@@ -544,8 +549,9 @@ class LinearDerivatives(StageDerivatives):
 
     def DxY_T_Dz_T(self, w):
         """Both from ``s' * w`` (one pass over ``w``)."""
-        S = self.s1[:, :, None] * w
-        return _gather_rows(self.Zr, S).reshape(self.basis_size, w.shape[-1]), _left(self.W.T, S)
+        S = self._s1c * w
+        return (_gather_rows(self.Zr, S).reshape(self.basis_size, w.shape[-1]),
+                _left(self._WT, S, self.W))
 
     def Y_T_Dxx_Y(self):
         h_out, r = self.out_size, self.r
