@@ -221,13 +221,13 @@ def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
     )
 
 
-def sign_logabsdet(fronts) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sign, log|det|)`` of the product of the fronts' control blocks (0-d tensors), with
-    the diagonals of all Cholesky factors in one ``log`` and one sum and the other fronts'
-    values stacked: a few operators for a whole sweep, not a few per front."""
+def sign_logabsdet(fronts, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sign, log|det|)`` of the product of the fronts' control blocks (0-d tensors of
+    ``like``'s dtype and device), with the diagonals of all Cholesky factors in one ``log``
+    and one sum and the other fronts' values stacked: a few operators for a whole sweep, not
+    a few per front."""
     chol = [torch.diagonal(f._L) for f in fronts if f.kind == "cholesky" and f.n]
     other = [f for f in fronts if f.kind != "cholesky"]
-    like = (chol or [f.logabsdet for f in other])[0] if chol or other else torch.zeros(())
     sign, logabsdet = like.new_ones(()), like.new_zeros(())
     if chol:
         logabsdet = 2 * torch.log(torch.cat(chol)).sum()

@@ -66,7 +66,6 @@ def _clone(tree):
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
-
 @contextlib.contextmanager
 def _gc_paused():
     """Python's cyclic garbage collector off while a chain's stages are built: the sweep
@@ -80,6 +79,7 @@ def _gc_paused():
     finally:
         if was_enabled:
             gc.enable()
+
 
 class _ChainCurvature:
     """Shared machinery: construction, products, diagonal, factorizations, spectrum tools.

@@ -36,9 +36,10 @@ class BunchKaufman:
 
     def __init__(self, L, perm, inverse_perm, d, e, one, two, two_next, slots):
         """``one``, ``two``, ``two_next``: indices (on the device) of the 1x1 pivots and of the
-        first and second rows of the 2x2 blocks, from the pivot layout, and ``slots`` where the entries of
-        ``D^-1``'s diagonal land (see :func:`bunch_kaufman`); no boolean masks, so nothing here
-        waits for the device (the inertia stays there, docs/algorithm.md section 13).
+        first and second rows of the 2x2 blocks, from the pivot layout, and ``slots`` where the
+        entries of ``D^-1``'s diagonal land (see :func:`bunch_kaufman`); no boolean masks, so
+        nothing here waits for the device (the inertia stays there, docs/algorithm.md
+        section 13).
 
         With ``d1`` the 1x1 pivots and ``det2 = a c - b^2 < 0`` the determinants of the 2x2
         blocks ``[[a, b], [b, c]]`` (one eigenvalue of each sign): ``n_pos = #(d1 > 0) + n2``,

@@ -25,13 +25,12 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
     LU of blocks ``p_l + 2 a_l``) and ``"dense"`` (``H`` and its LU).
     """
     from .derivatives import FrontTerms
-    from .riccati import TERMS_BYTES, TERMS_BYTES_CPU
+    from .riccati import terms_budget
 
     item = S.element_size()
     stored = sum(d.stored_bytes() for d in stages)
     terms = [FrontTerms.stored_bytes(d) for d in stages]
-    budget = TERMS_BYTES_CPU if S.device.type == "cpu" else TERMS_BYTES
-    ahead = max(max(terms, default=0), min(budget, sum(terms)))
+    ahead = max(max(terms, default=0), min(terms_budget(S.device), sum(terms)))
     kept = peak = 0
     tri = 0
     n = 0

@@ -160,6 +160,11 @@ TERMS_BYTES = 1 << 25
 TERMS_BYTES_CPU = 1 << 20
 
 
+def terms_budget(device: torch.device) -> int:
+    """Bytes of :class:`FrontTerms` held ahead of the sweep on ``device``."""
+    return TERMS_BYTES_CPU if device.type == "cpu" else TERMS_BYTES
+
+
 class _TermsAhead:
     """The stages' :class:`FrontTerms`, made in batched calls for up to :data:`TERMS_STAGES`
     stages ahead of the backward sweep (within :data:`TERMS_BYTES`, or
@@ -168,8 +173,7 @@ class _TermsAhead:
 
     def __init__(self, stages: Sequence[StageDerivatives]):
         self.stages, self.made = stages, {}
-        on_cpu = bool(stages) and stages[0].device.type == "cpu"
-        self.budget = TERMS_BYTES_CPU if on_cpu else TERMS_BYTES
+        self.budget = terms_budget(stages[0].device) if stages else TERMS_BYTES
 
     def __getitem__(self, l: int) -> FrontTerms:
         if l not in self.made:
@@ -295,9 +299,9 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
     closed-form complement directions' (pivot ``eps`` each). Sign and logdet stay on the
     device; the inertias the fronts keep there are summed there and read once."""
     n_pos = n_neg = n_delayed = 0
-    sign, logabsdet = sign_logabsdet([f.front for f in factors])
+    sign, logabsdet = sign_logabsdet([f.front for f in factors], S)
     on_device = []
-    closed_count = 0
+    count = 0  # complement directions eliminated in closed form, pivot eps each
     for f in factors:
         if isinstance(f.front.inertia, torch.Tensor):
             on_device.append(f.front.inertia)
@@ -305,9 +309,8 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
             n_pos += f.front.inertia[0]
             n_neg += f.front.inertia[1]
         n_delayed += f.front.n_rejected
-        closed_count += f.complement_count
-    if closed_count:
-        count = closed_count
+        count += f.complement_count
+    if count:
         n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
         sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
         logabsdet = logabsdet + count * math.log(abs(damping))

@@ -236,10 +236,10 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
 @pytest.mark.parametrize("batch", [4, 40])  # compressed stages of two ranks; full bases
 def test_batched_front_terms_equal_the_stage_by_stage_ones(batch, params):
     """``LinearDerivatives.front_terms`` stacks the stages of one shape (docs/algorithm.md
-    section 13); the base class's default builds each stage's terms from its own operators
-    (``Y_T_Dxx_Y``, ``Y_T_Dzx``, ``Dzz_blocks``, themselves checked against dense in
-    test_derivatives). Same numbers up to rounding, and the factorization is unchanged when
-    every stage is made alone."""
+    section 13); the base class's default makes each stage's terms alone (``Y_T_Dxx_Y`` and
+    ``Y_T_Dzx``: the same formula for one stage, checked against dense in test_derivatives;
+    ``Dzz_blocks`` from the ``Dzz`` operator). Same numbers up to rounding, and the
+    factorization is unchanged when every stage is made alone."""
     from hessinv import riccati
     from hessinv.derivatives import StageDerivatives
 

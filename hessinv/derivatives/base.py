@@ -30,9 +30,9 @@ products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``); 
 
 Sweeps over many stages (section 13): the class methods ``hvp_prepare``/``hvp_finish``
 (products), ``front_terms`` (factorization) and ``rhs_terms``/``controls`` (solves) do the
-parts that do not depend on the recursions, for many stages of a class at once (:func:`per_class` dispatches); the defaults
-go stage by stage, :class:`~hessinv.derivatives.LinearDerivatives` batches stages of one
-shape.
+parts that do not depend on the recursions, for many stages of a class at once
+(:func:`per_class` dispatches); the defaults go stage by stage,
+:class:`~hessinv.derivatives.LinearDerivatives` batches stages of one shape.
 """
 
 from __future__ import annotations

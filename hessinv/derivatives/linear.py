@@ -554,22 +554,14 @@ class LinearDerivatives(StageDerivatives):
                 _left(self._WT, S, self.W))
 
     def Y_T_Dxx_Y(self):
-        h_out, r = self.out_size, self.r
-        blocks = torch.einsum("br,bo,bs->ors", self.Zr, self.beta, self.Zr)
-        out = blocks.new_zeros(h_out, r, h_out, r)
-        idx = torch.arange(h_out, device=self.device)
-        out[idx, :, idx, :] = blocks
-        return out.reshape(h_out * r, h_out * r)
+        """From :meth:`front_terms` of this stage alone (one formula for both)."""
+        return type(self).front_terms([self])[0].Y_T_Dxx_Y
 
     def Y_T_Dzx(self):
-        B, h_in, h_out, r = self.batch, self.in_size, self.out_size, self.r
-        out = torch.einsum("bo,oi,br->orbi", self.beta, self.W, self.Zr)
-        if self.weight_selected:
-            Qh = self.Q[:h_in] if self.Q is not None else torch.eye(
-                self.m, dtype=self.dtype, device=self.device)[:h_in]
-            out = out + torch.einsum("bo,ir->orbi", self.gamma, Qh)
-        return out.reshape(h_out * r, B * h_in)
-
+        """From :meth:`front_terms` of this stage alone (one formula for both)."""
+        if not self.has_input:
+            return self.Zr.new_zeros(self.basis_size, 0)
+        return type(self).front_terms([self])[0].Y_T_Dzx
 
     # ------------------------------------------------------------ front terms (section 13)
     def _front_key(self) -> tuple:
