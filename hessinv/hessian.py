@@ -9,6 +9,7 @@ the generalized Gauss-Newton matrix ``G = J^T H_loss J`` drops them (section 9).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .chain import build_chain
+from .chain import Chain, build_chain
 from .data import resolve_batch
-from .derivatives import StageDerivatives
+from .derivatives import StageDerivatives, fold_output_activation
 from .diagonal import diagonal_blocks, hessian_diagonal
 from .errors import SingularMatrixError
 from .factorization import Factorization, RiccatiFactorization, TridiagonalFactorization
@@ -62,6 +63,17 @@ def _check_inputs(inputs, dtype, device) -> None:
                 raise ValueError("inputs contain NaN or Inf")
 
 
+def _fold_head(chain: Chain, loss_fn):
+    """The chain with a trailing activation folded into the loss where the pair has a
+    closed form without cancellation (:func:`~hessinv.derivatives.fold_output_activation`)."""
+    last = chain.stages[-1]
+    k, folded = fold_output_activation(last.modules[1:], loss_fn)
+    if not k:
+        return chain, loss_fn
+    stages = (*chain.stages[:-1], dataclasses.replace(last, modules=last.modules[:-k]))
+    return dataclasses.replace(chain, stages=stages), folded
+
+
 def _clone(tree):
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
@@ -100,7 +112,7 @@ class _ChainCurvature:
             self._build(model, loss_fn, inputs, targets, params, oracle, progress)
 
     def _build(self, model, loss_fn, inputs, targets, params, oracle, progress):
-        self.chain = build_chain(model, params)
+        self.chain, head_loss = _fold_head(build_chain(model, params), loss_fn)
         self.loss_fn = loss_fn
         self.oracle = oracle
         self.progress = progress
@@ -126,7 +138,7 @@ class _ChainCurvature:
             device=device,
         )
         self._derivatives: ChainDerivatives = compute_derivatives(
-            self.chain, self._params, self.inputs, loss_fn, self.targets,
+            self.chain, self._params, self.inputs, head_loss, self.targets,
             second_order=self.second_order, oracle=oracle, progress=progress,
         )
         self._spectrum: tuple[float, float] | None = None

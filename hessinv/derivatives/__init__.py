@@ -36,7 +36,7 @@ from .linear import (
     linear_complements,
     linear_forwards,
 )
-from .loss import LossHead, loss_head
+from .loss import FoldedLoss, LossHead, fold_output_activation, loss_head
 
 __all__ = [
     "StageDerivatives",
@@ -47,6 +47,8 @@ __all__ = [
     "GenericDerivatives",
     "LossHead",
     "loss_head",
+    "fold_output_activation",
+    "FoldedLoss",
     "stage_derivatives",
     "structured_forwards",
     "LinearForward",
