@@ -9,7 +9,13 @@ that is a chain of stages (an ``nn.Sequential``). The mathematics is in
 
 from . import optim
 from .errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
-from .factorization import Factorization, RiccatiFactorization, TridiagonalFactorization
+from .factorization import (
+    DenseFactorization,
+    Factorization,
+    OutputSpaceFactorization,
+    RiccatiFactorization,
+    TridiagonalFactorization,
+)
 from .hessian import ChainGGN, ChainHessian
 from .optim import DampedNewton, TrustRegionNewton, trust_region_subproblem
 from .reference import conjugate_gradient, dense_hessian
@@ -24,6 +30,8 @@ __all__ = [
     "Factorization",
     "RiccatiFactorization",
     "TridiagonalFactorization",
+    "OutputSpaceFactorization",
+    "DenseFactorization",
     "EigenvalueBracket",
     "SingularMatrixError",
     "MemoryBudgetError",

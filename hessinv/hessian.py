@@ -22,26 +22,42 @@ from .data import resolve_batch
 from .derivatives import StageDerivatives, fold_output_activation
 from .diagonal import diagonal_blocks, hessian_diagonal
 from .errors import SingularMatrixError
-from .factorization import Factorization, RiccatiFactorization, TridiagonalFactorization
+from .factorization import (
+    DenseFactorization,
+    Factorization,
+    OutputSpaceFactorization,
+    RiccatiFactorization,
+    TridiagonalFactorization,
+)
 from .hvp import hessian_vector_product
-from .memory import check_budget, memory_estimate
+from .memory import available_memory, check_budget, memory_estimate, route_flops
+from .output_space import OutputSpace
 from .spectrum import EigenvalueBracket, eigenvalue_count, lanczos, smallest_eigenvalue
 from .sweep import ChainDerivatives, compute_derivatives
 from .vectors import ParameterLayout
 
 __all__ = ["ChainHessian", "ChainGGN"]
 
-_METHODS = ("riccati", "tridiagonal")
+#: the routes :meth:`factorize` takes by name; ``"auto"`` picks among a class's ``routes``
+_METHODS = ("auto", "output", "riccati", "dense", "tridiagonal")
+_FACTORIZATIONS = {
+    "output": OutputSpaceFactorization,
+    "riccati": RiccatiFactorization,
+    "dense": DenseFactorization,
+    "tridiagonal": TridiagonalFactorization,
+}
 
 
-def _check_damping(damping) -> float:
-    if isinstance(damping, torch.Tensor) and damping.numel() == 1:
-        damping = float(damping)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
-    if not math.isfinite(damping):
-        raise ValueError(f"damping must be finite, got {damping}")
-    return float(damping)
+def _check_real(value, name: str = "damping") -> float:
+    """``value`` as a finite float; the errors name the argument ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
 
 
 def _check_inputs(inputs, dtype, device) -> None:
@@ -256,35 +272,103 @@ class _ChainCurvature:
         return diagonal_blocks(self.stage_derivatives(), self.loss_hessian_blocks(), which)
 
     # ------------------------------------------------------------------ solves
+    #: the matrix in messages (``"H + 0.01 I"``)
+    symbol = "H"
+    #: the routes ``method="auto"`` chooses from, in order of preference on a tie
+    routes: tuple[str, ...] = ("riccati", "dense")
+
+    def _output_space(self) -> OutputSpace | None:
+        return None
+
     def memory_estimate(self) -> dict[str, int]:
-        """Estimated bytes per method: ``derivatives`` (held now), ``riccati``, ``tridiagonal``, ``dense``."""
-        return memory_estimate(self.stage_derivatives(), self.loss_hessian_blocks())
+        """Estimated peak bytes per route (``riccati``, ``tridiagonal``, ``dense``, and
+        ``output`` for the Gauss-Newton matrix) and ``derivatives`` (held now); checked
+        against the budget before a factorization allocates anything."""
+        est = memory_estimate(self.stage_derivatives(), self.loss_hessian_blocks())
+        space = self._output_space()
+        if space is not None:
+            est["output"] = space.stored_bytes()
+        return est
 
-    def factorize(self, damping: float = 0.0, method: str = "riccati",
-                  max_memory: int | None = None, progress: bool | None = None) -> Factorization:
-        """Factor ``H + damping I`` once; see :mod:`hessinv.factorization` for the contract.
+    def cost_estimate(self) -> dict[str, float]:
+        """Estimated floating-point operations per route, with each stage's operators
+        counted as a fixed amount of work (their dispatch; docs/algorithm.md section 15):
+        what ``method="auto"`` compares."""
+        costs = route_flops(self.stage_derivatives(), self.num_params)
+        space = self._output_space()
+        if space is not None:
+            costs["output"] = space.flops() + costs.pop("_output_overhead")
+        else:
+            costs.pop("_output_overhead")
+        return costs
 
-        ``damping`` may be any finite real: a negative value shifts the spectrum, so
-        ``factorize(-sigma).inertia()[1]`` counts the eigenvalues below ``sigma``. The
-        estimated memory (:meth:`memory_estimate`) is checked against ``max_memory`` bytes
-        (default: the free memory of the device) before anything is allocated.
-
-        Raises:
-            SingularMatrixError: ``H + damping I`` is singular to working precision.
-            MemoryBudgetError: the factorization would not fit.
-        """
-        damping = _check_damping(damping)
+    def _choose(self, damping: float, method: str, max_memory: int | None) -> str:
+        """The route for ``method`` (docs/algorithm.md section 15): by name, or for
+        ``"auto"`` the cheapest of :attr:`routes` that fits the budget."""
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        check_budget(self.memory_estimate()[method], self.device, max_memory,
-                     f"the {method} factorization of H + {damping:g} I")
-        progress = self.progress if progress is None else progress
-        if method == "riccati":
-            return RiccatiFactorization(self, damping, progress=progress)
-        return TridiagonalFactorization(self, damping)
+        name = f"{self.symbol} + {damping:g} I"
+        est = self.memory_estimate()
+        if method != "auto":
+            if method not in est:
+                raise ValueError(
+                    f"method={method!r} is not available for {type(self).__name__}"
+                    + (" (the loss Hessian blocks are indefinite, so G has no output-space "
+                       "factor)" if method == "output" and self.symbol == "G" else "")
+                    + f"; available: {sorted(k for k in est if k != 'derivatives')}")
+            check_budget(est[method], self.device, max_memory,
+                         f"the {method} factorization of {name}")
+            return method
+        candidates = [r for r in self.routes if r in est]
+        if damping == 0 and "output" in candidates and len(candidates) > 1:
+            candidates.remove("output")  # Woodbury divides by the damping
+        budget = available_memory(self.device) if max_memory is None else int(max_memory)
+        fitting = [r for r in candidates if est[r] <= budget]
+        if not fitting:
+            from .errors import MemoryBudgetError
 
-    def solve(self, g, damping: float = 0.0, method: str = "riccati", refine="auto"):
-        """``(H + damping I)^-1 g``, exactly; ``g`` of any kind :meth:`matvec` takes."""
+            needs = ", ".join(f"{r}: {est[r] / 2**30:.2f} GiB" for r in candidates)
+            source = "max_memory" if max_memory is not None else f"free memory on {self.device}"
+            raise MemoryBudgetError(
+                f"no route to factor {name} fits the budget ({source}: {budget / 2**30:.2f} "
+                f"GiB); each needs about {needs}. Use fewer samples per factorization, float32, "
+                "a narrower model, or pass max_memory= to override", min(est[r] for r in
+                                                                        candidates), budget)
+        costs = self.cost_estimate()
+        return min(fitting, key=lambda r: (costs[r], candidates.index(r)))
+
+    def factorize(self, damping: float = 0.0, method: str = "auto",
+                  max_memory: int | None = None, progress: bool | None = None) -> Factorization:
+        """Factor ``C + damping I`` once; see :mod:`hessinv.factorization` for the contract.
+
+        ``method``: ``"auto"`` (default: the cheapest route that fits, by
+        :meth:`cost_estimate` and :meth:`memory_estimate`), ``"output"`` (Gauss-Newton matrix
+        only, section 14), ``"riccati"`` (sections 5, 8, 10), ``"dense"`` (section 15) or
+        ``"tridiagonal"`` (the paper's, section 4). ``F.method`` names the route taken.
+        ``damping`` may be any finite real: a negative value shifts the spectrum, so
+        ``factorize(-sigma).inertia()[1]`` counts the eigenvalues below ``sigma``. The
+        estimated memory is checked against ``max_memory`` bytes (default: the free memory
+        of the device) before anything is allocated.
+
+        Raises:
+            SingularMatrixError: ``C + damping I`` is singular to working precision.
+            MemoryBudgetError: the factorization would not fit (for ``"auto"``: no route
+                fits; the message lists what each needs).
+        """
+        damping = _check_real(damping, "damping")
+        if max_memory is not None and (isinstance(max_memory, bool)
+                                       or not isinstance(max_memory, (int, float))
+                                       or not max_memory >= 0):
+            raise TypeError(f"max_memory must be a number of bytes >= 0, got {max_memory!r}")
+        route = self._choose(damping, method, max_memory)
+        progress = self.progress if progress is None else progress
+        if route == "riccati":
+            return RiccatiFactorization(self, damping, progress=progress)
+        return _FACTORIZATIONS[route](self, damping)
+
+    def solve(self, g, damping: float = 0.0, method: str = "auto", refine="auto"):
+        """``(C + damping I)^-1 g``, exactly; ``g`` of any kind :meth:`matvec` takes
+        (``(n, k)`` blocks in one pass)."""
         return self.factorize(damping, method).solve(g, refine=refine)
 
     # ------------------------------------------------------------------ spectrum
@@ -301,10 +385,11 @@ class _ChainCurvature:
         Raises :class:`~hessinv.errors.SingularMatrixError` when ``lower`` or ``upper`` is an
         eigenvalue of ``H`` (for instance ``0`` when a wide layer gives ``H`` a null space).
         """
-        return eigenvalue_count(self, _check_damping(lower), _check_damping(upper))
+        return eigenvalue_count(self, _check_real(lower, "lower"), _check_real(upper, "upper"))
 
     def smallest_eigenvalue(self, rel_tol: float = 1e-3) -> EigenvalueBracket:
         """A certified bracket ``lower <= lambda_min <= upper`` (Lanczos + inertias, section 12)."""
+        rel_tol = _check_real(rel_tol, "rel_tol")
         if not 0 < rel_tol < 1:
             raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol}")
         return smallest_eigenvalue(self, rel_tol)
@@ -317,7 +402,7 @@ class _ChainCurvature:
         ``H + (damping + s) I`` is positive semi-definite and ``s`` exceeds the exact shift
         by at most ``rel_tol |lambda_min|``.
         """
-        damping = _check_damping(damping)
+        damping = _check_real(damping, "damping")
         try:
             if self.factorize(damping, progress=False).is_positive_definite:
                 return 0.0
@@ -417,3 +502,47 @@ class ChainGGN(_ChainCurvature):
     """
 
     second_order = False
+    symbol = "G"
+    routes = ("output", "riccati", "dense")
+
+    def _output_space(self) -> OutputSpace | None:
+        if not hasattr(self, "_space"):
+            factor = self._derivatives.head.factor
+            self._space = None if factor is None else OutputSpace(self.stage_derivatives(),
+                                                                  factor)
+        return self._space
+
+    def output_space(self) -> OutputSpace:
+        """``U = F J`` with ``G = U^T U`` (docs/algorithm.md section 14): ``B r`` rows, its
+        Gram matrix ``U U^T`` kept once computed. Raises ``ValueError`` when the loss Hessian
+        blocks are indefinite (a non-convex loss: no real factor ``F``)."""
+        space = self._output_space()
+        if space is None:
+            raise ValueError(
+                "the loss Hessian blocks have a negative eigenvalue, so G = J^T S J has no "
+                "output-space factor U = S^(1/2) J; use method='riccati' or 'dense'")
+        return space
+
+    def spectrum(self, eigenvectors: int = 0):
+        """The largest ``min(n, B r)`` eigenvalues of ``G``, ascending, exactly (the others
+        are zero): the eigenvalues of the Gram matrix ``U U^T`` (docs/algorithm.md section 14).
+
+        With ``eigenvectors=k > 0`` returns ``(values, vectors)``: also the unit eigenvectors
+        of the ``k`` largest as an ``(n, k)`` tensor in ``param_names`` order,
+        ``v_i = U^T q_i / sqrt(e_i)`` (one adjoint sweep with ``k`` columns). Eigenvalues have
+        an absolute error of about ``B r u ||G||``.
+        """
+        if isinstance(eigenvectors, bool) or not isinstance(eigenvectors, int) or eigenvectors < 0:
+            raise ValueError(f"eigenvectors must be an int >= 0, got {eigenvectors!r}")
+        space = self.output_space()
+        e, Q = space.eigh()
+        m = min(self.num_params, space.rows)
+        values = e[e.numel() - m:]
+        if not eigenvectors:
+            return values
+        k = min(eigenvectors, m)
+        top, q = values[m - k:], Q[:, Q.shape[1] - k:]
+        scale = top.clamp_min(torch.finfo(top.dtype).tiny).sqrt()
+        vectors = torch.cat(space.apply_T(q / scale)) if k else values.new_zeros(
+            self.num_params, 0)
+        return values, vectors

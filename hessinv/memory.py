@@ -13,7 +13,7 @@ import torch
 
 from .errors import MemoryBudgetError
 
-__all__ = ["memory_estimate", "available_memory", "check_budget"]
+__all__ = ["memory_estimate", "available_memory", "check_budget", "route_flops"]
 
 
 def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
@@ -50,7 +50,41 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
         "derivatives": stored,
         "riccati": (kept + peak) * item + ahead,
         "tridiagonal": (tri + peak) * item,
-        "dense": 2 * n * n * item,
+        "dense": 3 * n * n * item,  # the matrix, its eigenvectors and a product's workspace
+    }
+
+
+#: floating-point operations a stage's operator costs besides its arithmetic (its dispatch
+#: and launch; about 20 us at 10 GFlop/s): deep chains of small stages are bound by it
+OPERATOR_FLOPS = 2e5
+#: operators per stage of each route (counted with hessinv.syncs.KernelCounter: the
+#: factorization of H at width 16; the output space's pullback and Gram term)
+OPERATORS = {"riccati": 60, "output": 12, "dense": 10}
+
+
+def route_flops(stages, n: int) -> dict[str, float]:
+    """Estimated work of the ``riccati`` and ``dense`` routes (docs/algorithm.md section 15)
+    and the per-stage overhead of the output space (``_output_overhead``; its arithmetic is
+    :meth:`~hessinv.output_space.OutputSpace.flops`), in floating-point operations.
+
+    Riccati, per stage with basis size ``N`` and state sizes ``a_in = B h_in``,
+    ``a_out = B h_out``: assemble ``N^2 a_out + N a_out^2``, factor ``N^3 / 3``, couple
+    ``N^2 a_in``, update ``N a_in^2 + a_in a_out (a_in + a_out)``. Dense: ``n`` products of
+    ``8 B (p_l + h_in h_out)`` per stage and an eigendecomposition of ``6 n^3``.
+    """
+    riccati = 0.0
+    product = 0.0
+    for d in stages:
+        N, a_in, a_out = d.basis_size, d.batch * d.in_size, d.batch * d.out_size
+        riccati += 2.0 * (N * N * a_out + N * a_out * a_out + N ** 3 / 6 + N * N * a_in
+                          + N * a_in * a_in + a_in * a_out * (a_in + a_out))
+        product += 8.0 * d.batch * (d.num_params + d.in_size * d.out_size)
+    L = len(stages)
+    chunks = -(-n // 1024)
+    return {
+        "riccati": riccati + L * OPERATORS["riccati"] * OPERATOR_FLOPS,
+        "dense": n * product + 6.0 * n ** 3 + chunks * L * OPERATORS["dense"] * OPERATOR_FLOPS,
+        "_output_overhead": L * OPERATORS["output"] * OPERATOR_FLOPS,
     }
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "DenseReference",
     "selected_parameters",
     "autograd_hessian",
+    "DenseGGN",
+    "autograd_ggn",
     "head_condition",
     "evaluation_error_bound",
     "gradient_error_bound",
@@ -196,6 +198,46 @@ def autograd_hessian(model, loss_fn, inputs, targets, params=None, *, batched=Tr
         # each module evaluates a function and its derivative (<= 2 more roundings each)
         accumulation=sum(p.numel() for p in model.parameters()) + B + 2 * len(list(model.modules())),
     )
+
+
+class DenseGGN(NamedTuple):
+    """What :func:`autograd_ggn` returns: ``names``, ``ggn`` ``(n, n)`` and the bound
+    ``error`` on ``||G_computed - G||_2`` for any float64 evaluation (``K u ||J||^2 ||A||``,
+    the same accumulation length ``K`` as :func:`evaluation_error_bound`)."""
+
+    names: tuple[str, ...]
+    ggn: torch.Tensor
+    error: float
+
+
+def autograd_ggn(model, loss_fn, inputs, targets, params=None) -> DenseGGN:
+    """The dense Gauss-Newton matrix ``J^T A J`` in the selected parameters, by autograd.
+
+    ``J`` (``B m x n``) the Jacobian of the model outputs (rows by batched backward) and ``A``
+    the Hessian of the loss in the outputs (double backward); no torch.func, no hessinv.
+    """
+    if isinstance(model, (list, tuple)):
+        model = nn.Sequential(*model)
+    selected = selected_parameters(model, params)
+    chosen = {id(p) for _, p in selected}
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in selected}
+    constants = {n: p.detach() for n, p in model.named_parameters() if id(p) not in chosen}
+    x = inputs.detach().clone()
+    t = targets.detach().clone() if isinstance(targets, torch.Tensor) else targets
+    order = list(leaves.values())
+    with torch.enable_grad():
+        out = functional_call(model, {**constants, **leaves}, (x,))
+        J = _rows(out, order, out.numel()).detach()
+        o = out.detach().clone().requires_grad_(True)
+        loss = loss_fn(o, t)
+        dout = torch.autograd.grad(loss, o, create_graph=True)[0]
+        A = _rows(dout, [o], o.numel()).detach()
+    A = 0.5 * (A + A.T)
+    G = J.T @ A @ J
+    K = sum(p.numel() for p in model.parameters()) + out.shape[0] + 2 * len(list(model.modules()))
+    norm_J = float(torch.linalg.matrix_norm(J, 2)) if J.numel() else 0.0
+    norm_A = float(torch.linalg.matrix_norm(A, 2)) if A.numel() else 0.0
+    return DenseGGN(tuple(leaves), 0.5 * (G + G.T), K * UNIT_ROUNDOFF * norm_J ** 2 * norm_A)
 
 
 # ----------------------------------------------------------------------------- bounds

@@ -305,7 +305,7 @@ def require_contract(report: ContractReport) -> None:
         pytest.fail(report.message(), pytrace=False)
 
 
-def check_contract(chain: RandomChain, *, make_hessian=None) -> ContractReport:
+def check_contract(chain: RandomChain, *, make_hessian=None, method: str = "riccati") -> ContractReport:
     """Run the whole public API on ``chain`` and compare with the dense reference.
 
     ``make_hessian(chain)`` builds the object under test (default: ``chain.hessian()``,
@@ -314,11 +314,11 @@ def check_contract(chain: RandomChain, *, make_hessian=None) -> ContractReport:
     """
     make = chain.hessian if make_hessian is None else (lambda: make_hessian(chain))
     return check_hessian(make, chain.reference(), chain.damping, seed=chain.seed,
-                         description=chain.description)
+                         description=chain.description + f" | method={method}", method=method)
 
 
 def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str = "",
-                  k: int | None = None) -> ContractReport:
+                  k: int | None = None, method: str = "riccati") -> ContractReport:
     """The contract for the object ``make()`` against the reference ``ref`` at ``damping``.
 
     ``make`` is called inside (construction is part of what is checked); ``ref`` comes
@@ -385,7 +385,7 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
 
             # ---- factorization
             try:
-                F = H.factorize(eps)
+                F = H.factorize(eps, method=method)
             except errors.SingularMatrixError as err:
                 report.singular_raised = True
                 if gap_ok:

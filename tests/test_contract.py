@@ -119,11 +119,12 @@ def _record(seed, report) -> None:
         s["failed"].append(seed)
 
 
-def _run_chain(seed) -> str | None:
-    """Check chain ``seed``; the failure message (with seed and description) or None."""
+def _run_chain(seed, method: str = "riccati") -> str | None:
+    """Check chain ``seed`` on the route ``method``; the failure message (with seed and
+    description) or None."""
     chain = random_chain(seed)
     try:
-        report = check_contract(chain)
+        report = check_contract(chain, method=method)
     except Exception as err:  # a crash is a failure of the chain too, with its description
         _SUMMARY["failed"].append(seed)
         return (f"{chain.description}\n  raised {type(err).__name__}: {err}\n"
@@ -137,6 +138,14 @@ def _run_chain(seed) -> str | None:
 @pytest.mark.parametrize("seed", range(DEFAULT_CHAINS))
 def test_contract(seed):
     message = _run_chain(seed)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.mark.parametrize("seed", range(0, DEFAULT_CHAINS, 5))
+def test_contract_dense_route(seed):
+    """The dense route (docs/algorithm.md section 15) under the same contract."""
+    message = _run_chain(seed, "dense")
     if message is not None:
         pytest.fail(message, pytrace=False)
 
@@ -354,7 +363,7 @@ class _DenseHessian:
     def dense(self):
         return self._D.clone()
 
-    def factorize(self, damping):
+    def factorize(self, damping, method="auto"):
         M = self._D + damping * torch.eye(self.num_params, dtype=torch.float64)
         return _DenseFactorization(M, damping, self._breakage)
 

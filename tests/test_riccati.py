@@ -36,7 +36,7 @@ def test_logdet_inertia_solve_against_dense(seed):
     indefinite = bool(torch.linalg.eigvalsh(D).min() < -1e-3)
     for eps in (1e-4, 1e-2, 1.0, 10.0, float(torch.linalg.eigvalsh(D).min().abs()) + 0.5):
         M = D + eps * torch.eye(n, dtype=torch.float64)
-        F = H.factorize(eps)
+        F = H.factorize(eps, method="riccati")
         sign, logabsdet = F.logdet()
         ref_sign, ref_logabsdet = torch.linalg.slogdet(M)
         assert sign == ref_sign
@@ -66,13 +66,13 @@ def test_spectrum_slicing_with_negative_damping():
     ev = torch.linalg.eigvalsh(_dense(problem))
     for sigma in (-0.5, -0.01, 0.01, 0.3, 2.0):  # 0 is exactly singular (softmax)
         below = int((ev < sigma).sum())
-        assert H.factorize(-sigma).inertia()[1] == below
+        assert H.factorize(-sigma, method="riccati").inertia()[1] == below
 
 
 def test_multi_rhs_and_reuse():
     problem = make_problem(depth=5, width=4, batch=3, loss="mse", seed=22)
     H = hessinv.ChainHessian(*problem)
-    F = H.factorize(0.1)
+    F = H.factorize(0.1, method="riccati")
     G = torch.randn(H.num_params, 6, dtype=torch.float64)
     X = F.solve(G)
     M = _dense(problem) + 0.1 * torch.eye(H.num_params, dtype=torch.float64)
@@ -87,7 +87,7 @@ def test_riccati_agrees_with_tridiagonal(eps):
     problem = make_problem(depth=6, width=3, batch=4, activation="silu", seed=23)
     H = hessinv.ChainHessian(*problem)
     g = torch.randn(H.num_params, 2, dtype=torch.float64)
-    ric, tri = H.factorize(eps), H.factorize(eps, method="tridiagonal")
+    ric, tri = H.factorize(eps, method="riccati"), H.factorize(eps, method="tridiagonal")
     assert torch.allclose(torch.stack(ric.logdet()), torch.stack(tri.logdet()), rtol=1e-10)
     a = H.solve(g, damping=eps, method="riccati")
     b = H.solve(g, damping=eps, method="tridiagonal")
@@ -106,7 +106,7 @@ def test_singular_last_schur_complement_is_handled_by_delayed_pivots():
     assert float(torch.linalg.svdvals(M).min()) > 1e-6
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        F = H.factorize(eps)
+        F = H.factorize(eps, method="riccati")
         g = torch.randn(H.num_params, dtype=torch.float64)
         x = F.solve(g)
         assert F.inertia() == _eig_counts(M)
@@ -122,7 +122,7 @@ def test_front_kinds_and_bad_damping():
     problem = make_problem(depth=3, width=4, batch=3, seed=25)
     H = hessinv.ChainHessian(*problem)
     assert H.factorize(100.0).is_positive_definite
-    F = H.factorize(1e-3)
+    F = H.factorize(1e-3, method="riccati")
     assert not F.is_positive_definite
     assert {f.front.kind for f in F._factors.factors} <= {"cholesky", "ldl", "eigen"}
     with pytest.raises(TypeError):

@@ -51,7 +51,7 @@ def _counts(depth, batch):
     assert all(compressed) if batch < 8 else not any(compressed)  # the premise
     G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
     with HostSyncCounter() as factor:
-        F = G.factorize(0.1, progress=False)
+        F = G.factorize(0.1, method="riccati", progress=False)
     assert F.method == "riccati"
     g = torch.randn(G.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     F.solve(g)  # the first solve pays for the one-off norm estimate
@@ -150,7 +150,7 @@ def _kernels(depth, batch):
         hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y, progress=False)
     G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
     with KernelCounter() as factor:
-        F = G.factorize(0.1, progress=False)
+        F = G.factorize(0.1, method="riccati", progress=False)
     g = torch.randn(G.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     F.solve(g)
     with KernelCounter() as solve:

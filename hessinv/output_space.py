@@ -1,0 +1,211 @@
+"""The Gauss-Newton matrix through its output-space factor (docs/algorithm.md section 14).
+
+``G = J^T S J`` with ``S = blockdiag(F_i^T F_i)`` (the loss head's factor, section 2.1) is
+``G = U^T U`` for ``U = F J``: one row per sample ``i`` and factor row ``c``, ``B r`` rows
+in all (``r = K`` outputs for the built-in losses). Its rank across any cut of the chain is
+at most ``B r``, so everything about ``G + lam I`` reduces to the ``B r x B r`` Gram matrix
+
+    A = U U^T = sum_l U_l U_l^T          (U_l: the columns of stage l)
+
+and two linear-time sweeps: ``U v`` (a forward tangent sweep, then ``F``) and ``U^T w``
+(``F^T``, then a backward adjoint sweep). :class:`OutputSpace` holds them.
+
+``U_l U_l^T`` comes from the pullbacks ``M_l = (F dz_L/dz_l)^T`` (``(B, h_l, r)`` per sample,
+``M_L = F^T``, ``M_{l-1} = Dz_l^T M_l``), never from ``J``:
+
+* ``nn.Linear`` + elementwise activations (``z_out = act(W z + c)``), with ``d_ic = s'_i *
+  M_l[i, :, c]`` and ``Zt = [Z, 1]`` (the selected columns):
+  ``(U_l U_l^T)[(i, c), (j, d)] = (d_ic . d_jd) (Zt_i . Zt_j)``, a Hadamard product of two
+  Gram matrices, ``O((B r)^2 h_out + B^2 m)``;
+* any other stage: its dense per-sample ``Dx`` gives ``U_l = M_l^T Dx`` row by row.
+
+The per-class parts are plain functions dispatched on the derivative class
+(:func:`stage_gram`, :func:`stage_diag_quadratic`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from .derivatives import GenericDerivatives, LinearDerivatives, StageDerivatives
+
+__all__ = ["OutputSpace", "stage_gram", "stage_diag_quadratic"]
+
+
+# ---------------------------------------------------------------------- per-class parts
+def _dense_Dx(d: StageDerivatives) -> torch.Tensor:
+    """``Dx`` per sample ``(B, h_out, p)``: stored by the generic class, else from products
+    with identity columns (``p`` of them)."""
+    if isinstance(d, GenericDerivatives):
+        return d.dense().Dx
+    eye = torch.eye(d.num_params, dtype=d.dtype, device=d.device)
+    return d.Dx(eye)
+
+
+def _stage_rows(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
+    """``U_l`` as a dense ``(B r, p)`` matrix: row ``(i, c)`` is ``M[i, :, c]^T Dx_i``."""
+    B, _, r = M.shape
+    return torch.einsum("bor,bop->brp", M, _dense_Dx(d)).reshape(B * r, -1)
+
+
+@functools.singledispatch
+def stage_gram(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
+    """``U_l U_l^T`` ``(B r, B r)`` for the stage's pullback ``M`` ``(B, h_out, r)``."""
+    rows = _stage_rows(d, M)
+    return rows @ rows.T
+
+
+def _scaled_pullback(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
+    """``D[i, o, c] = s'_i[o] M[i, o, c]``: the pullback to the pre-activation."""
+    return d.s1[:, :, None] * M
+
+
+@stage_gram.register
+def _(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
+    B, h, r = M.shape
+    D = _scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h)
+    A = D @ D.T
+    Z = d.Zt @ d.Zt.T  # (B, B): Zt_i . Zt_j over the selected columns
+    return (A.view(B, r, B, r) * Z[:, None, :, None]).view(B * r, B * r)
+
+
+@functools.singledispatch
+def stage_diag_quadratic(d: StageDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``diag(U_l^T X U_l)`` ``(p,)`` for a symmetric ``X`` ``(B r, B r)``."""
+    rows = _stage_rows(d, M)
+    return ((X @ rows) * rows).sum(0)
+
+
+#: bytes of the intermediate tensors of :func:`stage_diag_quadratic` for a Linear stage
+_CHUNK_BYTES = 1 << 26
+
+
+@stage_diag_quadratic.register
+def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Entry ``(o, m)`` of the stage's ``(h_out, m)`` parameter matrix:
+    ``sum_{i,j} Zt[i,m] Zt[j,m] T[i,j,o]`` with ``T[i,j,o] = sum_{c,d} D[i,o,c] X[(i,c),(j,d)]
+    D[j,o,d]``; chunks of output units keep the ``(B, r, B, chunk)`` intermediate small.
+    Cost ``O(B^2 r^2 h_out + B^2 h_out m)``."""
+    B, h, r = M.shape
+    D = _scaled_pullback(d, M)
+    X4 = X.view(B, r, B, r)
+    Zt = d.Zt
+    per_unit = max(B * r * B, B * Zt.shape[1]) * D.element_size()
+    chunk = max(1, min(h, _CHUNK_BYTES // max(per_unit, 1)))
+    out = []
+    for start in range(0, h, chunk):
+        Dc = D[:, start:start + chunk]  # (B, oc, r)
+        Y = torch.einsum("icjd,jod->icjo", X4, Dc)
+        T = torch.einsum("ioc,icjo->oij", Dc, Y)  # (oc, B, B)
+        out.append(torch.einsum("oij,jm,im->om", T, Zt, Zt))
+    diag = torch.cat(out)  # (h_out, m)
+    return d.from_matrix(diag[:, :, None])[:, 0]
+
+
+# ---------------------------------------------------------------------- the factor
+class OutputSpace:
+    """``U = F J`` of a Gauss-Newton matrix ``G = U^T U`` (docs/algorithm.md section 14).
+
+    Args:
+        stages: the chain's stage derivatives (first order only is used).
+        factor: the loss head's factor ``F`` ``(B, r, K)`` (``F_i^T F_i = S_i``).
+
+    Rows are ordered ``(i, c)``: sample-major. The Gram matrix and its eigendecomposition
+    are computed on first use and kept (they do not depend on the damping).
+    """
+
+    def __init__(self, stages: Sequence[StageDerivatives], factor: torch.Tensor):
+        self.stages = tuple(stages)
+        self.factor = factor
+        self.batch, self.rank_rows, self.outputs = factor.shape
+        self.rows = self.batch * self.rank_rows
+        self._gram: torch.Tensor | None = None
+        self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_params(self) -> int:
+        return sum(d.num_params for d in self.stages)
+
+    # ---------------------------------------------------------------- sweeps
+    def apply(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``U v`` ``(B r, k)`` for per-stage blocks ``v[l]`` ``(p_l, k)``: the forward tangent
+        ``t_l = Dx_l v_l + Dz_l t_{l-1}``, then ``F_i t_L[i]``."""
+        t = None
+        for d, vl in zip(self.stages, v, strict=True):
+            t = d.Dx(vl) if t is None else d.Dx(vl) + d.Dz(t)
+        return torch.bmm(self.factor, t).reshape(self.rows, -1)
+
+    def apply_T(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """``U^T w``: per-stage blocks ``(p_l, k)`` for ``w`` ``(B r, k)``: ``u_L = F^T w``, the
+        backward adjoints ``u_{l-1} = Dz_l^T u_l`` and ``(U^T w)_l = Dx_l^T u_l``."""
+        u = torch.bmm(self.factor.transpose(1, 2), w.reshape(self.batch, self.rank_rows, -1))
+        out: list[torch.Tensor] = [None] * len(self.stages)  # type: ignore[list-item]
+        for l in range(len(self.stages) - 1, -1, -1):
+            d = self.stages[l]
+            out[l] = d.Dx_T(u)
+            if l:
+                u = d.Dz_T(u)
+        return out
+
+    def pullbacks(self):
+        """``(l, M_l)`` from the last stage to the first: ``M_l`` ``(B, h_l, r)``, the
+        transposed ``F``-weighted output Jacobian in stage ``l``'s output."""
+        M = self.factor.transpose(1, 2)
+        for l in range(len(self.stages) - 1, -1, -1):
+            yield l, M
+            if l:
+                M = self.stages[l].Dz_T(M)
+
+    # ---------------------------------------------------------------- Gram matrix
+    def gram(self) -> torch.Tensor:
+        """``A = U U^T`` ``(B r, B r)``, symmetric positive semi-definite (computed once)."""
+        if self._gram is None:
+            f = self.factor
+            A = f.new_zeros(self.rows, self.rows)
+            for l, M in self.pullbacks():
+                A += stage_gram(self.stages[l], M)
+            self._gram = 0.5 * (A + A.T)
+        return self._gram
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, Q)``: ``A = Q diag(e) Q^T``, ``e`` ascending (computed once)."""
+        if self._eigh is None:
+            self._eigh = torch.linalg.eigh(self.gram())
+        return self._eigh
+
+    def diag_quadratic(self, X: torch.Tensor) -> list[torch.Tensor]:
+        """``diag(U^T X U)`` per stage, ``(p_l,)``, for a symmetric ``X`` ``(B r, B r)``."""
+        out: list[torch.Tensor] = [None] * len(self.stages)  # type: ignore[list-item]
+        for l, M in self.pullbacks():
+            out[l] = stage_diag_quadratic(self.stages[l], M, X)
+        return out
+
+    def diagonal(self) -> list[torch.Tensor]:
+        """``diag(G) = diag(U^T U)`` per stage (``X = I``)."""
+        eye = torch.eye(self.rows, dtype=self.factor.dtype, device=self.factor.device)
+        return self.diag_quadratic(eye)
+
+    # ---------------------------------------------------------------- costs
+    def flops(self) -> float:
+        """Estimated floating-point operations of the Gram matrix and one Cholesky."""
+        B, r = self.batch, self.rank_rows
+        total = 0.0
+        for d in self.stages:
+            total += 2.0 * B * r * d.in_size * d.out_size  # the pullback
+            if isinstance(d, LinearDerivatives):
+                total += 2.0 * (B * r) ** 2 * d.out_size + 2.0 * B * B * d.m
+            else:
+                total += 2.0 * B * r * d.out_size * d.num_params + 2.0 * (B * r) ** 2 * d.num_params
+        return total + (B * r) ** 3 / 3.0
+
+    def stored_bytes(self) -> int:
+        """Peak bytes: the Gram matrix, its factor and a stage's term, one pullback pair and
+        (for a generic stage) its dense rows."""
+        B, r, item = self.batch, self.rank_rows, self.factor.element_size()
+        widest = max(max(d.in_size, d.out_size) for d in self.stages)
+        dense = max((B * r * d.num_params for d in self.stages
+                     if not isinstance(d, LinearDerivatives)), default=0)
+        return (4 * (B * r) ** 2 + 2 * B * widest * r + dense) * item
