@@ -76,6 +76,25 @@ def matrix_name(curvature, damping: float) -> str:
     return f"{curvature.symbol} + {damping:g} I"
 
 
+def flat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-stage blocks ``(p_l, k)`` as one ``(n, k)`` tensor: a view when they lie one
+    after the other in one storage (as :meth:`ParameterLayout.to_blocks` and the solvers
+    make them), else one copy. At millions of parameters every new vector costs its page
+    faults."""
+    first = blocks[0]
+    offset, step = first.storage_offset(), first.stride()
+    ptr = first.untyped_storage().data_ptr()
+    k = first.shape[1]
+    for b in blocks:
+        if (b.untyped_storage().data_ptr() != ptr or b.storage_offset() != offset
+                or b.shape[1] != k or (b.shape[0] > 1 and b.stride() != step)
+                or (b.shape[0] == 1 and k > 1 and b.stride(1) != step[1])):
+            return torch.cat(list(blocks))
+        offset += b.shape[0] * step[0]
+    n = sum(b.shape[0] for b in blocks)
+    return first.as_strided((n, k), step)
+
+
 class Solver(ABC):
     """One route's factors of ``C + damping I`` (the arithmetic under the contract).
 
@@ -170,14 +189,15 @@ class Factorization:
         first the free one, ``||(C + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``; only when
         that does not already prove ``beta <= bound`` the Lanczos estimate (cached per operator).
         """
-        hx = torch.cat(hessian_vector_product(self._stages, self._S, x))
-        X, Gm = torch.cat(x), torch.cat(g)
-        R = Gm - hx - self.damping * X  # flat: three operations, not three per stage
+        hx = flat(hessian_vector_product(self._stages, self._S, x))
+        X, Gm = flat(x), flat(g)
+        R = torch.sub(Gm, hx).sub_(X, alpha=self.damping)  # flat, one new vector
         r = list(R.split([gl.shape[0] for gl in g]))
         num = torch.linalg.vector_norm(R, dim=0)
         xn, gn = torch.linalg.vector_norm(X, dim=0), torch.linalg.vector_norm(Gm, dim=0)
         tiny = torch.finfo(R.dtype).tiny
-        free = float((torch.linalg.vector_norm(Gm - R, dim=0) / xn.clamp_min(tiny)).max())
+        image = hx.add_(X, alpha=self.damping)  # (C + eps I) x = g - r, in place
+        free = float((torch.linalg.vector_norm(image, dim=0) / xn.clamp_min(tiny)).max())
 
         def worst(norm: float) -> float:
             den = norm * xn + gn
@@ -198,7 +218,7 @@ class Factorization:
         steps = 0
         while steps < limit and not (auto and err <= bound):
             dx = self._direct(r)
-            x = [xl + dl for xl, dl in zip(x, dx, strict=True)]
+            x = list(torch.add(flat(x), flat(dx)).split([xl.shape[0] for xl in x]))
             steps += 1
             r, new = self._residual(g, x)
             stalled = auto and new > 0.5 * err
@@ -475,7 +495,11 @@ class OutputSpaceSolver(Solver):
     def solve(self, blocks):
         y = self._K_solve(self.space.apply(blocks))
         back = self.space.apply_T(y)
-        return [(g - b) / self.damping for g, b in zip(blocks, back, strict=True)]
+        n, k = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+        out = list(blocks[0].new_empty(n, k).split([b.shape[0] for b in blocks]))
+        for x, g, b in zip(out, blocks, back, strict=True):
+            torch.sub(g, b, out=x).div_(self.damping)
+        return out
 
     def logdet(self):
         n, rows, lam = self.space.num_params, self.space.rows, self.damping

@@ -298,6 +298,7 @@ class LinearDerivatives(StageDerivatives):
         B, m = fwd.Zt.shape
         h_out, h_in = fwd.W.shape
         self.W, self.Zt, self.s1 = fwd.W, fwd.Zt, fwd.s1
+        self.second_order = second_order
         if second_order:
             self.beta, self.gamma = b * fwd.s2, b * fwd.s1
         else:
@@ -691,12 +692,12 @@ class LinearComplement(Complement):
         self.stage = stage
         Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
         self.dim = h_out * (m - r)
-        if stage.n_weight_cols and stage.has_input:
+        if stage.n_weight_cols and stage.has_input and stage.second_order:
             sg, vgh, rho = gamma_svd
             self.U_gamma = vgh[:rho].T.contiguous()  # (h_out, rho)
             self._sigma_max = sg[0] if rho else sg.new_zeros(())  # read when first needed
             self.P, self.Pc, self._mu_max = projector
-        else:  # no weight columns or no stage input: E = 0
+        else:  # no weight columns, no stage input, or the Gauss-Newton matrix: E = 0
             self.U_gamma = Q.new_zeros(h_out, 0)
             self.P = None
             self.Pc = Q.new_zeros(m, 0)
@@ -778,7 +779,7 @@ def linear_complements(stages: Sequence[LinearDerivatives]) -> list[LinearComple
     for i, s in enumerate(stages):
         if s.Q is None:
             raise ValueError("only a compressed stage (rank Zt < m) has a complement")
-        if s.n_weight_cols and s.has_input:
+        if s.n_weight_cols and s.has_input and s.second_order:  # else gamma = 0: E = 0
             groups.setdefault(tuple(s.gamma.shape), []).append(i)
             bases.setdefault((s.m, s.r, s.n_weight_cols), []).append(i)
     for shape, idx in groups.items():
