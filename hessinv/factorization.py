@@ -286,6 +286,13 @@ class Factorization:
         blocks = list(g.split(list(self._layout.stage_sizes)))
         return self._residual(blocks, self._direct(blocks))[1]
 
+    @property
+    def reused_factors(self) -> bool:
+        """Whether this factorization reused factors made before (the output space's kept
+        eigendecomposition serves every damping, docs/algorithm.md section 14): it then
+        cost no factorization of its own."""
+        return bool(getattr(self._solver, "reused_factors", False))
+
     def logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign, log|det(C + eps I)|)`` as 0-d tensors (certified, see :attr:`certificate`)."""
         self.certificate  # noqa: B018  (measures, hardens, warns)
@@ -463,7 +470,9 @@ class OutputSpaceSolver(Solver):
                 damping, nullity=max(n - rows, 0) or None)
         A = space.gram()
         self._chol = None
-        if damping > 0:
+        #: True when the factors are the space's kept eigendecomposition (no new work)
+        self.reused_factors = space.has_eigh
+        if damping > 0 and not self.reused_factors:
             K = A.clone()
             K.diagonal().add_(damping)
             L, info = torch.linalg.cholesky_ex(K)

@@ -480,7 +480,11 @@ class ChainGGN(_ChainCurvature):
     stage's second-order terms dropped, so the same linear-time products, diagonal
     (BackPACK's ``DiagGGNExact``), factorization, logdet and solves apply; it is positive
     semi-definite for convex losses, so ``G + eps I`` (``eps > 0``) factors by Cholesky at
-    every stage. Same constructor as :class:`ChainHessian`.
+    every stage. ``G = U^T U`` has only ``B r`` rows (``r`` per sample, the loss factor's),
+    so it also factors in output space (section 14): a ``B r x B r`` Gram matrix,
+    linear in depth, which gives the inverse diagonal (:meth:`Factorization.inverse_diagonal`)
+    and the spectrum (:meth:`spectrum`) too; ``method="auto"`` picks the cheaper route
+    (section 15). Same constructor as :class:`ChainHessian`.
 
     >>> import torch
     >>> from torch import nn
@@ -497,7 +501,17 @@ class ChainGGN(_ChainCurvature):
     >>> S = torch.block_diag(*[(torch.diag(q) - torch.outer(q, q)) / 5 for q in p])
     >>> torch.allclose(G.dense(), J.T @ S @ J, atol=1e-14)
     True
-    >>> G.factorize(1e-3).is_positive_definite
+    >>> G.factorize(1e-3).method       # the route chosen by cost: n = 26 is small
+    'dense'
+    >>> F = G.factorize(1e-3, method="output")   # B r = 10 rows
+    >>> F.method, F.is_positive_definite
+    ('output space', True)
+    >>> M = J.T @ S @ J + 1e-3 * torch.eye(26, dtype=torch.float64)
+    >>> torch.allclose(F.solve(G.gradient()), torch.linalg.solve(M, G.gradient()))
+    True
+    >>> torch.allclose(hessinv.flatten(F.inverse_diagonal()), torch.linalg.inv(M).diagonal())
+    True
+    >>> torch.allclose(G.spectrum(), torch.linalg.eigvalsh(J.T @ S @ J)[-10:], atol=1e-14)
     True
     """
 

@@ -176,6 +176,11 @@ class OutputSpace:
             self._eigh = torch.linalg.eigh(self.gram())
         return self._eigh
 
+    @property
+    def has_eigh(self) -> bool:
+        """Whether the eigendecomposition is kept (every shift ``lam`` then costs nothing)."""
+        return self._eigh is not None
+
     def diag_quadratic(self, X: torch.Tensor) -> list[torch.Tensor]:
         """``diag(U^T X U)`` per stage, ``(p_l,)``, for a symmetric ``X`` ``(B r, B r)``."""
         out: list[torch.Tensor] = [None] * len(self.stages)  # type: ignore[list-item]
@@ -190,8 +195,13 @@ class OutputSpace:
 
     # ---------------------------------------------------------------- costs
     def flops(self) -> float:
-        """Estimated floating-point operations of the Gram matrix and one Cholesky."""
+        """Estimated floating-point operations of the Gram matrix (unless kept) and one
+        Cholesky (none when the eigendecomposition is kept: every shift reuses it)."""
         B, r = self.batch, self.rank_rows
+        if self._eigh is not None:
+            return 0.0
+        if self._gram is not None:
+            return (B * r) ** 3 / 3.0
         total = 0.0
         for d in self.stages:
             total += 2.0 * B * r * d.in_size * d.out_size  # the pullback

@@ -80,6 +80,11 @@ def _zero_curvature_solution(g: torch.Tensor, gnorm: float, radius: float) -> Tr
     return TrustRegionSolution(-(radius / gnorm) * g, gnorm / radius, True, False, 0, 0, 0)
 
 
+def _counted(F) -> int:
+    """1 for a new factorization (or a failed one), 0 for one that reused kept factors."""
+    return 0 if F is not None and getattr(F, "reused_factors", False) else 1
+
+
 def trust_region_subproblem(
     curvature: CurvatureProtocol,
     g: torch.Tensor,
@@ -159,8 +164,15 @@ def trust_region_subproblem(
         if scale == 0.0:
             return _zero_curvature_solution(g, gnorm, radius)
 
+    if callable(getattr(curvature, "output_space", None)):
+        # the Gauss-Newton matrix: one eigendecomposition of U U^T serves every lam (no
+        # factorization per lam, docs/algorithm.md section 14)
+        try:
+            curvature.output_space().eigh()
+        except ValueError:  # indefinite loss blocks: no output space
+            pass
     F, pd = try_factorize(curvature, 0.0)
-    nfact = 1
+    nfact = _counted(F)
     n_negative = None if F is None else int(F.inertia()[1])
     lam_tiny = 100 * torch.finfo(g.dtype).eps * scale
     if pd:
@@ -185,7 +197,7 @@ def trust_region_subproblem(
     for it in range(1, max_iter + 1):
         if current is None:
             F, pd = try_factorize(curvature, lam)
-            nfact += 1
+            nfact += _counted(F)
             if not pd:
                 lam_L = max(lam_L, lam)
                 lam = bracket_trial(0.5)
