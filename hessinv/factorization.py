@@ -128,6 +128,12 @@ class Solver(ABC):
     def harden(self) -> Solver | None:
         return None
 
+    def certified_error(self) -> float | None:
+        """A bound ``beta`` such that ``logdet`` and ``inertia`` are those of ``C + eps I + E``
+        with ``||E|| <= beta ||C + eps I||``, when the route knows one without measuring;
+        ``None``: the contract measures it (one solve and one product)."""
+        return None
+
 
 class Factorization:
     """An exact factorization of ``C + eps I``, reusable for many right-hand sides.
@@ -265,6 +271,10 @@ class Factorization:
         and one product), hardening the factorization once if it is above the bound.
         """
         if self._certificate is None:
+            known = self._solver.certified_error()
+            if known is not None:
+                self._certificate = known
+                return known
             bound = accuracy_bound(self._S.dtype)
             self._certificate = self._probe()
             if self._certificate > bound and self._harden():
@@ -560,6 +570,16 @@ class OutputSpaceSolver(Solver):
                 f"{estimate:.0e}: damping small against ||G|| ~ {top:.1e}); method='dense' is "
                 "more accurate for small n", AccuracyWarning, stacklevel=3)
         return [(1 - ql) / self.damping for ql in q]
+
+    def certified_error(self):
+        """With an exact loss factor, ``K`` is formed from the Gram matrix ``A`` with an
+        error of about ``B r u ||A||`` and factored backward stably, so ``logdet`` and the
+        counts are those of ``G + lam I + E``, ``||E|| <= B r u ||G||``, whatever Woodbury's
+        solves lose (docs/algorithm.md section 14); a generic loss's clamped factor is
+        measured instead."""
+        if not self.space.exact:
+            return None
+        return max(self.space.rows, 1) * torch.finfo(self.space.factor.dtype).eps
 
     def harden(self):
         est = self._curvature.memory_estimate()

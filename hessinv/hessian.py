@@ -521,9 +521,9 @@ class ChainGGN(_ChainCurvature):
 
     def _output_space(self) -> OutputSpace | None:
         if not hasattr(self, "_space"):
-            factor = self._derivatives.head.factor
-            self._space = None if factor is None else OutputSpace(self.stage_derivatives(),
-                                                                  factor)
+            head = self._derivatives.head
+            self._space = None if head.factor is None else OutputSpace(
+                self.stage_derivatives(), head.factor, head.factor_exact)
         return self._space
 
     def output_space(self) -> OutputSpace:

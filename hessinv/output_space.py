@@ -114,12 +114,16 @@ class OutputSpace:
         factor: the loss head's factor ``F`` ``(B, r, K)`` (``F_i^T F_i = S_i``).
 
     Rows are ordered ``(i, c)``: sample-major. The Gram matrix and its eigendecomposition
-    are computed on first use and kept (they do not depend on the damping).
+    are computed on first use and kept (they do not depend on the damping). ``exact``:
+    ``F^T F = S`` to rounding (False for a generic loss's clamped factor).
     """
 
-    def __init__(self, stages: Sequence[StageDerivatives], factor: torch.Tensor):
+    def __init__(self, stages: Sequence[StageDerivatives], factor: torch.Tensor,
+                 exact: bool = True):
         self.stages = tuple(stages)
         self.factor = factor
+        #: ``F^T F = S`` to rounding (a closed-form loss factor, section 2.1)
+        self.exact = exact
         self.batch, self.rank_rows, self.outputs = factor.shape
         self.rows = self.batch * self.rank_rows
         self._gram: torch.Tensor | None = None

@@ -663,3 +663,27 @@ def test_bad_model_or_loss(cls):
         cls([], loss_fn)
     with pytest.raises(ValueError, match="radius"):
         trust_region_subproblem(None, torch.zeros(3, dtype=DT), 0.0)
+
+
+@pytest.mark.parametrize("loss,seed", [("ce", 0), ("mse", 1), ("ce", 2)])
+def test_subproblem_on_the_ggn_output_space_matches_dense(loss, seed):
+    """The Gauss-Newton matrix's subproblem through one eigendecomposition of U U^T (no
+    factorization per lam, docs/algorithm.md section 14) against the dense solution, for
+    boundary radii and for a radius containing the minimum-norm Gauss-Newton step."""
+    model, loss_fn, X, y = make_problem(3, 6, 4, loss, seed)
+    G = hessinv.ChainGGN(model, loss_fn, X, y)
+    D = dense_ggn_factory(model, loss_fn, X, y).matrix
+    g = G.gradient()
+    assert G.num_params > G.output_space().rows  # G is singular: g lies in its range
+    pinv_step = -torch.linalg.pinv(D, hermitian=True, rtol=1e-12) @ g
+    for radius in (0.01, 0.1, 0.5 * float(pinv_step.norm()), 2 * float(pinv_step.norm())):
+        sol = trust_region_subproblem(G, g, radius)
+        assert sol.factorizations <= 1 and sol.n_negative == 0
+        if radius > float(pinv_step.norm()):
+            assert not sol.on_boundary and sol.lam == 0.0
+            assert rel(sol.step, pinv_step) < 1e-8
+        else:
+            expected = dense_trust_region(D, g, radius)
+            assert sol.on_boundary and rel(sol.step, expected) < 1e-8
+    sol = trust_region_subproblem(G, g, 0.05)
+    assert sol.factorizations == 0  # the eigendecomposition is kept from the first call

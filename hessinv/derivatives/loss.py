@@ -39,12 +39,15 @@ __all__ = ["LossHead", "loss_head", "fold_output_activation", "FoldedLoss"]
 class LossHead(NamedTuple):
     """``value`` (0-d), ``grad`` ``(B, K)``, per-sample Hessian blocks ``hess`` ``(B, K, K)``
     and a factor ``factor`` ``(B, r, K)`` with ``factor[i]^T factor[i] = hess[i]`` (``None``
-    when some block is indefinite)."""
+    when some block is indefinite). ``factor_exact``: the factor is a closed form, so
+    ``F^T F = S`` to rounding (a generic loss's factor clamps eigenvalues at rounding level
+    of zero: ``F^T F`` may differ from ``S`` by ``sqrt(u) max|S|``)."""
 
     value: torch.Tensor
     grad: torch.Tensor
     hess: torch.Tensor
     factor: torch.Tensor | None = None
+    factor_exact: bool = False
 
 
 def _softmax_head(logp: torch.Tensor, a: torch.Tensor, total: torch.Tensor) -> LossHead:
@@ -77,7 +80,7 @@ def _softmax_head(logp: torch.Tensor, a: torch.Tensor, total: torch.Tensor) -> L
     F.diagonal(dim1=1, dim2=2).copy_(sq * one_minus_p)
     F = scale.clamp_min(0).sqrt()[:, None, None] * F
     value = -(a * logp).sum() / total
-    return LossHead(value, g, S, F if bool((A >= 0).all()) else None)
+    return LossHead(value, g, S, F if bool((A >= 0).all()) else None, True)
 
 
 def log_softmax(o: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,7 @@ def _nll(loss_fn: nn.NLLLoss, o: torch.Tensor, targets) -> LossHead | None:
     total = wy.sum() if loss_fn.reduction == "mean" else o.new_ones(())
     a = wy[:, None] * torch.nn.functional.one_hot(safe, K).to(o.dtype)
     value = -(a * o).sum() / total
-    return LossHead(value, -a / total, o.new_zeros(B, K, K), o.new_zeros(B, 0, K))
+    return LossHead(value, -a / total, o.new_zeros(B, K, K), o.new_zeros(B, 0, K), True)
 
 
 def _bce_with_logits(loss_fn: nn.BCEWithLogitsLoss, o: torch.Tensor, targets) -> LossHead | None:
@@ -174,7 +177,7 @@ def _bce_with_logits(loss_fn: nn.BCEWithLogitsLoss, o: torch.Tensor, targets) ->
     g = w * (-pw * y * sn + (1 - y) * sp) / total
     d = (w * (pw * y + 1 - y) * sp * sn / total).reshape(B, -1)
     factor = torch.diag_embed(d.clamp_min(0).sqrt()) if bool((d >= 0).all()) else None
-    return LossHead(value / total, g.reshape(B, -1), torch.diag_embed(d), factor)
+    return LossHead(value / total, g.reshape(B, -1), torch.diag_embed(d), factor, True)
 
 
 def _mse(loss_fn: nn.MSELoss, o: torch.Tensor, targets) -> LossHead | None:
@@ -191,7 +194,7 @@ def _mse(loss_fn: nn.MSELoss, o: torch.Tensor, targets) -> LossHead | None:
     K = r.shape[1]
     eye = torch.eye(K, dtype=o.dtype, device=o.device).expand(B, K, K)
     return LossHead((r * r).sum() * scale, 2 * scale * r, (2 * scale) * eye.clone(),
-                    (2 * scale) ** 0.5 * eye.clone())
+                    (2 * scale) ** 0.5 * eye.clone(), True)
 
 
 _CLOSED_FORMS = {

@@ -80,6 +80,84 @@ def _zero_curvature_solution(g: torch.Tensor, gnorm: float, radius: float) -> Tr
     return TrustRegionSolution(-(radius / gnorm) * g, gnorm / radius, True, False, 0, 0, 0)
 
 
+def _output_space_solution(curvature, g: torch.Tensor, radius: float,
+                           rtol: float) -> TrustRegionSolution | None:
+    """The subproblem for a Gauss-Newton matrix ``G = U^T U`` through the eigendecomposition
+    ``U U^T = Q diag(e) Q^T`` (docs/algorithm.md section 14); ``None`` when ``curvature`` has
+    no exact output space (then the general method runs).
+
+    With ``y = Q^T U g`` and ``g_perp`` the part of ``g`` outside the row space of ``U``,
+    ``||s(lam)||^2 = sum_i y_i^2 / (e_i (e_i + lam)^2) + ||g_perp||^2 / lam^2``, a scalar
+    function: Newton's method on ``1/||s(lam)|| - 1/radius`` finds the multiplier without a
+    sweep, and one solve (refined, the contract's) gives the step. ``G`` is positive
+    semi-definite, so there is no hard case: ``lam = 0`` when ``g`` lies in the row space
+    and ``||G^+ g|| <= radius`` (the minimum-norm Gauss-Newton step)."""
+    if not callable(getattr(curvature, "output_space", None)):
+        return None
+    try:
+        space = curvature.output_space()
+    except ValueError:  # indefinite loss blocks
+        return None
+    if not space.exact:
+        return None
+    fresh = 0 if space.has_eigh else 1
+    e, Q = space.eigh()
+    e64 = e.double()
+    y = (Q.T @ space.apply(list(g.reshape(-1, 1).split(list(curvature.stage_sizes)))))[:, 0]
+    y64 = y.double()
+    rows = e.numel()
+    tol_e = max(rows, 1) * torch.finfo(e.dtype).eps * float(e64.abs().max() if rows else 0.0)
+    keep = e64 > tol_e
+    yk, ek = y64[keep], e64[keep]
+    gg = float(g.double() @ g.double())
+    inside = float((yk * yk / ek).sum())
+    perp = gg - inside
+    if perp <= 10 * max(rows, 1) * torch.finfo(g.dtype).eps * gg:
+        perp = 0.0
+
+    def norm2(lam: float) -> float:
+        return float((yk * yk / (ek * (ek + lam) ** 2)).sum()) + (perp / lam ** 2 if perp else 0.0)
+
+    if perp == 0.0 and norm2(0.0) <= radius * radius:
+        # interior: s = -G^+ g = -U^T Q E^-2 Q^T U g over the kept eigenvalues
+        coef = torch.zeros_like(y)
+        coef[keep] = (y[keep] / e[keep] ** 2)
+        s = -torch.cat(space.apply_T((Q @ coef)[:, None]))[:, 0]
+        return TrustRegionSolution(s, 0.0, False, False, fresh, 0, 0)
+    # boundary: 1/||s(lam)|| - 1/radius is concave increasing; Newton from the left
+    lo, hi = 0.0, math.inf
+    top = float(ek.max()) if ek.numel() else 0.0
+    lam = max(math.sqrt(max(gg, 0.0)) / radius - top, 0.0) or 1e-300
+    for _ in range(200):
+        n2 = norm2(lam)
+        if n2 > radius * radius:
+            lo = lam
+        else:
+            hi = lam
+        sn = math.sqrt(n2)
+        if abs(sn - radius) <= 1e-3 * rtol * radius:
+            break
+        # d ||s||^2 / d lam = -2 sum y^2 / (e (e + lam)^3) - 2 perp / lam^3
+        d = -2 * float((yk * yk / (ek * (ek + lam) ** 3)).sum()) - (2 * perp / lam ** 3 if perp
+                                                                     else 0.0)
+        # Newton on phi = 1/sn - 1/radius: phi' = -d / (2 sn^3)
+        new = lam - (1 / sn - 1 / radius) / (-d / (2 * sn ** 3)) if d else math.nan
+        if not lo < new < hi or not math.isfinite(new):
+            new = 2 * lo + 1e-300 if math.isinf(hi) else 0.5 * (lo + hi)
+        lam = new
+    F, _ = try_factorize(curvature, lam)
+    if F is None:
+        return None
+    s = -F.solve(g)
+    snorm = float(torch.linalg.vector_norm(s))
+    if abs(snorm - radius) > 1e-6 * radius:
+        return None  # the scalar model and the exact solve disagree: the general method
+    if abs(snorm - radius) > rtol * radius:
+        s = s * (radius / snorm)  # rounding of ||s(lam)|| only: onto the boundary
+    return TrustRegionSolution(s, lam, True, False, fresh + (0 if F.reused_factors else 1),
+                               1, 0)
+
+
 def _counted(F) -> int:
     """1 for a new factorization (or a failed one), 0 for one that reused kept factors."""
     return 0 if F is not None and getattr(F, "reused_factors", False) else 1
@@ -164,13 +242,9 @@ def trust_region_subproblem(
         if scale == 0.0:
             return _zero_curvature_solution(g, gnorm, radius)
 
-    if callable(getattr(curvature, "output_space", None)):
-        # the Gauss-Newton matrix: one eigendecomposition of U U^T serves every lam (no
-        # factorization per lam, docs/algorithm.md section 14)
-        try:
-            curvature.output_space().eigh()
-        except ValueError:  # indefinite loss blocks: no output space
-            pass
+    spectral = _output_space_solution(curvature, g, radius, rtol)
+    if spectral is not None:
+        return spectral
     F, pd = try_factorize(curvature, 0.0)
     nfact = _counted(F)
     n_negative = None if F is None else int(F.inertia()[1])
