@@ -9,7 +9,7 @@ limit), with the device synchronised around every timing:
   solve, ``solve``, one extra right-hand side with the kept factorization, peak memory
   (``torch.cuda.max_memory_allocated``; peak RSS growth on CPU) and one Hessian-vector
   product, ours beside forward-over-reverse ``torch.func.jvp(grad(loss))``, and the
-  host-device synchronisations of each phase (``hessinv.syncs.HostSyncCounter``), the
+  host-device synchronisations of each phase (``hessinv.tools.syncs.HostSyncCounter``), the
   Gauss-Newton factorization stage by stage against runs of stages per host read, and the
   Hessian's with each front's tests read apart against speculative fronts. Fitted
   exponents in depth (log-log least squares) per dtype.
@@ -18,7 +18,7 @@ limit), with the device synchronised around every timing:
 * per-stage floor -- width 4, batch 4, depth 512: the same phases per stage where the
   arithmetic is negligible, so what is left is the dispatch (on a GPU, the launch) of each
   stage's operators and its host reads; with the operators per stage
-  (``hessinv.syncs.KernelCounter``), also given for the depth sweep.
+  (``hessinv.tools.syncs.KernelCounter``), also given for the depth sweep.
 
 The whole run keeps to ``--budget`` seconds (default 420, under 8 minutes with start-up):
 the wide cases run first, then the floor, then the depth sweep with both dtypes
@@ -59,9 +59,9 @@ from bench_width import (  # noqa: E402  (the problem and the timing helpers are
 
 import hessinv  # noqa: E402
 from hessinv import SingularMatrixError  # noqa: E402  (found through bench_width's path)
-from hessinv.factorization import RUN_LENGTH  # noqa: E402
-from hessinv.riccati import riccati_factorize  # noqa: E402
-from hessinv.syncs import HostSyncCounter, KernelCounter  # noqa: E402
+from hessinv.curvature.factorization import RUN_LENGTH  # noqa: E402
+from hessinv.linalg.riccati import riccati_factorize  # noqa: E402
+from hessinv.tools.syncs import HostSyncCounter, KernelCounter  # noqa: E402
 
 EPS = 1e-2
 DTYPES = ("float32", "float64")

@@ -74,7 +74,7 @@ def _median_time(fn, repeats, device):
 
 
 def _problem(depth, width, batch, device, seed=0):
-    from hessinv.demo import tall_skinny_mlp
+    from hessinv.tools.demo import tall_skinny_mlp
 
     model = tall_skinny_mlp(depth, width, 8, 4, torch.float64, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -7,20 +7,20 @@ that is a chain of stages (an ``nn.Sequential``). The mathematics is in
 ``docs/algorithm.md``; the sections are cited in the docstrings.
 """
 
-from . import optim
-from .errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
-from .factorization import (
+from hessinv import optim
+from hessinv.curvature.factorization import (
     DenseFactorization,
     Factorization,
     OutputSpaceFactorization,
     RiccatiFactorization,
     TridiagonalFactorization,
 )
-from .hessian import ChainGGN, ChainHessian
-from .optim import DampedNewton, TrustRegionNewton, trust_region_subproblem
-from .reference import conjugate_gradient, dense_hessian
-from .spectrum import EigenvalueBracket
-from .vectors import flatten, unflatten
+from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.curvature.spectrum import EigenvalueBracket
+from hessinv.errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
+from hessinv.optim import DampedNewton, TrustRegionNewton, trust_region_subproblem
+from hessinv.tools.reference import conjugate_gradient, dense_hessian
+from hessinv.vectors import flatten, unflatten
 
 __version__ = "0.2.0"
 

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .demo import DTYPES, DemoConfig, format_report, run_demo
+from hessinv.tools.demo import DTYPES, DemoConfig, format_report, run_demo
 
 DESCRIPTION = "hessinv: the exact Hessian of deep chain networks, in time linear in depth."
 

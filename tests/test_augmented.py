@@ -7,7 +7,7 @@ import torch
 from _chains import make_problem, relative_error
 
 import hessinv
-from hessinv.augmented import AugmentedSolver, augmented_grid, augmented_tridiagonal
+from hessinv.linalg.augmented import AugmentedSolver, augmented_grid, augmented_tridiagonal
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])

@@ -8,7 +8,7 @@ from _chains import make_problem
 from torch import nn
 
 import hessinv
-from hessinv.chain import build_chain
+from hessinv.network.chain import build_chain
 
 
 def test_stages_prefix_and_names():
@@ -107,7 +107,7 @@ class _CustomCopy(nn.Linear):
 def test_snapshots_are_independent_frozen_copies(module):
     """A stage holds what ``copy.deepcopy`` would give (made directly for plain modules),
     frozen and out of place: later changes to the model or its hooks do not reach it."""
-    from hessinv.chain import _plain_copy, _snapshot
+    from hessinv.network.chain import _plain_copy, _snapshot
 
     snap = _snapshot(module)
     plain = _plain_copy(module)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hessinv.demo import DemoConfig
+from hessinv.tools.demo import DemoConfig
 from paper import EXPERIMENTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

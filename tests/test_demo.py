@@ -7,7 +7,7 @@ import torch
 
 import hessinv
 from hessinv.__main__ import main
-from hessinv.demo import (
+from hessinv.tools.demo import (
     DemoConfig,
     Facts,
     Part,

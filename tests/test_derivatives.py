@@ -13,13 +13,13 @@ from _chains import ACTIVATIONS, make_problem
 from torch import nn
 
 import hessinv
-from hessinv.chain import build_chain
 from hessinv.derivatives import (
     GenericDerivatives,
     LinearDerivatives,
     loss_head,
-    stage_derivatives,
 )
+from hessinv.network.chain import build_chain
+from hessinv.network.dispatch import stage_derivatives
 
 TOL = 1e-12
 
@@ -240,9 +240,10 @@ def test_analytic_oracle_refuses_other_stages():
 
 @pytest.mark.parametrize("weight_selected,bias_selected", [(True, True), (True, False), (False, True)])
 def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_selected):
-    """LinearDerivatives' four product steps (prepare, tangent, adjoint, finish) share
-    subexpressions; the base class uses the eight separate products."""
-    from hessinv.derivatives.base import StageDerivatives
+    """The Linear hooks' four product steps (prepare, tangent, adjoint, finish) share
+    subexpressions; the default hooks use the eight separate products."""
+    from hessinv.curvature.hvp_hooks import HvpHooks
+    from hessinv.curvature.linear_hvp import LinearHvp
 
     gen = torch.Generator().manual_seed(9)
     B, h_in, h_out, k = 4, 5, 3, 2
@@ -255,19 +256,19 @@ def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_
         v = torch.randn(d.num_params, k, generator=gen, dtype=torch.float64)
         t_prev = torch.randn(B, h_in, k, generator=gen, dtype=torch.float64) if has_input else None
         u = torch.randn(B, h_out, k, generator=gen, dtype=torch.float64)
-        (prepared,) = LinearDerivatives.hvp_prepare([d], [v])
-        t, cache = d.tangent(prepared, t_prev)
-        t_ref, cache_ref = StageDerivatives.tangent(d, v, t_prev)
+        (prepared,) = LinearHvp.prepare([d], [v])
+        t, cache = LinearHvp.tangent(d, prepared, t_prev)
+        t_ref, cache_ref = HvpHooks.tangent(d, v, t_prev)
         assert _close(t, t_ref)
-        partial, up = d.adjoint(prepared, t_prev, u, cache)
-        (hv,) = LinearDerivatives.hvp_finish([d], [prepared], [t_prev], [partial])
-        hv_ref, up_ref = StageDerivatives.adjoint(d, v, t_prev, u, cache_ref)
+        partial, up = LinearHvp.adjoint(d, prepared, t_prev, u, cache)
+        (hv,) = LinearHvp.finish([d], [prepared], [t_prev], [partial])
+        hv_ref, up_ref = HvpHooks.adjoint(d, v, t_prev, u, cache_ref)
         assert _close(hv, hv_ref)
         assert (up is None and up_ref is None) or _close(up, up_ref)
 
 
 def test_stack_is_a_view_exactly_when_the_blocks_are_consecutive():
-    from hessinv.derivatives.linear import _stack
+    from hessinv.derivatives.linear.kernels import stack as _stack
 
     flat = torch.arange(24.0)
     blocks = list(flat.split([6, 6, 6, 6]))

@@ -1,11 +1,11 @@
-"""Bunch-Kaufman in explicit form ``P L D L^T P^T`` (hessinv.ldlt) against dense linear algebra."""
+"""Bunch-Kaufman in explicit form ``P L D L^T P^T`` (hessinv.linalg.ldlt) against dense linear algebra."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hessinv.ldlt import bunch_kaufman
+from hessinv.linalg.ldlt import bunch_kaufman
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -10,7 +10,7 @@ import torch
 from _chains import ACTIVATIONS, make_problem, random_chain, relative_error, solve_tolerance
 
 import hessinv
-from hessinv import riccati
+from hessinv.linalg import riccati
 
 
 def _dense(problem):
@@ -187,7 +187,7 @@ def test_checking_in_runs_gives_the_same_factors(monkeypatch):
 
 
 def test_symmetrize_in_place_is_exactly_symmetric():
-    from hessinv.fronts import symmetrize_
+    from hessinv.linalg.fronts import symmetrize_
 
     for n in (0, 1, 2, 7):
         M = torch.randn(n, n, dtype=torch.float64)
@@ -199,7 +199,7 @@ def test_symmetrize_in_place_is_exactly_symmetric():
 
 @pytest.mark.parametrize("a", [5, 383, 384, 700, 1030])  # one, two and four blocks
 def test_symmetric_product_equals_the_full_product(a):
-    from hessinv.fronts import symmetric_product
+    from hessinv.linalg.fronts import symmetric_product
 
     gen = torch.Generator().manual_seed(a)
     A = torch.randn(37, a, dtype=torch.float64, generator=gen)

@@ -7,7 +7,7 @@ import torch
 from _chains import make_problem
 
 import hessinv
-from hessinv.spectrum import lanczos
+from hessinv.curvature.spectrum import lanczos
 
 
 @pytest.mark.parametrize("seed", range(4))

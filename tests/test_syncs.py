@@ -1,4 +1,4 @@
-"""Host-device synchronisations (hessinv.syncs): counted, and not growing with depth where
+"""Host-device synchronisations (hessinv.tools.syncs): counted, and not growing with depth where
 the algorithm does not need them (docs/algorithm.md section 13).
 
 These are counts of scalar reads, exact on any device, not timings."""
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import hessinv
-from hessinv import riccati
-from hessinv.syncs import HostSyncCounter
+from hessinv.linalg import riccati
+from hessinv.tools.syncs import HostSyncCounter
 
 
 def test_counter_counts_scalar_reads_and_nothing_else():
@@ -113,7 +113,7 @@ def test_factorization_checked_in_runs_reads_once_per_run():
 def test_runs_are_used_where_fronts_are_expected_definite():
     from types import SimpleNamespace
 
-    from hessinv.factorization import RUN_LENGTH, _run_length
+    from hessinv.curvature.factorization import RUN_LENGTH, _run_length
 
     def curvature(second_order, device):
         return SimpleNamespace(second_order=second_order, device=torch.device(device))
@@ -125,7 +125,7 @@ def test_runs_are_used_where_fronts_are_expected_definite():
 
 
 def test_kernel_counter_leaves_out_views_and_allocations():
-    from hessinv.syncs import KernelCounter
+    from hessinv.tools.syncs import KernelCounter
 
     x = torch.randn(4, 3)
     with KernelCounter() as kernels:
@@ -143,7 +143,7 @@ PER_STAGE = {"build": 14, "factorization": 50, "solve": 19, "product": 6}
 
 
 def _kernels(depth, batch):
-    from hessinv.syncs import KernelCounter
+    from hessinv.tools.syncs import KernelCounter
 
     model, X, y = _mlp(depth, batch=batch)
     with KernelCounter() as build:

@@ -187,10 +187,11 @@ def test_complement_basis_has_exactly_m_minus_r_columns():
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
-    """``LinearDerivatives.rhs_terms`` / ``controls`` stack the stages of one shape
-    (docs/algorithm.md section 13); the base class's defaults go stage by stage through the
+    """``LinearTerms.rhs_terms`` / ``controls`` stack the stages of one shape
+    (docs/algorithm.md section 13); the default hooks go stage by stage through the
     per-stage operators. Same numbers, up to rounding, on stages of several ranks."""
-    from hessinv.derivatives import StageDerivatives
+    from hessinv.linalg.linear_terms import LinearTerms
+    from hessinv.linalg.stage_terms import StageTerms
 
     X, y, loss_fn = _data(batch=4, seed=6)
     X[3] = X[1]  # the first stage's Zt of rank 3: one more shape group
@@ -207,8 +208,8 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
     alpha = [rand(d.basis_size, k) for d in stages]
     t_prev = [rand(d.batch, d.in_size, k) if d.has_input else None for d in stages]
     eps = 0.3
-    batched = LinearDerivatives.rhs_terms(stages, closed, g)
-    single = StageDerivatives.rhs_terms.__func__(LinearDerivatives, stages, closed, g)
+    batched = LinearTerms.rhs_terms(stages, closed, g)
+    single = StageTerms.rhs_terms(stages, closed, g)
 
     def close(a, b):
         return float((a - b).abs().max()) <= 1e-13 * max(1.0, float(b.abs().max()))
@@ -225,9 +226,8 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
             Q = rand(a, a)
             expected = Q - 0.7 * d.complement.gram()
             assert close(d.complement.subtract_gram_(Q, 0.7), expected)
-    v_batched = LinearDerivatives.controls(stages, closed, alpha, t_prev, batched, eps)
-    v_single = StageDerivatives.controls.__func__(LinearDerivatives, stages, closed, alpha,
-                                                  t_prev, single, eps)
+    v_batched = LinearTerms.controls(stages, closed, alpha, t_prev, batched, eps)
+    v_single = StageTerms.controls(stages, closed, alpha, t_prev, single, eps)
     for a, b in zip(v_batched, v_single, strict=True):
         assert a.shape == b.shape and close(a, b)
 
@@ -235,13 +235,14 @@ def test_batched_solve_terms_equal_the_stage_by_stage_ones(bias, k):
 @pytest.mark.parametrize("params", ["all", "bias", "weight"])
 @pytest.mark.parametrize("batch", [4, 40])  # compressed stages of two ranks; full bases
 def test_batched_front_terms_equal_the_stage_by_stage_ones(batch, params):
-    """``LinearDerivatives.front_terms`` stacks the stages of one shape (docs/algorithm.md
-    section 13); the base class's default makes each stage's terms alone (``Y_T_Dxx_Y`` and
+    """``LinearTerms.front_terms`` stacks the stages of one shape (docs/algorithm.md
+    section 13); the default hooks make each stage's terms alone (``Y_T_Dxx_Y`` and
     ``Y_T_Dzx``: the same formula for one stage, checked against dense in test_derivatives;
     ``Dzz_blocks`` from the ``Dzz`` operator). Same numbers up to rounding, and the
     factorization is unchanged when every stage is made alone."""
-    from hessinv import riccati
-    from hessinv.derivatives import StageDerivatives
+    from hessinv.linalg import riccati
+    from hessinv.linalg.linear_terms import LinearTerms
+    from hessinv.linalg.stage_terms import StageTerms
 
     X, y, loss_fn = _data(batch=batch, seed=6)
     X[3] = X[1]  # the first stage's Zt one rank lower: one more shape group
@@ -250,8 +251,8 @@ def test_batched_front_terms_equal_the_stage_by_stage_ones(batch, params):
                                            if n.endswith(params)]
     H = hessinv.ChainHessian(model, loss_fn, X, y, params=chosen)
     stages = H.stage_derivatives()
-    batched = LinearDerivatives.front_terms(stages)
-    single = StageDerivatives.front_terms.__func__(LinearDerivatives, stages)
+    batched = LinearTerms.front_terms(stages)
+    single = StageTerms.front_terms(stages)
 
     def close(a, b):
         return float((a - b).abs().max()) <= 1e-13 * max(1.0, float(b.abs().max()))
@@ -278,9 +279,9 @@ def test_stages_batched_or_alone_in_the_products_and_solves(monkeypatch, limit):
     """Stages above ``BATCH_PARAMS`` parameters go through the batched steps of the products
     and solves one by one (docs/algorithm.md section 13); ``limit = 0`` sends every stage
     that way. Both against dense."""
-    from hessinv.derivatives import linear
+    from hessinv.derivatives.linear import kernels
 
     if limit is not None:
-        monkeypatch.setattr(linear, "BATCH_PARAMS", limit)
+        monkeypatch.setattr(kernels, "BATCH_PARAMS", limit)
     X, y, loss_fn = _data(batch=3, seed=3)
     _check_all(_model(width=8, depth=5, seed=2), loss_fn, X, y, eps_values=(1e-3, -0.3))

@@ -28,23 +28,24 @@ Everything the factorization needs is expressed through ``Y``:
 products from the right ``right_DxY`` (``M Dx Y``) and ``right_Dz`` (``M Dz``); the pairs
 ``right_DxY_Dz`` and ``DxY_T_Dz_T`` let a class share the work of two products.
 
-Sweeps over many stages (section 13): the class methods ``hvp_prepare``/``hvp_finish``
-(products), ``front_terms`` (factorization) and ``rhs_terms``/``controls`` (solves) do the
-parts that do not depend on the recursions, for many stages of a class at once
-(:func:`per_class` dispatches); the defaults go stage by stage,
-:class:`~hessinv.derivatives.LinearDerivatives` batches stages of one shape.
+Sweeps over many stages (section 13): each algorithm keeps, next to it, hooks per
+derivative class (:class:`Hooks`, dispatched by :func:`by_class`) that do the parts not
+depending on its recursions for many stages of a class at once: products
+(:mod:`hessinv.curvature.hvp_hooks`), factorization and solves
+(:mod:`hessinv.linalg.stage_terms`). The defaults go stage by stage through this
+interface; ``Linear`` stages batch the stages of one shape.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageDerivatives", "DenseStage", "Complement", "RhsTerms", "FrontTerms",
-           "block_diagonal", "per_class"]
+__all__ = ["StageDerivatives", "DenseStage", "Complement", "FrontTerms", "block_diagonal",
+           "by_class", "Hooks"]
 
 
 class FrontTerms(NamedTuple):
@@ -62,19 +63,6 @@ class FrontTerms(NamedTuple):
         """Their size for stage ``d`` (to bound how many stages are made at once)."""
         N, a_in = d.basis_size, d.batch * d.in_size
         return (N * N + N * a_in + d.batch * d.in_size ** 2) * d.dtype.itemsize
-
-
-class RhsTerms(NamedTuple):
-    """The parts of a stage's right-hand side ``g`` that a solve needs and that do not depend
-    on the recursion (docs/algorithm.md sections 8, 13): ``Y_T_g`` = ``Y^T g`` ``(N, k)``;
-    for a stage whose complement is eliminated in closed form, ``projected`` (``(I - Y Y^T) g``
-    in the class's own layout, handed back to :meth:`StageDerivatives.controls`) and
-    ``coupling_T`` (``E^T (I - Y Y^T) g`` ``(B, h_in, k)``, ``None`` when ``E`` leaves no trace
-    outside ``span(Y)``)."""
-
-    Y_T_g: torch.Tensor
-    projected: torch.Tensor | None
-    coupling_T: torch.Tensor | None
 
 
 class DenseStage(NamedTuple):
@@ -101,20 +89,32 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     return out.reshape(B * h, B * w)
 
 
-def per_class(method: str, stages: Sequence[StageDerivatives], *columns) -> list:
-    """``type(d).<method>(stages of that class, *columns)`` for each derivative class among
-    the stages (a class may batch its stages), with the per-stage arguments (the list
-    ``columns``; others are passed as they are) split alike; the results in stage order."""
+def by_class(stages: Sequence[StageDerivatives], batched: Callable[[type], Callable],
+             *columns) -> list:
+    """``batched(cls)(stages of that class, *columns)`` for each derivative class among the
+    ``stages`` (an algorithm's hooks for that class: it may batch its stages), with the
+    per-stage arguments (the list ``columns``; other arguments are passed as they are)
+    split alike; the results in stage order."""
     groups: dict[type, list[int]] = {}
     for i, d in enumerate(stages):
         groups.setdefault(type(d), []).append(i)
     out: list = [None] * len(stages)
     for cls, idx in groups.items():
         picked = [[col[i] for i in idx] if isinstance(col, list) else col for col in columns]
-        for i, r in zip(idx, getattr(cls, method)([stages[i] for i in idx], *picked),
-                        strict=True):
+        for i, r in zip(idx, batched(cls)([stages[i] for i in idx], *picked), strict=True):
             out[i] = r
     return out
+
+
+class Hooks(dict):
+    """An algorithm's hooks per derivative class: ``hooks(cls)`` is the entry of the nearest
+    class in ``cls``'s MRO (so a subclass inherits its parent's hooks)."""
+
+    def __call__(self, cls: type):
+        for k in cls.__mro__:
+            if k in self:
+                return self[k]
+        raise KeyError(f"no hooks for {cls.__name__}")
 
 
 class Complement(ABC):
@@ -220,41 +220,6 @@ class StageDerivatives(ABC):
     @abstractmethod
     def Dzz(self, t: torch.Tensor) -> torch.Tensor:
         """``Dzz t``: ``(B, h_in, k) -> (B, h_in, k)``."""
-
-    # ------------------------------------------------------------ H v (section 3)
-    # A product runs in four steps: hvp_prepare (all stages, before the sweeps), tangent
-    # (forward, stage by stage), adjoint (backward, stage by stage), hvp_finish (all stages,
-    # after). Only the two middle ones are sequential; a class may batch the others over
-    # its stages of one shape (section 13). The defaults do everything in the middle.
-    @classmethod
-    def hvp_prepare(cls, stages: Sequence[StageDerivatives], v: Sequence[torch.Tensor]) -> list:
-        """What each stage's :meth:`tangent` and :meth:`adjoint` take from its block
-        ``v[i]`` ``(p_i, k)`` (here the block itself)."""
-        return list(v)
-
-    def tangent(self, v, t_prev: torch.Tensor | None):
-        """``(t, cache)`` with ``t = Dx v + Dz t_prev`` (``t_prev`` is ``None`` for a first
-        stage); ``v`` as :meth:`hvp_prepare` made it.
-
-        ``cache`` is whatever :meth:`adjoint` can reuse; classes with shared subexpressions
-        override both (the defaults use the eight products separately).
-        """
-        t = self.Dx(v)
-        return (t if t_prev is None else t + self.Dz(t_prev)), None
-
-    def adjoint(self, v, t_prev, u, cache):
-        """``(partial, u_prev)``: ``u_prev = Dz^T u + Dzx^T v + Dzz t_prev`` and what
-        :meth:`hvp_finish` turns into ``Hv_l = Dxx v + Dzx t_prev + Dx^T u`` (here ``Hv_l``)."""
-        hv = self.Dxx(v) + self.Dx_T(u)
-        if t_prev is None:
-            return hv, None
-        return hv + self.Dzx(t_prev), self.Dz_T(u) + self.Dzx_T(v) + self.Dzz(t_prev)
-
-    @classmethod
-    def hvp_finish(cls, stages: Sequence[StageDerivatives], v: Sequence, t_prev: Sequence,
-                   partial: Sequence) -> list[torch.Tensor]:
-        """The blocks ``Hv_i`` ``(p_i, k)`` from what :meth:`adjoint` returned (here: them)."""
-        return list(partial)
 
     # ------------------------------------------------------------ dense forms
     def _eye_columns(self, n: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -364,50 +329,6 @@ class StageDerivatives(ABC):
         h_in = self.in_size
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
         return self.Dzz(probe)
-
-    # ------------------------------------------------------------ many stages at once (section 13)
-    @classmethod
-    def front_terms(cls, stages: Sequence[StageDerivatives]) -> list[FrontTerms]:
-        """:class:`FrontTerms` of the stages (all of this class). One stage at a time here; a
-        class may batch stages of one shape."""
-        return [FrontTerms(d.Y_T_Dxx_Y(), d.Y_T_Dzx() if d.has_input else None,
-                           d.Dzz_blocks() if d.has_input else None) for d in stages]
-
-    @classmethod
-    def rhs_terms(cls, stages: Sequence[StageDerivatives], closed: Sequence[bool],
-                  g: Sequence[torch.Tensor]) -> list[RhsTerms]:
-        """:class:`RhsTerms` of the stages (all of this class) for their blocks ``g[i]``
-        ``(p_i, k)``; ``closed[i]``: stage ``i``'s complement is eliminated in closed form.
-        One stage at a time here; a class may batch stages of one shape."""
-        out = []
-        for d, c, gl in zip(stages, closed, g, strict=True):
-            projected = coupling_T = None
-            if c:
-                comp = d.complement
-                projected = comp.project(gl)
-                if comp.coupled_dim:
-                    coupling_T = comp.coupling_T_of_projected(projected)
-            out.append(RhsTerms(d.Y_T(gl), projected, coupling_T))
-        return out
-
-    @classmethod
-    def controls(cls, stages: Sequence[StageDerivatives], closed: Sequence[bool],
-                 alpha: Sequence[torch.Tensor], t_prev: Sequence[torch.Tensor | None],
-                 terms: Sequence[RhsTerms], damping: float) -> list[torch.Tensor]:
-        """The solution blocks ``v_i = Y alpha_i`` ``(p_i, k)``, plus for a closed complement
-        ``((I - Y Y^T) g_i - (I - Y Y^T) E t_{i-1}) / eps`` (section 8), from the basis
-        coordinates ``alpha[i]`` ``(N_i, k)``, the stage inputs' tangents ``t_prev[i]``
-        ``(B, h_in, k)`` (``None`` for a first stage) and the stages' :meth:`rhs_terms`."""
-        out = []
-        for d, c, a, t, term in zip(stages, closed, alpha, t_prev, terms, strict=True):
-            v = d.Y(a)
-            if c:
-                rhs = term.projected
-                if t is not None and d.complement.coupled_dim:
-                    rhs = rhs - d.complement.coupling(t)
-                v = v + rhs / damping
-            out.append(v)
-        return out
 
     def stored_bytes(self) -> int:
         """Bytes held by this object's tensors (for memory estimates); two views of the same

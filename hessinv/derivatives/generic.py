@@ -14,7 +14,7 @@ import torch
 from torch.func import jacfwd, jacrev, vmap
 from torch.utils._pytree import tree_map
 
-from .base import DenseStage, StageDerivatives
+from hessinv.derivatives.base import DenseStage, StageDerivatives
 
 __all__ = ["GenericDerivatives"]
 

@@ -28,10 +28,10 @@ build ``B`` (and re-evaluate the loss on it to accept or reject the step). The
 shared step template is :mod:`hessinv.optim.base`.
 """
 
-from .damped_newton import DampedNewton
-from .protocol import CurvatureProtocol, FactorizationProtocol
-from .subproblem import TrustRegionSolution, trust_region_subproblem
-from .trust_region import TrustRegionNewton
+from hessinv.optim.damped_newton import DampedNewton
+from hessinv.optim.protocol import CurvatureProtocol, FactorizationProtocol
+from hessinv.optim.subproblem import TrustRegionSolution, trust_region_subproblem
+from hessinv.optim.trust_region import TrustRegionNewton
 
 __all__ = [
     "DampedNewton",

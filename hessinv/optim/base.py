@@ -39,15 +39,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-import hessinv
-
-from ..chain import build_chain
-from ._checks import check_loss_fn, check_model
-from .protocol import CurvatureProtocol, check_curvature
+from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.network.chain import build_chain
+from hessinv.optim._checks import check_loss_fn, check_model
+from hessinv.optim.protocol import CurvatureProtocol, check_curvature
 
 __all__ = ["CurvatureOptimizer", "Proposal", "Trial", "Verdict", "resolve_curvature"]
 
-_BUILTIN_CURVATURES = {"hessian": "ChainHessian", "ggn": "ChainGGN"}
+_BUILTIN_CURVATURES = {"hessian": ChainHessian, "ggn": ChainGGN}
 _ORACLES = ("auto", "generic", "analytic")
 
 CurvatureFactory = Callable[[Any, Any, Any, Any], CurvatureProtocol]
@@ -83,8 +82,7 @@ class Verdict(NamedTuple):
     diagnostics: dict | None = None
 
 
-def _builtin_curvature(class_name: str, oracle: str, model, loss_fn, inputs, targets):
-    cls = getattr(hessinv, class_name)  # looked up when called: hessinv imports this package
+def _builtin_curvature(cls, oracle: str, model, loss_fn, inputs, targets):
     return cls(model, loss_fn, inputs, targets, oracle=oracle)
 
 

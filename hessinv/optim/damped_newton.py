@@ -26,9 +26,9 @@ import math
 
 import torch
 
-from ._checks import nonnegative, positive, positive_int, real, within
-from .base import CurvatureOptimizer, Proposal, Trial, Verdict
-from .protocol import CurvatureProtocol, try_factorize
+from hessinv.optim._checks import nonnegative, positive, positive_int, real, within
+from hessinv.optim.base import CurvatureOptimizer, Proposal, Trial, Verdict
+from hessinv.optim.protocol import CurvatureProtocol, try_factorize
 
 __all__ = ["DampedNewton"]
 

@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import SingularMatrixError
+from hessinv.errors import SingularMatrixError
 
 __all__ = ["CurvatureProtocol", "FactorizationProtocol", "check_curvature", "try_factorize"]
 

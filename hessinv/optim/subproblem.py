@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import positive
-from .protocol import CurvatureProtocol, check_curvature, try_factorize
+from hessinv.optim._checks import positive
+from hessinv.optim.protocol import CurvatureProtocol, check_curvature, try_factorize
 
 __all__ = ["trust_region_subproblem", "TrustRegionSolution"]
 

@@ -25,10 +25,10 @@ import math
 
 import torch
 
-from ._checks import positive, positive_int, real, within
-from .base import CurvatureOptimizer, Proposal, Trial, Verdict
-from .protocol import CurvatureProtocol
-from .subproblem import trust_region_subproblem
+from hessinv.optim._checks import positive, positive_int, real, within
+from hessinv.optim.base import CurvatureOptimizer, Proposal, Trial, Verdict
+from hessinv.optim.protocol import CurvatureProtocol
+from hessinv.optim.subproblem import trust_region_subproblem
 
 __all__ = ["TrustRegionNewton"]
 

@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SingularMatrixError
-from .ldlt import bunch_kaufman
+from hessinv.errors import SingularMatrixError
+from hessinv.linalg.ldlt import bunch_kaufman
 
 __all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
-           "symmetric_product", "sign_logabsdet",
-           "DEFAULT_TAU"]
+           "symmetric_product", "sign_logabsdet"]
 
-#: threshold of the pivot tests: growth (direct fronts) or multipliers (eigen fronts) up to ``1/tau``.
-DEFAULT_TAU = 1e-2
 
 
 def symmetrize_(M: torch.Tensor) -> torch.Tensor:

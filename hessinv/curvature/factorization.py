@@ -41,11 +41,21 @@ from collections.abc import Sequence
 
 import torch
 
-from .augmented import AugmentedSolver
-from .errors import AccuracyWarning, SingularMatrixError
-from .hvp import hessian_vector_product
-from .output_space import OutputSpace
-from .riccati import riccati_factorize, riccati_solve
+from hessinv.curvature.output_space import OutputSpace
+from hessinv.curvature.products import hessian_vector_product
+from hessinv.errors import AccuracyWarning, SingularMatrixError
+from hessinv.linalg.augmented import AugmentedSolver
+from hessinv.linalg.riccati import riccati_factorize, riccati_solve
+from hessinv.settings import (
+    BACKWARD_ERROR_FLOAT32,
+    BACKWARD_ERROR_FLOAT64,
+    HARD_TAU,
+    INVERSE_DIAGONAL_WARN_FLOAT32,
+    INVERSE_DIAGONAL_WARN_FLOAT64,
+    MAX_REFINEMENT,
+    REFINEMENT_GAIN,
+    RUN_LENGTH,
+)
 
 __all__ = [
     "Factorization",
@@ -57,8 +67,6 @@ __all__ = [
     "accuracy_bound",
 ]
 
-#: iterative refinement steps at most, in ``refine="auto"`` mode
-MAX_REFINEMENT = 10
 
 
 def accuracy_bound(dtype: torch.dtype) -> float:
@@ -68,7 +76,7 @@ def accuracy_bound(dtype: torch.dtype) -> float:
     float32 residuals reaches about ten times the roundoff, so ``1e-6``: a looser bound let
     unrefined float32 solves through with forward errors 100x those of a dense float32 LU.
     """
-    return 1e-12 if dtype == torch.float64 else 1e-6
+    return BACKWARD_ERROR_FLOAT64 if dtype == torch.float64 else BACKWARD_ERROR_FLOAT32
 
 
 def matrix_name(curvature, damping: float) -> str:
@@ -227,7 +235,7 @@ class Factorization:
             x = list(torch.add(flat(x), flat(dx)).split([xl.shape[0] for xl in x]))
             steps += 1
             r, new = self._residual(g, x)
-            stalled = auto and new > 0.5 * err
+            stalled = auto and new > REFINEMENT_GAIN * err
             err = new
             if stalled:
                 break
@@ -344,8 +352,6 @@ class Factorization:
 
 
 # ---------------------------------------------------------------------- Riccati
-#: stages per host read of the pivot tests on CUDA where the fronts are expected definite
-RUN_LENGTH = 16
 
 
 def _run_length(curvature, damping: float) -> int:
@@ -372,7 +378,7 @@ class RiccatiSolver(Solver):
         self.hard = hard
         S = curvature.loss_hessian_blocks()
         if hard:
-            self.factors = riccati_factorize(self._stages, S, damping, tau=0.1,
+            self.factors = riccati_factorize(self._stages, S, damping, tau=HARD_TAU,
                                              force_eigen=True, progress=progress)
         else:
             self.factors = riccati_factorize(self._stages, S, damping,
@@ -562,7 +568,8 @@ class OutputSpaceSolver(Solver):
         ratio = float((flat / (1 - flat).clamp_min(torch.finfo(dtype).tiny)).abs().max()) \
             if flat.numel() else 0.0
         estimate = torch.finfo(dtype).eps * cond * max(ratio, 1.0)
-        limit = 1e-8 if dtype == torch.float64 else 1e-3
+        limit = (INVERSE_DIAGONAL_WARN_FLOAT64 if dtype == torch.float64
+                 else INVERSE_DIAGONAL_WARN_FLOAT32)
         if estimate > limit:
             warnings.warn(
                 f"inverse_diagonal of {matrix_name(self._curvature, self.damping)}: the "
@@ -583,7 +590,7 @@ class OutputSpaceSolver(Solver):
 
     def harden(self):
         est = self._curvature.memory_estimate()
-        from .memory import available_memory
+        from hessinv.curvature.memory import available_memory
 
         if est["riccati"] > available_memory(self._curvature.device):
             return None

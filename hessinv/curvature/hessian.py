@@ -17,24 +17,29 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .chain import Chain, build_chain
-from .data import resolve_batch
-from .derivatives import StageDerivatives, fold_output_activation
-from .diagonal import diagonal_blocks, hessian_diagonal
-from .errors import SingularMatrixError
-from .factorization import (
+from hessinv.curvature.diagonal import diagonal_blocks, hessian_diagonal
+from hessinv.curvature.factorization import (
     DenseFactorization,
     Factorization,
     OutputSpaceFactorization,
     RiccatiFactorization,
     TridiagonalFactorization,
 )
-from .hvp import hessian_vector_product
-from .memory import available_memory, check_budget, memory_estimate, route_flops
-from .output_space import OutputSpace
-from .spectrum import EigenvalueBracket, eigenvalue_count, lanczos, smallest_eigenvalue
-from .sweep import ChainDerivatives, compute_derivatives
-from .vectors import ParameterLayout
+from hessinv.curvature.memory import available_memory, check_budget, memory_estimate, route_flops
+from hessinv.curvature.output_space import OutputSpace
+from hessinv.curvature.products import hessian_vector_product
+from hessinv.curvature.spectrum import (
+    EigenvalueBracket,
+    eigenvalue_count,
+    lanczos,
+    smallest_eigenvalue,
+)
+from hessinv.derivatives import StageDerivatives, fold_output_activation
+from hessinv.errors import SingularMatrixError
+from hessinv.network.chain import Chain, build_chain
+from hessinv.network.data import resolve_batch
+from hessinv.network.sweep import ChainDerivatives, compute_derivatives
+from hessinv.vectors import ParameterLayout
 
 __all__ = ["ChainHessian", "ChainGGN"]
 
@@ -325,7 +330,7 @@ class _ChainCurvature:
         budget = available_memory(self.device) if max_memory is None else int(max_memory)
         fitting = [r for r in candidates if est[r] <= budget]
         if not fitting:
-            from .errors import MemoryBudgetError
+            from hessinv.errors import MemoryBudgetError
 
             needs = ", ".join(f"{r}: {est[r] / 2**30:.2f} GiB" for r in candidates)
             source = "max_memory" if max_memory is not None else f"free memory on {self.device}"

@@ -36,10 +36,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .derivatives import FrontTerms, StageDerivatives, block_diagonal, per_class
-from .errors import SingularMatrixError
-from .fronts import DEFAULT_TAU, cholesky_front, factor_front, sign_logabsdet
-from .progress import progress_bar
+from hessinv.derivatives import (
+    FrontTerms,
+    Hooks,
+    LinearDerivatives,
+    StageDerivatives,
+    block_diagonal,
+    by_class,
+)
+from hessinv.errors import SingularMatrixError
+from hessinv.linalg.fronts import cholesky_front, factor_front, sign_logabsdet
+from hessinv.linalg.linear_terms import LinearTerms
+from hessinv.linalg.stage_terms import StageTerms
+from hessinv.progress import progress_bar
+from hessinv.settings import DEFAULT_TAU, TERMS_BYTES, TERMS_BYTES_CPU, TERMS_STAGES
 
 __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
 
@@ -151,13 +161,20 @@ def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMat
     )
 
 
-#: at most this many stages' :class:`FrontTerms` are made in one batched call ...
-TERMS_STAGES = 16
-#: ... and held at once (bytes): on a GPU, where a batched call saves launches ...
-TERMS_BYTES = 1 << 25
-#: ... and on a CPU, where it saves dispatches but terms that fall out of the cache before
-#: their front uses them cost more than that (width 16, batch 32: 4 MB per stage, 6% slower)
-TERMS_BYTES_CPU = 1 << 20
+#: the factorization's and solves' hooks per derivative class (docs/algorithm.md section 13)
+TERMS_HOOKS = Hooks({StageDerivatives: StageTerms, LinearDerivatives: LinearTerms})
+
+
+def _front_terms(cls):
+    return TERMS_HOOKS(cls).front_terms
+
+
+def _rhs_terms(cls):
+    return TERMS_HOOKS(cls).rhs_terms
+
+
+def _controls(cls):
+    return TERMS_HOOKS(cls).controls
 
 
 def terms_budget(device: torch.device) -> int:
@@ -184,7 +201,7 @@ class _TermsAhead:
                     break
                 chunk.append(chunk[-1] - 1)
                 size += more
-            self.made.update(zip(chunk, per_class("front_terms", [self.stages[i] for i in chunk]),
+            self.made.update(zip(chunk, by_class([self.stages[i] for i in chunk], _front_terms),
                                  strict=True))
         return self.made[l]
 
@@ -340,7 +357,7 @@ def riccati_solve(
     eps = rf.damping
     k = g[0].shape[1]
     closed = [f.mode == "closed" for f in rf.factors]
-    terms = per_class("rhs_terms", stages, closed, list(g))
+    terms = by_class(stages, _rhs_terms, closed, list(g))
     hn: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     s = None
     for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
@@ -386,7 +403,7 @@ def riccati_solve(
             split[l] = c[N:N + n_w]
         t_prev[l] = t
         t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
-    out = per_class("controls", stages, closed, alpha, t_prev, terms, eps)
+    out = by_class(stages, _controls, closed, alpha, t_prev, terms, eps)
     for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
         comp, gl = stages[l].complement, g[l]
         out[l] = out[l] + comp.coupled(w)

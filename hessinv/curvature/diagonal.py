@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .derivatives import StageDerivatives
+from hessinv.derivatives import StageDerivatives
 
 __all__ = ["output_curvatures", "diagonal_blocks", "hessian_diagonal"]
 

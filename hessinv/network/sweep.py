@@ -17,18 +17,17 @@ import torch
 from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .chain import Chain, Stage
-from .derivatives import (
+from hessinv.derivatives import (
     LinearDerivatives,
     LossHead,
     StageDerivatives,
     linear_complements,
     loss_head,
-    stage_derivatives,
-    structured_forwards,
 )
-from .derivatives import _is_linear_stage as is_structured
-from .progress import progress_bar
+from hessinv.network.chain import Chain, Stage
+from hessinv.network.dispatch import is_linear_stage as is_structured
+from hessinv.network.dispatch import stage_derivatives, structured_forwards
+from hessinv.progress import progress_bar
 
 __all__ = ["ChainDerivatives", "compute_derivatives", "batch_size"]
 

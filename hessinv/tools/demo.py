@@ -30,8 +30,8 @@ from scipy.sparse.linalg import LinearOperator, cg, minres
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hessian import ChainGGN, ChainHessian
-from .reference import conjugate_gradient, dense_hessian
+from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.tools.reference import conjugate_gradient, dense_hessian
 
 __all__ = ["DemoConfig", "Problem", "Row", "Facts", "Part", "DemoReport", "tall_skinny_mlp",
            "make_problem", "run_demo", "verdict", "format_report"]

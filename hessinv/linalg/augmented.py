@@ -34,8 +34,7 @@ from block_partitioned_matrices import (
     Zero,
     blockwise_transpose,
 )
-
-from .derivatives import StageDerivatives, block_diagonal
+from hessinv.derivatives import StageDerivatives, block_diagonal
 
 __all__ = ["augmented_grid", "augmented_tridiagonal", "AugmentedSolver"]
 

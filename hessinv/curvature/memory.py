@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from .errors import MemoryBudgetError
+from hessinv.errors import MemoryBudgetError
+from hessinv.settings import DENSE_CHUNK, OPERATOR_FLOPS, OPERATORS
 
 __all__ = ["memory_estimate", "available_memory", "check_budget", "route_flops"]
 
@@ -24,8 +25,8 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
     the sweep, docs/algorithm.md section 13), ``"tridiagonal"`` (the pivoted band
     LU of blocks ``p_l + 2 a_l``) and ``"dense"`` (``H`` and its LU).
     """
-    from .derivatives import FrontTerms
-    from .riccati import terms_budget
+    from hessinv.derivatives import FrontTerms
+    from hessinv.linalg.riccati import terms_budget
 
     item = S.element_size()
     stored = sum(d.stored_bytes() for d in stages)
@@ -54,12 +55,6 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
     }
 
 
-#: floating-point operations a stage's operator costs besides its arithmetic (its dispatch
-#: and launch; about 20 us at 10 GFlop/s): deep chains of small stages are bound by it
-OPERATOR_FLOPS = 2e5
-#: operators per stage of each route (counted with hessinv.syncs.KernelCounter: the
-#: factorization of H at width 16; the output space's pullback and Gram term)
-OPERATORS = {"riccati": 60, "output": 12, "dense": 10}
 
 
 def route_flops(stages, n: int) -> dict[str, float]:
@@ -80,7 +75,7 @@ def route_flops(stages, n: int) -> dict[str, float]:
                           + N * a_in * a_in + a_in * a_out * (a_in + a_out))
         product += 8.0 * d.batch * (d.num_params + d.in_size * d.out_size)
     L = len(stages)
-    chunks = -(-n // 1024)
+    chunks = -(-n // DENSE_CHUNK)
     return {
         "riccati": riccati + L * OPERATORS["riccati"] * OPERATOR_FLOPS,
         "dense": n * product + 6.0 * n ** 3 + chunks * L * OPERATORS["dense"] * OPERATOR_FLOPS,

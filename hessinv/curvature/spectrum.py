@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import SingularMatrixError
+from hessinv.errors import SingularMatrixError
 
 __all__ = ["lanczos", "EigenvalueBracket", "smallest_eigenvalue", "eigenvalue_count"]
 

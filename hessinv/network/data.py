@@ -37,7 +37,7 @@ def _cat(items, what: str):
 
 def concatenate_batches(data: Iterable, progress: bool = True):
     """``(inputs, targets)`` of the union of an iterable of ``(inputs, targets)`` batches."""
-    from .progress import progress_bar
+    from hessinv.progress import progress_bar
 
     inputs, targets = [], []
     total = len(data) if hasattr(data, "__len__") else None

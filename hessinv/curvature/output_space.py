@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .derivatives import GenericDerivatives, LinearDerivatives, StageDerivatives
+from hessinv.derivatives import GenericDerivatives, LinearDerivatives, StageDerivatives
+from hessinv.settings import DIAGONAL_CHUNK_BYTES
 
 __all__ = ["OutputSpace", "stage_gram", "stage_diag_quadratic"]
 
@@ -79,8 +80,6 @@ def stage_diag_quadratic(d: StageDerivatives, M: torch.Tensor, X: torch.Tensor) 
     return ((X @ rows) * rows).sum(0)
 
 
-#: bytes of the intermediate tensors of :func:`stage_diag_quadratic` for a Linear stage
-_CHUNK_BYTES = 1 << 26
 
 
 @stage_diag_quadratic.register
@@ -94,7 +93,7 @@ def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     X4 = X.view(B, r, B, r)
     Zt = d.Zt
     per_unit = max(B * r * B, B * Zt.shape[1]) * D.element_size()
-    chunk = max(1, min(h, _CHUNK_BYTES // max(per_unit, 1)))
+    chunk = max(1, min(h, DIAGONAL_CHUNK_BYTES // max(per_unit, 1)))
     out = []
     for start in range(0, h, chunk):
         Dc = D[:, start:start + chunk]  # (B, oc, r)
