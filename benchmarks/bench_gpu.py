@@ -59,8 +59,8 @@ from bench_width import (  # noqa: E402  (the problem and the timing helpers are
 
 import hessinv  # noqa: E402
 from hessinv import SingularMatrixError  # noqa: E402  (found through bench_width's path)
-from hessinv.curvature.factorization import RUN_LENGTH  # noqa: E402
 from hessinv.linalg.riccati import riccati_factorize  # noqa: E402
+from hessinv.settings import RUN_LENGTH  # noqa: E402
 from hessinv.tools.syncs import HostSyncCounter, KernelCounter  # noqa: E402
 
 EPS = 1e-2

@@ -37,7 +37,7 @@ def test_lanczos_ritz_values_lie_inside_the_spectrum():
     problem = make_problem(depth=3, width=4, batch=4, seed=60)
     H = hessinv.ChainHessian(*problem)
     ev = torch.linalg.eigvalsh(hessinv.dense_hessian(*problem))
-    theta, res = lanczos(H._flat_matvec, H.num_params, 10, H.dtype, H.device)
+    theta, res = lanczos(H.flat_matvec, H.num_params, 10, H.dtype, H.device)
     assert float(theta[0]) >= float(ev[0]) - 1e-12 and float(theta[-1]) <= float(ev[-1]) + 1e-12
     for t, r in zip(theta.tolist(), res.tolist(), strict=True):  # an eigenvalue within r
         assert float((ev - t).abs().min()) <= r + 1e-10

@@ -113,7 +113,8 @@ def test_factorization_checked_in_runs_reads_once_per_run():
 def test_runs_are_used_where_fronts_are_expected_definite():
     from types import SimpleNamespace
 
-    from hessinv.curvature.factorization import RUN_LENGTH, _run_length
+    from hessinv.curvature.solvers import _run_length
+    from hessinv.settings import RUN_LENGTH
 
     def curvature(second_order, device):
         return SimpleNamespace(second_order=second_order, device=torch.device(device))

@@ -41,7 +41,7 @@ import torch
 
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.network.chain import build_chain
-from hessinv.optim._checks import check_loss_fn, check_model
+from hessinv.network.checks import check_loss_fn, check_model
 from hessinv.optim.protocol import CurvatureProtocol, check_curvature
 
 __all__ = ["CurvatureOptimizer", "Proposal", "Trial", "Verdict", "resolve_curvature"]

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from hessinv.optim._checks import nonnegative, positive, positive_int, real, within
+from hessinv.network.checks import nonnegative, positive, positive_int, real, within
 from hessinv.optim.base import CurvatureOptimizer, Proposal, Trial, Verdict
 from hessinv.optim.protocol import CurvatureProtocol, try_factorize
 

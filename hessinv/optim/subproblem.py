@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from hessinv.optim._checks import positive
+from hessinv.network.checks import positive
 from hessinv.optim.protocol import CurvatureProtocol, check_curvature, try_factorize
 
 __all__ = ["trust_region_subproblem", "TrustRegionSolution"]

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from hessinv.optim._checks import positive, positive_int, real, within
+from hessinv.network.checks import positive, positive_int, real, within
 from hessinv.optim.base import CurvatureOptimizer, Proposal, Trial, Verdict
 from hessinv.optim.protocol import CurvatureProtocol
 from hessinv.optim.subproblem import trust_region_subproblem
