@@ -13,10 +13,11 @@ remedy used by multifrontal sparse ``LDL^T`` solvers is threshold pivoting with
 *delayed pivots*: eliminate only the directions that pass a threshold test and hand
 the others to the next front, where they meet the variables they are coupled to.
 
-Two strategies, two classes:
+The fronts share one interface (``half``, ``finish``, ``add_update_T``, ``W``,
+``rejected``, ``combine``, ``next_state``, ``inertia``, ``sign``, ``logabsdet``):
 
-* :class:`DirectFront` -- Cholesky (or Bunch-Kaufman ``LDL^T`` when ``G`` is indefinite)
-  of the whole control block. Accepted when the element growth of the update is bounded,
+* :class:`CholeskyFront` and :class:`LDLFront` (Bunch-Kaufman, when ``G`` is indefinite),
+  both :class:`DirectFront`: the whole control block eliminated. Accepted when the element growth of the update is bounded,
   ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|) / tau`` (always at the root, where there is no
   state).
 * :class:`EigenFront` -- ``G = U diag(lambda) U^T``; direction ``q`` is eliminated when
@@ -31,12 +32,14 @@ fronts is the inertia of ``H + eps I`` (Haynsworth).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from hessinv.errors import SingularMatrixError
 from hessinv.linalg.ldlt import bunch_kaufman
 
-__all__ = ["DirectFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
+__all__ = ["Front", "DirectFront", "CholeskyFront", "LDLFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
            "symmetric_product", "sign_logabsdet"]
 
 
@@ -81,67 +84,66 @@ def _singular_tol(lam_abs_max: torch.Tensor, dtype) -> torch.Tensor:
     return torch.finfo(dtype).eps * lam_abs_max
 
 
+class Front(Protocol):
+    """What the Riccati sweeps use of an eliminated front (see the module docstring)."""
+
+    n: int
+    n_accepted: int
+    n_rejected: int
+    kind: str
+
+    def half(self, kc: torch.Tensor) -> torch.Tensor: ...
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def add_update_T(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
+
+    def rejected(self, kc: torch.Tensor) -> torch.Tensor: ...
+
+    def combine(self, beta: torch.Tensor, delayed: torch.Tensor) -> torch.Tensor: ...
+
+    def next_state(self, F: torch.Tensor, Q: torch.Tensor) -> torch.Tensor: ...
+
+
 class DirectFront:
-    """All of ``G`` eliminated by Cholesky ``G = L L^T`` or Bunch-Kaufman ``G = P L D L^T P^T``.
+    """All of ``G`` eliminated at once, ``G = P L D L^T P^T`` (the shared part of
+    :class:`CholeskyFront` and :class:`LDLFront`).
 
     Keeps ``W = L^-1 P^T F``; the update is ``F^T G^-1 F = W^T D^-1 W`` (one triangular solve
-    with the ``a`` columns of ``F`` and one product; :mod:`hessinv.ldlt` puts the
-    Bunch-Kaufman factor in this explicit form). A solve uses the same half-factored
-    coordinates (``D = I`` for Cholesky): backward ``h = half(k)`` and ``add_update_T(acc, h)``
-    ``= acc + F^T G^-1 k``, forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve
-    each way. :class:`EigenFront` offers the same four operations with ``L P^T = U_a^T``.
+    with the ``a`` columns of ``F`` and one product). A solve uses the same half-factored
+    coordinates: backward ``h = half(k)`` and ``add_update_T(acc, h) = acc + F^T G^-1 k``,
+    forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve each way.
+    :class:`EigenFront` offers the same operations with ``L P^T = U_a^T``.
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
     (``F^T G^-1 F``, ``(a, a)``, until :meth:`next_state` consumes it), ``inertia``
-    ``(n_pos, n_neg)`` (ints for Cholesky; for Bunch-Kaufman, like :class:`EigenFront`, a
-    ``(2,)`` tensor left on the device and read once for all fronts), ``sign``,
-    ``logabsdet`` (0-d tensors), ``kind`` (``"cholesky"`` or ``"ldl"``).
+    ``(n_pos, n_neg)``, ``sign``, ``logabsdet``, ``kind``.
     """
 
-    def __init__(self, F, cholesky=None, bk=None):
-        self.kind = "cholesky" if bk is None else "ldl"
-        self._L, self._bk = cholesky, bk
+    kind = "direct"
+
+    def __init__(self, F: torch.Tensor, W: torch.Tensor, update: torch.Tensor):
         self.n = F.shape[0]
         self.n_accepted, self.n_rejected = self.n, 0
-        if bk is None:
-            self.inertia = (self.n, 0)
-            self._LT = cholesky.T  # views the solves use, made once
-            self._W = torch.linalg.solve_triangular(cholesky, F, upper=False)
-            self.update = symmetric_product(self._W, self._W)
-        else:
-            self.inertia = bk.inertia
-            self._W = bk.half_solve(F)
-            self.update = symmetric_product(self._W, bk.d_solve(self._W))
-        self._WT = self._W.T
+        self._W, self._WT = W, W.T  # the view the solves use, made once
+        self.update = update
 
-    @property
-    def sign(self) -> torch.Tensor:
-        return self._W.new_ones(()) if self._bk is None else self._bk.sign
-
-    @property
-    def logabsdet(self) -> torch.Tensor:
-        """``log|det G|``; for Cholesky ``2 sum log L_ii``, made when asked (a sweep sums the
-        diagonals of all its Cholesky fronts at once: :func:`sign_logabsdet`)."""
-        if self._bk is None:
-            return 2 * torch.log(torch.diagonal(self._L)).sum()
-        return self._bk.logabsdet
+    def d_solve(self, h: torch.Tensor) -> torch.Tensor:
+        """``D^-1 h``."""
+        raise NotImplementedError
 
     def half(self, kc: torch.Tensor) -> torch.Tensor:
         """``h = L^-1 P^T k`` for ``k`` ``(n, r)``: the right-hand side in the half-factored
         coordinates where ``G^-1 = P L^-T D^-1 L^-1 P^T`` and ``G^-1 F = P L^-T D^-1 W``."""
-        if self._bk is None:
-            return torch.linalg.solve_triangular(self._L, kc, upper=False)
-        return self._bk.half_solve(kc)
+        raise NotImplementedError
 
     def finish(self, h: torch.Tensor) -> torch.Tensor:
         """``P L^-T D^-1 h``, so that ``finish(half(k) + W t) = G^-1 (k + F t)``."""
-        if self._bk is None:
-            return torch.linalg.solve_triangular(self._LT, h, upper=True)
-        return self._bk.half_solve_T(self._bk.d_solve(h))
+        raise NotImplementedError
 
     def add_update_T(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``acc + F^T G^-1 k = acc + W^T D^-1 h`` for ``h = half(k)`` (one ``addmm``)."""
-        return torch.addmm(acc, self._WT, h if self._bk is None else self._bk.d_solve(h))
+        return torch.addmm(acc, self._WT, self.d_solve(h))
 
     @property
     def W(self) -> torch.Tensor:
@@ -160,6 +162,60 @@ class DirectFront:
         V = Q.sub_(self.update)
         self.update = None
         return symmetrize_(V)
+
+
+class CholeskyFront(DirectFront):
+    """``G = L L^T`` (``P = I``, ``D = I``): the update is ``W^T W``; inertia ``(n, 0)``;
+    ``log|det G| = 2 sum log L_ii``, made when asked (a sweep sums the diagonals of all its
+    Cholesky fronts at once: :func:`sign_logabsdet`)."""
+
+    kind = "cholesky"
+
+    def __init__(self, F: torch.Tensor, L: torch.Tensor):
+        W = torch.linalg.solve_triangular(L, F, upper=False)
+        super().__init__(F, W, symmetric_product(W, W))
+        self.L, self._LT = L, L.T
+        self.inertia = (self.n, 0)
+
+    @property
+    def sign(self) -> torch.Tensor:
+        return self._W.new_ones(())
+
+    @property
+    def logabsdet(self) -> torch.Tensor:
+        return 2 * torch.log(torch.diagonal(self.L)).sum()
+
+    def d_solve(self, h):
+        return h
+
+    def half(self, kc):
+        return torch.linalg.solve_triangular(self.L, kc, upper=False)
+
+    def finish(self, h):
+        return torch.linalg.solve_triangular(self._LT, h, upper=True)
+
+
+class LDLFront(DirectFront):
+    """Bunch-Kaufman ``G = P L D L^T P^T`` in the explicit form of :mod:`hessinv.linalg.ldlt`;
+    its inertia, sign and ``log|det|`` stay on the device (``(2,)`` and 0-d tensors, read once
+    for all fronts, docs/algorithm.md section 13)."""
+
+    kind = "ldl"
+
+    def __init__(self, F: torch.Tensor, bk):
+        W = bk.half_solve(F)
+        super().__init__(F, W, symmetric_product(W, bk.d_solve(W)))
+        self._bk = bk
+        self.inertia, self.sign, self.logabsdet = bk.inertia, bk.sign, bk.logabsdet
+
+    def d_solve(self, h):
+        return self._bk.d_solve(h)
+
+    def half(self, kc):
+        return self._bk.half_solve(kc)
+
+    def finish(self, h):
+        return self._bk.half_solve_T(self._bk.d_solve(h))
 
 
 class EigenFront:
@@ -223,8 +279,8 @@ def sign_logabsdet(fronts, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ``like``'s dtype and device), with the diagonals of all Cholesky factors in one ``log``
     and one sum and the other fronts' values stacked: a few operators for a whole sweep, not
     a few per front."""
-    chol = [torch.diagonal(f._L) for f in fronts if f.kind == "cholesky" and f.n]
-    other = [f for f in fronts if f.kind != "cholesky"]
+    chol = [torch.diagonal(f.L) for f in fronts if isinstance(f, CholeskyFront) and f.n]
+    other = [f for f in fronts if not isinstance(f, CholeskyFront)]
     sign, logabsdet = like.new_ones(()), like.new_zeros(())
     if chol:
         logabsdet = 2 * torch.log(torch.cat(chol)).sum()
@@ -254,7 +310,7 @@ def _growth_bounded(front: DirectFront, F, Q, G, tau: float) -> torch.Tensor:
     ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|)_max / tau``; the extremes of the three and of a
     Cholesky front's positive semi-definite update (whose largest entry is on its diagonal,
     ``|U_ij|^2 <= U_ii U_jj``, as for ``G``) in one stack."""
-    if front.kind == "cholesky":
+    if isinstance(front, CholeskyFront):
         G_max, growth = torch.diagonal(G).amax(), front.update.diagonal().amax()
         extremes = [Q.amax(), Q.amin(), F.amax(), F.amin(), G_max]
     else:
@@ -273,7 +329,7 @@ def _cholesky_in_full(G, F, Q, tau: float, no_state: bool):
     """The Cholesky front made before anything is read (meaningless, NaN, if the Cholesky
     failed), with its :func:`_front_tests`."""
     L, info = torch.linalg.cholesky_ex(G)
-    front = DirectFront(F, cholesky=L)
+    front = CholeskyFront(F, L)
     return front, _front_tests(front, _cholesky_passes(L, info, G), F, Q, G, tau, no_state)
 
 
@@ -285,7 +341,7 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     When the tests pass, the front is the one :func:`factor_front` returns, computed by the
     same operations. When they fail it is meaningless (NaN after a failed Cholesky)."""
     if G.shape[0] == 0:
-        return DirectFront(F, cholesky=G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
+        return CholeskyFront(F, G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
                                                                       device=G.device)
     front, (pivot_ok, growth_ok) = _cholesky_in_full(G, F, Q, tau, no_state=False)
     return front, pivot_ok & growth_ok
@@ -309,7 +365,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     """
     n = G.shape[0]
     if n == 0:
-        return DirectFront(F, cholesky=G.new_zeros(0, 0))
+        return CholeskyFront(F, G.new_zeros(0, 0))
     no_state = root or F.shape[1] == 0
     if not force_eigen:
         if speculative:
@@ -319,7 +375,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
             L, info = torch.linalg.cholesky_ex(G)
             passed = [bool(_cholesky_passes(L, info, G))]  # one host read
             if passed[0]:
-                front = DirectFront(F, cholesky=L)
+                front = CholeskyFront(F, L)
                 if not no_state:  # and one more
                     passed.append(bool(_growth_bounded(front, F, Q, G, tau)))
         if all(passed):
@@ -327,7 +383,7 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
         if not passed[0]:  # indefinite (or nearly singular: Bunch-Kaufman then fails as well)
             bk = bunch_kaufman(G)  # one host read
             if bk is not None:
-                front = DirectFront(F, bk=bk)
+                front = LDLFront(F, bk)
                 pivot_ok = bk.smallest > _singular_tol(_abs_max(G), G.dtype)
                 tests = _front_tests(front, pivot_ok, F, Q, G, tau, no_state)
                 if all(torch.stack(tests).tolist()):  # one host read

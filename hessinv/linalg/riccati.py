@@ -15,9 +15,9 @@ stage's :class:`~hessinv.derivatives.Complement`) and are eliminated in closed f
 
     V_l -= E^T (I - Y Y^T) E / eps,     v_comp = (I - Y Y^T)(g_l - E t_{l-1}) / eps,
 
-when ``|eps| >= tau ||(I - Y Y^T) E||`` (mode ``"closed"``). Otherwise (tiny ``eps``) the
-coupled ones join the front as extra controls and only the exact null directions of
-``H`` are eliminated in closed form (mode ``"split"``).
+when ``|eps| >= tau ||(I - Y Y^T) E||``. Otherwise (tiny ``eps``) the coupled ones join
+the front as extra controls and only the exact null directions of ``H`` are eliminated in
+closed form. One :class:`~hessinv.linalg.complement.Elimination` per stage does either.
 
 Each front is eliminated by :func:`hessinv.fronts.factor_front` with threshold pivoting;
 directions that fail the test are *delayed* into the next stage's front as extra state
@@ -30,7 +30,6 @@ The inertia of ``H + eps I`` is the sum of the inertias of the eliminated pivots
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,7 +44,8 @@ from hessinv.derivatives import (
     by_class,
 )
 from hessinv.errors import SingularMatrixError
-from hessinv.linalg.fronts import cholesky_front, factor_front, sign_logabsdet
+from hessinv.linalg.complement import Elimination, eliminations
+from hessinv.linalg.fronts import CholeskyFront, Front, cholesky_front, factor_front, sign_logabsdet
 from hessinv.linalg.linear_terms import LinearTerms
 from hessinv.linalg.stage_terms import StageTerms
 from hessinv.progress import progress_bar
@@ -56,21 +56,14 @@ __all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"
 
 @dataclass
 class StageFactor:
-    """What one stage keeps for solves.
+    """What one stage keeps for solves: ``front`` (the eliminated front), ``complement``
+    (its :class:`~hessinv.linalg.complement.Elimination`), ``n_alpha`` (``N``, the basis
+    coordinates) and ``n_delayed_in`` (delayed variables received from the next stage)."""
 
-    ``front``: the eliminated front; ``mode``: ``"none"`` (``Y = I``), ``"closed"`` or
-    ``"split"`` (see the module docstring); ``n_alpha`` (``N``), ``n_w`` (coupled
-    complement directions in the front), ``n_delayed_in`` (delayed variables received
-    from the next stage); ``complement_count``: directions eliminated in closed form
-    with pivot ``eps``.
-    """
-
-    front: object
-    mode: str
+    front: Front
+    complement: Elimination
     n_alpha: int
-    n_w: int
     n_delayed_in: int
-    complement_count: int
 
 
 @dataclass
@@ -85,36 +78,14 @@ class RiccatiFactors:
     n_delayed: int  #: total number of delayed pivots (0 when no front needed them)
 
 
-def _complement_modes(stages: Sequence[StageDerivatives], damping: float, tau: float
-                      ) -> list[tuple[str, int]]:
-    """``(mode, complement directions eliminated in closed form)`` of every stage; the
-    coupling norms that decide between the modes are read from the device in one transfer."""
-    comps = [d.complement for d in stages]
-    ask = [i for i, c in enumerate(comps) if c is not None and c.dim and c.coupled_dim]
-    norms: dict[int, float] = {}
-    if ask and damping != 0:
-        values = torch.stack([comps[i].coupling_norm() for i in ask]).tolist()
-        norms = dict(zip(ask, values, strict=True))
-    modes = []
-    for i, comp in enumerate(comps):
-        if comp is None or comp.dim == 0:
-            modes.append(("none", 0))
-        elif comp.coupled_dim == 0 or (damping != 0 and abs(damping) >= tau * norms[i]):
-            modes.append(("closed", comp.dim))
-        else:
-            modes.append(("split", comp.dim - comp.coupled_dim))
-    return modes
-
-
 def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int,
-           damping: float, mode: str):
-    """The front of stage ``d`` (its :class:`FrontTerms` ``terms``): control block ``G``,
-    coupling ``F``, state block ``Q``."""
+           damping: float, elim: Elimination):
+    """The front of stage ``d`` (its :class:`FrontTerms` ``terms``, its complement's
+    elimination ``elim``): control block ``G``, coupling ``F``, state block ``Q``."""
     B, h_out, N = d.batch, d.out_size, d.basis_size
     n_t = B * h_out
     V_tt, V_td, V_dd = V[:n_t, :n_t], V[:n_t, n_t:], V[n_t:, n_t:]
-    comp = d.complement
-    n_w = comp.coupled_dim if mode == "split" else 0
+    n_w = elim.n_front
     X, Z = d.right_DxY_Dz(V_tt)  # (n_t, N) = V_tt Dx Y and (n_t, a_in) = V_tt Dz
     G_aa = terms.Y_T_Dxx_Y + d.DxY_T(X.reshape(B, h_out, N))
     G_aa.diagonal().add_(damping)
@@ -137,14 +108,13 @@ def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int
     FZ, QZ = d.DxY_T_Dz_T(Z.reshape(B, h_out, a_in))
     F_a = terms.Y_T_Dzx + FZ
     F_d = d.Dz_T(V_td.reshape(B, h_out, n_delay)).reshape(a_in, n_delay).T
-    parts = [F_a] + ([comp.coupled_F()] if n_w else []) + ([F_d] if n_delay else [])
+    parts = [F_a] + ([elim.front_block()] if n_w else []) + ([F_d] if n_delay else [])
     F = torch.cat(parts, dim=0) if len(parts) > 1 else F_a
     Q = QZ.reshape(a_in, a_in)  # Dz^T V Dz, a new tensor: updated in place
     # + Dzz on the diagonal blocks (a view of them, (h_in, h_in, B))
     torch.diagonal(Q.view(B, h_in, B, h_in), dim1=0, dim2=2).add_(
         terms.Dzz.permute(1, 2, 0))
-    if mode == "closed" and comp.coupled_dim:
-        comp.subtract_gram_(Q, 1.0 / damping)
+    elim.update_state(Q)
     # G: only its lower triangle is read (Cholesky, LDL^T and eigh all take that one); Q is
     # symmetrised with the update, in the front's next_state
     return G, F, Q
@@ -209,13 +179,13 @@ class _TermsAhead:
         self.made.pop(l, None)
 
 
-def _optimistic_chunk(stages, terms, modes, V, chunk, damping, tau):
+def _optimistic_chunk(stages, terms, elims, V, chunk, damping, tau):
     """Cholesky fronts for the stages ``chunk`` (all with a state, no delayed variables),
     their tests read from the device once at the end: ``(fronts, V)`` after the chunk, or
     ``None`` when one of them failed (then the chunk is redone stage by stage)."""
     fronts, oks = [], []
     for l in chunk:
-        G, F, Q = _front(stages[l], terms[l], V, 0, damping, modes[l][0])
+        G, F, Q = _front(stages[l], terms[l], V, 0, damping, elims[l])
         front, ok = cholesky_front(G, F, Q, tau)
         fronts.append(front)
         oks.append(ok)
@@ -262,20 +232,18 @@ def riccati_factorize(
     L = len(stages)
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    modes = _complement_modes(stages, damping, tau)
+    elims = eliminations(stages, damping, tau)
     if damping == 0:
         for l in range(L - 1, -1, -1):  # the stage the backward sweep meets first
-            if modes[l][1]:
-                raise _singular_null_space(stages[l], l, modes[l][1])
+            if elims[l].count:
+                raise _singular_null_space(stages[l], l, elims[l].count)
     factors: list[StageFactor] = [None] * L  # type: ignore[list-item]
 
     terms = _TermsAhead(stages)
 
     def record(l, front, n_delay):
         terms.drop(l)
-        mode, count = modes[l]
-        n_w = stages[l].complement.coupled_dim if mode == "split" else 0
-        factors[l] = StageFactor(front, mode, stages[l].basis_size, n_w, n_delay, count)
+        factors[l] = StageFactor(front, elims[l], stages[l].basis_size, n_delay)
 
     V = block_diagonal(S)
     n_delay = 0
@@ -286,7 +254,7 @@ def riccati_factorize(
     while l >= 0:
         if optimistic and n_delay == 0 and l > 0:
             chunk = range(l, max(l - check_every, 0), -1)  # never the root: it has no state
-            done = _optimistic_chunk(stages, terms, modes, V, chunk, damping, tau)
+            done = _optimistic_chunk(stages, terms, elims, V, chunk, damping, tau)
             if done is not None:
                 fronts, V = done
                 for k, front in zip(chunk, fronts, strict=True):
@@ -295,12 +263,12 @@ def riccati_factorize(
                 bar.update(len(chunk))
                 continue
             optimistic, cholesky_run = False, 0
-        G, F, Q = _front(stages[l], terms[l], V, n_delay, damping, modes[l][0])
+        G, F, Q = _front(stages[l], terms[l], V, n_delay, damping, elims[l])
         front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
                              force_eigen=force_eigen, speculative=speculative)
         record(l, front, n_delay)
         if runs:
-            cholesky_run = cholesky_run + 1 if front.kind == "cholesky" else 0
+            cholesky_run = cholesky_run + 1 if isinstance(front, CholeskyFront) else 0
             optimistic = cholesky_run >= check_every
         if l > 0:
             V = front.next_state(F, Q)
@@ -313,12 +281,11 @@ def riccati_factorize(
 
 def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> RiccatiFactors:
     """Inertia, sign and ``log|det|`` of ``H + eps I``: the fronts' (Haynsworth) and the
-    closed-form complement directions' (pivot ``eps`` each). Sign and logdet stay on the
-    device; the inertias the fronts keep there are summed there and read once."""
+    complements' closed-form pivots. Sign and logdet stay on the device; the inertias the
+    fronts keep there are summed there and read once."""
     n_pos = n_neg = n_delayed = 0
     sign, logabsdet = sign_logabsdet([f.front for f in factors], S)
     on_device = []
-    count = 0  # complement directions eliminated in closed form, pivot eps each
     for f in factors:
         if isinstance(f.front.inertia, torch.Tensor):
             on_device.append(f.front.inertia)
@@ -326,11 +293,11 @@ def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> Ricc
             n_pos += f.front.inertia[0]
             n_neg += f.front.inertia[1]
         n_delayed += f.front.n_rejected
-        count += f.complement_count
-    if count:
-        n_pos, n_neg = (n_pos + count, n_neg) if damping > 0 else (n_pos, n_neg + count)
-        sign = sign * (1.0 if damping > 0 or count % 2 == 0 else -1.0)
-        logabsdet = logabsdet + count * math.log(abs(damping))
+        pos, neg = f.complement.inertia()
+        n_pos, n_neg = n_pos + pos, n_neg + neg
+        c_sign, c_log = f.complement.sign_logabsdet()
+        if c_log or c_sign != 1.0:
+            sign, logabsdet = sign * c_sign, logabsdet + c_log
     if on_device:
         pos, neg = torch.stack(on_device).sum(0).tolist()
         n_pos, n_neg = n_pos + pos, n_neg + neg
@@ -356,7 +323,7 @@ def riccati_solve(
     L = len(stages)
     eps = rf.damping
     k = g[0].shape[1]
-    closed = [f.mode == "closed" for f in rf.factors]
+    closed = [f.complement.closed for f in rf.factors]
     terms = by_class(stages, _rhs_terms, closed, list(g))
     hn: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     s = None
@@ -374,8 +341,9 @@ def riccati_solve(
             else:  # the first stage has no Dz
                 s_x = d.DxY_T(s_t)
             m = m - s_x
-        if f.n_w or f.n_delayed_in:
-            parts = [m] + ([d.complement.coupled_T(g[l])] if f.n_w else [])
+        n_w = f.complement.n_front
+        if n_w or f.n_delayed_in:
+            parts = [m] + ([f.complement.front_rhs(g[l])] if n_w else [])
             m = torch.cat(parts + ([-s[n_t:]] if f.n_delayed_in else []), dim=0)
         hn[l] = f.front.half(m)  # -h
         if l == 0:
@@ -397,16 +365,13 @@ def riccati_solve(
         # -(h + W t) in one product; the controls -G^-1 (k + F t) = finish(-(h + W t))
         x = hn[l] if t is None else torch.addmm(hn[l], f.front.W, t.reshape(-1, k), alpha=-1)
         c = f.front.combine(f.front.finish(x), delayed)
-        N, n_w = f.n_alpha, f.n_w
+        N, n_w = f.n_alpha, f.complement.n_front
         alpha[l], delayed = c[:N], c[N + n_w:]
-        if f.mode == "split":
+        if n_w:
             split[l] = c[N:N + n_w]
         t_prev[l] = t
         t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
     out = by_class(stages, _controls, closed, alpha, t_prev, terms, eps)
     for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
-        comp, gl = stages[l].complement, g[l]
-        out[l] = out[l] + comp.coupled(w)
-        if rf.factors[l].complement_count:
-            out[l] = out[l] + (comp.project(gl) - comp.coupled(comp.coupled_T(gl))) / eps
+        out[l] = rf.factors[l].complement.solution(out[l], w, g[l])
     return out
