@@ -40,9 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from bench_width import (  # noqa: E402  (the problem and the timing helpers are shared)
     ROOT,
     chain_hessian,

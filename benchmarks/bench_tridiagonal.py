@@ -22,14 +22,10 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from block_partitioned_matrices import Tridiagonal  # noqa: E402
 

@@ -39,12 +39,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import hessinv  # noqa: E402
+from hessinv.tools import problems  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_width.md"
 EPS = 1e-2
@@ -60,24 +59,18 @@ TARGET_SECONDS, TARGET_BYTES, TARGET_EXPONENT, TARGET_WIDTH = 60.0, 6e9, 3.2, 25
 
 
 def tanh_mlp(depth, width, *, bias=True, dtype=torch.float64, device="cpu", seed=0):
-    """``depth`` Linear layers (input ``D_IN``, output ``CLASSES``) with tanh between them."""
-    torch.manual_seed(seed)
-    sizes = [D_IN] + [width] * (depth - 1) + [CLASSES]
-    layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(d_in, d_out, bias=bias))
-        if i < depth - 1:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers).to(dtype=dtype, device=device)
+    """``depth`` Linear layers (input ``D_IN``, output ``CLASSES``) with tanh between them,
+    PyTorch's initialisation (the shared builder)."""
+    return problems.mlp(depth, width, D_IN, CLASSES, "tanh", bias=bias, init="default",
+                        dtype=dtype, device=device, seed=seed)
 
 
 def problem(depth, width, batch, *, bias=True, dtype=torch.float64, device="cpu", seed=0):
     """``(model, loss_fn, X, y)``: a tanh MLP, cross-entropy and a seeded random batch."""
     model = tanh_mlp(depth, width, bias=bias, dtype=dtype, device=device, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(batch, D_IN, generator=gen, dtype=dtype).to(device)
-    y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
-    return model, nn.CrossEntropyLoss(), X, y
+    X, y, loss_fn = problems.random_batch(batch, D_IN, CLASSES, "ce", dtype=dtype,
+                                          device=device, data_seed=seed + 1)
+    return model, loss_fn, X, y
 
 
 def chain_hessian(prob):

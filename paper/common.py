@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hessinv.tools import problems
+
 __all__ = [
     "Config",
     "tall_skinny_mlp",
@@ -53,9 +55,6 @@ class Config:
 
 # ----------------------------------------------------------------------------- models, data
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
-
-
 def tall_skinny_mlp(
     depth: int,
     width: int,
@@ -73,32 +72,17 @@ def tall_skinny_mlp(
     Weights are drawn ``N(0, gain^2 / fan_in)`` with ``gain`` 1 for tanh-like activations
     and ``sqrt(2)`` for ReLU (close to the edge of chaos, so that deep nets neither
     saturate nor vanish and the Hessian is not just a multiple of eps); biases
-    ``N(0, 0.1^2)``. So ``depth`` is the number of stages ``L`` of ``hessinv``.
+    ``N(0, 0.1^2)`` (the shared builder :func:`hessinv.tools.problems.mlp`, ``init="fan_in"``).
+    So ``depth`` is the number of stages ``L`` of ``hessinv``.
     """
-    if depth < 1:
-        raise ValueError("depth must be >= 1")
-    act = _ACTIVATIONS[activation]
-    if gain is None:
-        gain = math.sqrt(2.0) if activation == "relu" else 1.0
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [d_in] + [width] * (depth - 1) + [n_classes]
-    mods: list[nn.Module] = []
-    for i in range(depth):
-        lin = nn.Linear(sizes[i], sizes[i + 1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * gain / math.sqrt(sizes[i]))
-            lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=gen))
-        mods.append(lin)
-        if i < depth - 1:
-            mods.append(act())
-    return nn.Sequential(*mods).to(dtype=dtype, device=device)
+    return problems.mlp(depth, width, d_in, n_classes, activation, init="fan_in", gain=gain,
+                        dtype=dtype, device=device, seed=seed)
 
 
 def random_data(batch: int, d_in: int, n_classes: int, dtype=DTYPE, device="cpu", seed: int = 0):
     """Standard-normal inputs ``(batch, d_in)`` and uniform random class labels ``(batch,)``."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(batch, d_in, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-    y = torch.randint(0, n_classes, (batch,), generator=gen).to(device)
+    X, y, _ = problems.random_batch(batch, d_in, n_classes, "ce", dtype=dtype, device=device,
+                                    data_seed=seed + 1)
     return X, y
 
 

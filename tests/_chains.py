@@ -8,7 +8,6 @@ import random
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -25,57 +24,26 @@ from torch import nn
 
 import hessinv
 import hessinv.errors
+from hessinv.tools import problems
 
-ACTIVATIONS = {
-    "identity": nn.Identity,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "softplus": nn.Softplus,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "leakyrelu": lambda: nn.LeakyReLU(0.1),
-}
-
-
-class Problem(NamedTuple):
-    model: nn.Sequential
-    loss_fn: object
-    inputs: torch.Tensor
-    targets: torch.Tensor
+ACTIVATIONS = problems.ACTIVATIONS
+Problem = problems.Problem
 
 
 def make_mlp(depth, width, d_in=3, d_out=3, activation="tanh", bias=True, dtype=torch.float64,
              seed=0):
-    """``depth`` Linear layers (``depth - 1`` hidden of ``width``) with an activation after each."""
-    gen = torch.Generator().manual_seed(seed)
-    layers = []
-    d = d_in
-    for _ in range(depth - 1):
-        lin = nn.Linear(d, width, bias=bias)
-        layers += [lin, ACTIVATIONS[activation]()]
-        d = width
-    layers.append(nn.Linear(d, d_out, bias=bias))
-    model = nn.Sequential(*layers).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.8)
-    return model
+    """``depth`` Linear layers (``depth - 1`` hidden of ``width``) with an activation after
+    each, every parameter ``0.8 N(0, 1)`` (the shared builder, ``init="normal"``)."""
+    return problems.mlp(depth, width, d_in, d_out, activation, bias=bias, init="normal",
+                        scale=0.8, dtype=dtype, seed=seed)
 
 
 def make_problem(depth=3, width=4, batch=5, activation="tanh", bias=True, loss="ce", d_in=3,
                  d_out=3, dtype=torch.float64, seed=0) -> Problem:
     """A random chain, batch and loss (``"ce"``, ``"mse"`` or ``"mse_sum"``)."""
-    model = make_mlp(depth, width, d_in, d_out, activation, bias, dtype, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    X = torch.randn(batch, d_in, generator=gen, dtype=dtype)
-    if loss == "ce":
-        y = torch.randint(0, d_out, (batch,), generator=gen)
-        loss_fn = nn.CrossEntropyLoss()
-    else:
-        y = torch.randn(batch, d_out, generator=gen, dtype=dtype)
-        loss_fn = nn.MSELoss(reduction="sum" if loss == "mse_sum" else "mean")
-    return Problem(model, loss_fn, X, y)
+    return problems.make_problem(depth, width, batch, d_in=d_in, d_out=d_out,
+                                 activation=activation, loss=loss, bias=bias, init="normal",
+                                 scale=0.8, dtype=dtype, seed=seed)
 
 
 def dense_reference(problem: Problem) -> torch.Tensor:

@@ -28,6 +28,7 @@ from hessinv.optim import (
     TrustRegionSolution,
     trust_region_subproblem,
 )
+from hessinv.tools import problems
 
 DT = torch.float64
 
@@ -40,24 +41,10 @@ CURVATURES = pytest.mark.parametrize(
 
 # ----------------------------------------------------------------------------- helpers
 def make_problem(depth: int, width: int, batch: int, loss: str, seed: int, scale: float = 1.0):
-    """A tanh MLP with ``depth`` Linear layers, a batch and a loss (CE or MSE)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    d_in, d_out = 3, 3
-    sizes = [d_in] + [width] * (depth - 1) + [d_out]
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < depth - 1:
-            layers.append(nn.Tanh())
-    model = nn.Sequential(*layers).to(DT)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-    X = torch.randn(batch, d_in, generator=gen, dtype=DT)
-    if loss == "ce":
-        return model, nn.CrossEntropyLoss(), X, torch.randint(0, d_out, (batch,), generator=gen)
-    return model, nn.MSELoss(), X, torch.randn(batch, d_out, generator=gen, dtype=DT)
+    """A tanh MLP with ``depth`` Linear layers (PyTorch's initialisation times ``scale``), a
+    batch and a loss (CE or MSE): the shared builder."""
+    return problems.make_problem(depth, width, batch, loss=loss, init="default", scale=scale,
+                                 seed=seed, data_seed=seed)
 
 
 def dead_relu_problem():

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.tools.problems import mlp
 from hessinv.tools.reference import conjugate_gradient, dense_hessian
 
 __all__ = ["DemoConfig", "Problem", "Row", "Facts", "Part", "DemoReport", "tall_skinny_mlp",
@@ -137,14 +138,10 @@ class Problem:
 
 # ----------------------------------------------------------------------------- problem
 def tall_skinny_mlp(depth, width, d_in, n_classes, dtype, device, seed=0):
-    """``depth`` Linear layers with tanh between them, PyTorch's default initialisation."""
-    torch.manual_seed(seed)
-    layers, d = [], d_in
-    for _ in range(depth - 1):
-        layers += [nn.Linear(d, width), nn.Tanh()]
-        d = width
-    layers.append(nn.Linear(d, n_classes))
-    return nn.Sequential(*layers).to(dtype=dtype, device=device)
+    """``depth`` Linear layers with tanh between them, PyTorch's default initialisation
+    (:func:`hessinv.tools.problems.mlp`)."""
+    return mlp(depth, width, d_in, n_classes, "tanh", init="default", dtype=dtype,
+               device=device, seed=seed)
 
 
 def make_problem(cfg: DemoConfig) -> Problem:
