@@ -67,7 +67,7 @@ def solve_tolerance(matrix: torch.Tensor) -> float:
 
 
 # ============================================================================ random chains
-# One seeded generator for the property suite (tests/test_contract.py) and anyone else who
+# One seeded generator for the property suite (tests/curvature/test_contract.py) and anyone else who
 # wants varied chains: conv and residual stages, reused activation instances, in-place
 # activations, frozen parameters and ``params=`` subsets, CE/MSE with mean and sum, any
 # damping of DAMPINGS. ``random_chain(seed)`` is a pure function of ``seed``.

@@ -13,7 +13,7 @@ import pytest
 from hessinv.tools.demo import DemoConfig
 from paper import EXPERIMENTS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: markup that must not leak into plain-text help (reStructuredText / Markdown / Sphinx)
 MARKUP = ("``", ":mod:", ":func:", ":class:", "**", ".. ")
 

@@ -19,16 +19,15 @@ head amplifies them).
 Every tolerance is derived in ``_chains.check_contract``; none is tuned.
 
 A failure prints the seed and the chain; ``random_chain(seed)`` rebuilds it, and
-``python -m pytest "tests/test_contract.py::test_contract[17]"`` reruns one. Run with ``-s``
+``python -m pytest "tests/curvature/test_contract.py::test_contract[17]"`` reruns one. Run with ``-s``
 for the summary (max backward error, inertia comparisons, cases skipped for a small gap).
 The 3,000-chain sweep is marked ``slow`` and only runs when asked for:
-``python -m pytest tests/test_contract.py -m slow`` (or ``HESSINV_SLOW=1``).
+``python -m pytest tests/curvature/test_contract.py -m slow`` (or ``HESSINV_SLOW=1``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
@@ -150,16 +149,9 @@ def test_contract_dense_route(seed):
         pytest.fail(message, pytrace=False)
 
 
-def _slow_requested(config) -> bool:
-    expr = config.getoption("markexpr") or ""
-    return os.environ.get("HESSINV_SLOW") == "1" or ("slow" in expr and "not slow" not in expr)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(SLOW_CHAINS // SLOW_BLOCK))
-def test_contract_many(block, request):
-    if not _slow_requested(request.config):
-        pytest.skip("3,000-chain sweep: run with -m slow or HESSINV_SLOW=1")
+def test_contract_many(block):
     start = DEFAULT_CHAINS + block * SLOW_BLOCK
     messages = [m for seed in range(start, start + SLOW_BLOCK) if (m := _run_chain(seed))]
     if messages:
