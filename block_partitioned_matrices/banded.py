@@ -126,7 +126,8 @@ class BlockBanded:
         return ys
 
     def __matmul__(self, x):
-        """``A @ x`` for dense ``(N,)``/``(N, k)`` (returns dense) or BlockVector (returns BlockVector)."""
+        """``A @ x`` for dense ``(N,)``/``(N, k)`` (returns dense) or BlockVector (returns
+        BlockVector)."""
         if not isinstance(x, (torch.Tensor, BlockVector)):
             return NotImplemented
         xs, pack = _split_rhs(x, self._col_sizes, self._dtype, self._device, what="right operand")

@@ -39,7 +39,8 @@ class _Bidiagonal(BlockBanded):
         for i, b in enumerate(off):
             if not is_leaf(b):
                 raise TypeError(
-                    f"{name}: {offname}[{i}] must be a 2-D tensor, Zero or Identity, got {type(b).__name__}"
+                    f"{name}: {offname}[{i}] must be a 2-D tensor, Zero or Identity, got "
+                    f"{type(b).__name__}"
                 )
         offshapes = [shape_of(b) for b in off]
         if diagonal is None:
@@ -51,7 +52,8 @@ class _Bidiagonal(BlockBanded):
                     m = [s[0] for s in offshapes] + [offshapes[-1][1]]
                 if sizes is not None and tuple(int(s) for s in sizes) != tuple(m):
                     raise ValueError(
-                        f"{name}: sizes {tuple(sizes)} disagree with the {offname} blocks ({tuple(m)})"
+                        f"{name}: sizes {tuple(sizes)} disagree with the {offname} blocks "
+                        f"({tuple(m)})"
                     )
             else:
                 if sizes is None or len(sizes) != 1:
@@ -66,7 +68,8 @@ class _Bidiagonal(BlockBanded):
                 raise ValueError(f"{name}: sizes is only used with diagonal=None")
             if isinstance(diagonal, torch.Tensor) or not isinstance(diagonal, Sequence):
                 raise TypeError(
-                    f"{name}: diagonal must be a sequence of blocks or None, got {type(diagonal).__name__}"
+                    f"{name}: diagonal must be a sequence of blocks or None, got "
+                    f"{type(diagonal).__name__}"
                 )
             diagonal = tuple(diagonal)
             if not diagonal:
@@ -74,7 +77,8 @@ class _Bidiagonal(BlockBanded):
             for i, b in enumerate(diagonal):
                 if not is_leaf(b):
                     raise TypeError(
-                        f"{name}: diagonal[{i}] must be a 2-D tensor, Zero or Identity, got {type(b).__name__}"
+                        f"{name}: diagonal[{i}] must be a 2-D tensor, Zero or Identity, got "
+                        f"{type(b).__name__}"
                     )
             self._unit = False
             self._diag = diagonal
@@ -133,7 +137,8 @@ class _Bidiagonal(BlockBanded):
         """
         if self._row_sizes != self._col_sizes:
             raise ValueError(
-                f"solve needs square diagonal blocks, got shapes {list(zip(self._row_sizes, self._col_sizes, strict=True))}"
+                "solve needs square diagonal blocks, got shapes "
+                f"{list(zip(self._row_sizes, self._col_sizes, strict=True))}"
             )
         bs, pack = _split_rhs(rhs, self._row_sizes, self._dtype, self._device)
         n = len(bs)

@@ -60,7 +60,8 @@ class BlockVector:
                 )
             if b.dtype != first.dtype:
                 raise TypeError(
-                    f"mixed dtypes in BlockVector: {first.dtype} (block 0) and {b.dtype} (block {i})"
+                    f"mixed dtypes in BlockVector: {first.dtype} (block 0) and {b.dtype} (block "
+                    f"{i})"
                 )
             if not _same_device(b.device, first.device):
                 raise TypeError(
@@ -122,7 +123,8 @@ class BlockVector:
             raise TypeError(f"expected a BlockVector, got {type(other).__name__}")
         if other.sizes != self.sizes or other.ncols != self.ncols:
             raise ValueError(
-                f"BlockVector sizes/ncols differ: {self.sizes}/{self.ncols} vs {other.sizes}/{other.ncols}"
+                f"BlockVector sizes/ncols differ: {self.sizes}/{self.ncols} vs "
+                f"{other.sizes}/{other.ncols}"
             )
 
     def __add__(self, other: BlockVector) -> BlockVector:
@@ -181,7 +183,8 @@ def _split_rhs(rhs, sizes, dtype, device, what: str = "rhs"):
 
     else:
         raise TypeError(
-            f"{what} must be a torch.Tensor of shape (N,) or (N, k) or a BlockVector, got {type(rhs).__name__}"
+            f"{what} must be a torch.Tensor of shape (N,) or (N, k) or a BlockVector, got "
+            f"{type(rhs).__name__}"
         )
     if dtype is not None and ref.dtype != dtype:
         raise TypeError(f"{what} has dtype {ref.dtype} but the matrix has dtype {dtype}")

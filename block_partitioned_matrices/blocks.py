@@ -191,7 +191,8 @@ def shape_of(a) -> tuple[int, int]:
     s = getattr(a, "shape", None)
     if s is None or len(s) != 2:
         raise TypeError(
-            f"expected a 2-D tensor, Zero, Identity or a block-structured matrix, got {type(a).__name__}"
+            "expected a 2-D tensor, Zero, Identity or a block-structured matrix, got "
+            f"{type(a).__name__}"
         )
     return (int(s[0]), int(s[1]))
 

@@ -71,7 +71,8 @@ class Diagonal(BlockBanded):
         if isinstance(blocks, torch.Tensor):
             if blocks.dim() != 3 or blocks.shape[0] == 0:
                 raise ValueError(
-                    f"a batched Diagonal needs an (n, r, c) tensor with n >= 1, got shape {tuple(blocks.shape)}"
+                    "a batched Diagonal needs an (n, r, c) tensor with n >= 1, got shape "
+                    f"{tuple(blocks.shape)}"
                 )
             n, r, c = (int(s) for s in blocks.shape)
             self._batched = blocks
@@ -82,7 +83,8 @@ class Diagonal(BlockBanded):
             return
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
             raise TypeError(
-                f"Diagonal takes a sequence of blocks or an (n, r, c) tensor, got {type(blocks).__name__}"
+                "Diagonal takes a sequence of blocks or an (n, r, c) tensor, got "
+                f"{type(blocks).__name__}"
             )
         blocks = tuple(blocks)
         if not blocks:
@@ -90,7 +92,8 @@ class Diagonal(BlockBanded):
         for i, b in enumerate(blocks):
             if not is_leaf(b):
                 raise TypeError(
-                    f"Diagonal block {i} must be a 2-D tensor, Zero or Identity, got {type(b).__name__}"
+                    f"Diagonal block {i} must be a 2-D tensor, Zero or Identity, got "
+                    f"{type(b).__name__}"
                 )
         shapes = [shape_of(b) for b in blocks]
         self._batched = None
@@ -152,8 +155,10 @@ class Diagonal(BlockBanded):
             return NotImplemented
         if other.row_sizes != self.row_sizes or other.col_sizes != self.col_sizes:
             raise ValueError(
-                f"cannot add Diagonal with block shapes {list(zip(self.row_sizes, self.col_sizes, strict=True))} "
-                f"and {list(zip(other.row_sizes, other.col_sizes, strict=True))}; block shapes must match"
+                "cannot add Diagonal with block shapes "
+                f"{list(zip(self.row_sizes, self.col_sizes, strict=True))} "
+                f"and {list(zip(other.row_sizes, other.col_sizes, strict=True))}; block shapes "
+                "must match"
             )
         if self._batched is not None and other._batched is not None:
             common_dtype_device([self, other], what="Diagonal + Diagonal")
@@ -185,7 +190,8 @@ class Diagonal(BlockBanded):
         """
         if self._row_sizes != self._col_sizes:
             raise ValueError(
-                f"solve needs square diagonal blocks, got shapes {list(zip(self._row_sizes, self._col_sizes, strict=True))}"
+                "solve needs square diagonal blocks, got shapes "
+                f"{list(zip(self._row_sizes, self._col_sizes, strict=True))}"
             )
         bs, pack = _split_rhs(rhs, self._row_sizes, self._dtype, self._device)
         stacked = self._stacked()

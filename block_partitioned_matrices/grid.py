@@ -72,7 +72,8 @@ class BlockGrid:
         for g, row in enumerate(blocks):
             if isinstance(row, torch.Tensor) or not isinstance(row, Sequence) or not row:
                 raise TypeError(
-                    f"BlockGrid row {g} must be a non-empty list of blocks, got {type(row).__name__}"
+                    f"BlockGrid row {g} must be a non-empty list of blocks, got "
+                    f"{type(row).__name__}"
                 )
             rows.append(tuple(row))
         c = len(rows[0])
@@ -163,7 +164,8 @@ class BlockGrid:
         return pack(ys)
 
     def factorize(self) -> BlockGridLU:
-        """Blockwise transpose + pivoted :meth:`Tridiagonal.factorize` (entries must be block-banded)."""
+        """Blockwise transpose + pivoted :meth:`Tridiagonal.factorize` (entries must be
+        block-banded)."""
         return BlockGridLU._from_grid(self)
 
     def solve(self, rhs):
@@ -189,8 +191,10 @@ def _partitions(grid: BlockGrid):
                 continue
             if not isinstance(b, BlockBanded):
                 raise TypeError(
-                    f"BlockGrid entry ({g}, {h}) is a {type(b).__name__}; the blockwise transpose needs "
-                    "block-banded entries (Diagonal, LowerBidiagonal, UpperBidiagonal, Tridiagonal, Zero, Identity)"
+                    f"BlockGrid entry ({g}, {h}) is a {type(b).__name__}; the blockwise transpose "
+                    "needs "
+                    "block-banded entries (Diagonal, LowerBidiagonal, UpperBidiagonal, "
+                    "Tridiagonal, Zero, Identity)"
                 )
             if n is None:
                 n = b.num_block_rows
@@ -206,7 +210,8 @@ def _partitions(grid: BlockGrid):
                     parts[idx] = sizes
                 elif parts[idx] != sizes:
                     raise ValueError(
-                        f"BlockGrid entry ({g}, {h}) has {what} block sizes {sizes}; another entry in grid "
+                        f"BlockGrid entry ({g}, {h}) has {what} block sizes {sizes}; another entry "
+                        "in grid "
                         f"{what} {idx} has {parts[idx]}"
                     )
     if n is None:
@@ -226,13 +231,15 @@ def _partitions(grid: BlockGrid):
                         cp[h], changed = rp[g], True
                     elif rp[g] is not None and rp[g] != cp[h]:
                         raise ValueError(
-                            f"Identity entry ({g}, {h}) needs equal row and column block sizes, got {rp[g]} and {cp[h]}"
+                            f"Identity entry ({g}, {h}) needs equal row and column block sizes, "
+                            f"got {rp[g]} and {cp[h]}"
                         )
     for what, parts in (("row", rp), ("column", cp)):
         for idx, p in enumerate(parts):
             if p is None:
                 raise ValueError(
-                    f"cannot infer the block sizes of grid {what} {idx}: it has no block-banded entry"
+                    f"cannot infer the block sizes of grid {what} {idx}: it has no block-banded "
+                    "entry"
                 )
     return n, tuple(rp), tuple(cp)
 
@@ -261,8 +268,10 @@ def blockwise_transpose(grid: BlockGrid) -> Tridiagonal:
     cols = [sum(cp[h][i] for h in range(c)) for i in range(n)]
     if rows != cols:
         raise ValueError(
-            f"the blockwise transpose gives non-square diagonal blocks: rows {rows}, columns {cols}; "
-            "need sum over grid rows of the row sizes == sum over grid columns of the column sizes per block"
+            f"the blockwise transpose gives non-square diagonal blocks: rows {rows}, columns "
+            f"{cols}; "
+            "need sum over grid rows of the row sizes == sum over grid columns of the column sizes "
+            "per block"
         )
     dt, dv = grid._dtype, grid._device
 
@@ -285,7 +294,8 @@ def blockwise_transpose(grid: BlockGrid) -> Tridiagonal:
 
 
 def blockwise_transpose_vector(v: BlockVector, r: int) -> BlockVector:
-    """Reorder ``r*n`` blocks from grid order ``(x^1_1..x^1_n, ..., x^r_1..x^r_n)`` to ``(x^1_1..x^r_1, ..., x^1_n..x^r_n)``.
+    """Reorder ``r*n`` blocks from grid order ``(x^1_1..x^1_n, ..., x^r_1..x^r_n)`` to
+    ``(x^1_1..x^r_1, ..., x^1_n..x^r_n)``.
 
     Block ``g*n + i`` moves to position ``i*r + g``. The inverse is
     :func:`inverse_blockwise_transpose_vector` (equivalently this function
@@ -307,7 +317,8 @@ def blockwise_transpose_vector(v: BlockVector, r: int) -> BlockVector:
 
 
 def inverse_blockwise_transpose_vector(v: BlockVector, r: int) -> BlockVector:
-    """Inverse of :func:`blockwise_transpose_vector`: position ``i*r + g`` goes back to ``g*n + i``."""
+    """Inverse of :func:`blockwise_transpose_vector`: position ``i*r + g`` goes back to ``g*n +
+    i``."""
     if not isinstance(v, BlockVector):
         raise TypeError(f"expected a BlockVector, got {type(v).__name__}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1 or len(v) % r:
@@ -316,7 +327,8 @@ def inverse_blockwise_transpose_vector(v: BlockVector, r: int) -> BlockVector:
 
 
 class BlockGridLU:
-    """Factorization of a :class:`BlockGrid` of block-banded entries (from :meth:`BlockGrid.factorize`).
+    """Factorization of a :class:`BlockGrid` of block-banded entries (from
+    :meth:`BlockGrid.factorize`).
 
     Holds the pivoted :class:`TridiagonalLU` of :func:`blockwise_transpose`
     and the partitions needed to permute right-hand sides and solutions.
@@ -369,7 +381,8 @@ class BlockGridLU:
                 mode = "coarse"
             else:
                 raise ValueError(
-                    f"rhs BlockVector has sizes {rhs.sizes}; expected {self._row_totals} (one block per grid "
+                    f"rhs BlockVector has sizes {rhs.sizes}; expected {self._row_totals} (one "
+                    "block per grid "
                     f"row) or {fine_rows} (r*n blocks in grid order)"
                 )
             one_d = rhs.ncols is None

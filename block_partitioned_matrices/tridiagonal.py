@@ -47,7 +47,8 @@ def _leaf_tuple(blocks, name: str) -> tuple:
     for i, b in enumerate(blocks):
         if not is_leaf(b):
             raise TypeError(
-                f"Tridiagonal: {name}[{i}] must be a 2-D tensor, Zero or Identity, got {type(b).__name__}"
+                f"Tridiagonal: {name}[{i}] must be a 2-D tensor, Zero or Identity, got "
+                f"{type(b).__name__}"
             )
     return blocks
 
@@ -86,7 +87,8 @@ class Tridiagonal(BlockBanded):
             raise ValueError("Tridiagonal needs at least one diagonal block")
         if len(lower) != n - 1 or len(upper) != n - 1:
             raise ValueError(
-                f"Tridiagonal with {n} diagonal blocks needs {n - 1} lower and {n - 1} upper blocks, "
+                f"Tridiagonal with {n} diagonal blocks needs {n - 1} lower and {n - 1} upper "
+                "blocks, "
                 f"got {len(lower)} and {len(upper)}"
             )
         m = []
@@ -94,7 +96,8 @@ class Tridiagonal(BlockBanded):
             r, c = shape_of(b)
             if r != c or r == 0:
                 raise ValueError(
-                    f"Tridiagonal: diagonal[{i}] has shape {(r, c)}; expected square m x m with m >= 1"
+                    f"Tridiagonal: diagonal[{i}] has shape {(r, c)}; expected square m x m with m "
+                    ">= 1"
                 )
             m.append(r)
         for i in range(n - 1):
@@ -161,7 +164,8 @@ class Tridiagonal(BlockBanded):
             )
         if A.row_sizes != A.col_sizes:
             raise ValueError(
-                f"from_banded needs square diagonal blocks, got rows {A.row_sizes}, cols {A.col_sizes}"
+                f"from_banded needs square diagonal blocks, got rows {A.row_sizes}, cols "
+                f"{A.col_sizes}"
             )
         n = A.num_block_rows
         return cls(
@@ -176,7 +180,8 @@ class Tridiagonal(BlockBanded):
         if other.row_sizes != self.block_sizes or other.col_sizes != self.block_sizes:
             raise ValueError(
                 f"cannot combine Tridiagonal with block sizes {self.block_sizes} and "
-                f"{type(other).__name__} with row sizes {other.row_sizes}, col sizes {other.col_sizes}"
+                f"{type(other).__name__} with row sizes {other.row_sizes}, col sizes "
+                f"{other.col_sizes}"
             )
         o = Tridiagonal.from_banded(other)
         if sign < 0:
@@ -194,7 +199,8 @@ class Tridiagonal(BlockBanded):
         return self._combine(other, -1)
 
     def factorize(self) -> TridiagonalLU:
-        """Pivoted block LU (banded GEPP); raises :class:`SingularMatrixError` on an exact zero pivot."""
+        """Pivoted block LU (banded GEPP); raises :class:`SingularMatrixError` on an exact zero
+        pivot."""
         return TridiagonalLU._factorize(self)
 
     def solve(self, rhs):
@@ -209,7 +215,8 @@ def _perm_from_pivots(lu: torch.Tensor, piv: torch.Tensor) -> torch.Tensor:
 
 
 class TridiagonalLU:
-    """Immutable pivoted LU factorization of a :class:`Tridiagonal` (from :meth:`Tridiagonal.factorize`).
+    """Immutable pivoted LU factorization of a :class:`Tridiagonal` (from
+    :meth:`Tridiagonal.factorize`).
 
     Per block row ``k`` it stores the packed panel LU (``(m_k + m_{k+1}) x m_k``:
     unit-lower ``L1_k`` and upper ``Ubar_k`` on top, ``L2_k`` below), the row
@@ -333,7 +340,8 @@ class TridiagonalLU:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def solve(self, rhs):
-        """``A^{-1} rhs``; rhs dense ``(N,)``/``(N, k)`` or BlockVector (sizes ``block_sizes``), same kind back."""
+        """``A^{-1} rhs``; rhs dense ``(N,)``/``(N, k)`` or BlockVector (sizes ``block_sizes``),
+        same kind back."""
         bs, pack = _split_rhs(rhs, self._sizes, self._dtype, self._device)
         m, n = self._sizes, len(self._sizes)
         st = torch.linalg.solve_triangular

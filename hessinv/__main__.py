@@ -85,7 +85,8 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a torch device (try cpu, cuda or cuda:0)") from None
+            f"{text!r} is not a torch device (try cpu, cuda or cuda:0)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
     try:
@@ -98,62 +99,139 @@ def _device(text: str) -> str:
 # ----------------------------------------------------------------------------- parser
 def _add_problem_options(demo: argparse.ArgumentParser, d: DemoConfig) -> None:
     group = demo.add_argument_group("the problem")
-    group.add_argument("--depth", type=_int_at_least(1), metavar="L", default=d.depth,
-                       help="number of Linear layers (default: %(default)s)")
-    group.add_argument("--width", type=_int_at_least(1), metavar="W", default=d.width,
-                       help="width of the hidden layers (default: %(default)s)")
-    group.add_argument("--batch", type=_int_at_least(1), metavar="B", default=d.batch,
-                       help="number of samples (default: %(default)s)")
-    group.add_argument("--input", dest="d_in", type=_int_at_least(1), metavar="D", default=d.d_in,
-                       help="input features (default: %(default)s)")
-    group.add_argument("--classes", dest="n_classes", type=_int_at_least(2), metavar="K",
-                       default=d.n_classes, help="output classes (default: %(default)s)")
-    group.add_argument("--damping", type=_positive_float, metavar="EPS", default=d.damping,
-                       help="eps in (H + eps I) and (G + eps I) (default: %(default)s)")
-    group.add_argument("--seed", type=_int_at_least(0), metavar="S", default=d.seed,
-                       help="seed of the weights and the data (default: %(default)s)")
+    group.add_argument(
+        "--depth",
+        type=_int_at_least(1),
+        metavar="L",
+        default=d.depth,
+        help="number of Linear layers (default: %(default)s)",
+    )
+    group.add_argument(
+        "--width",
+        type=_int_at_least(1),
+        metavar="W",
+        default=d.width,
+        help="width of the hidden layers (default: %(default)s)",
+    )
+    group.add_argument(
+        "--batch",
+        type=_int_at_least(1),
+        metavar="B",
+        default=d.batch,
+        help="number of samples (default: %(default)s)",
+    )
+    group.add_argument(
+        "--input",
+        dest="d_in",
+        type=_int_at_least(1),
+        metavar="D",
+        default=d.d_in,
+        help="input features (default: %(default)s)",
+    )
+    group.add_argument(
+        "--classes",
+        dest="n_classes",
+        type=_int_at_least(2),
+        metavar="K",
+        default=d.n_classes,
+        help="output classes (default: %(default)s)",
+    )
+    group.add_argument(
+        "--damping",
+        type=_positive_float,
+        metavar="EPS",
+        default=d.damping,
+        help="eps in (H + eps I) and (G + eps I) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        metavar="S",
+        default=d.seed,
+        help="seed of the weights and the data (default: %(default)s)",
+    )
 
 
 def _add_method_options(demo: argparse.ArgumentParser, d: DemoConfig) -> None:
     group = demo.add_argument_group("the methods")
-    group.add_argument("--rtol", type=_tolerance, metavar="TOL", default=None,
-                       help="relative residual ||(A x - g)|| / ||g|| the iterative methods stop "
-                            "at, and that every row is judged by (default: 1e-10 in float64, "
-                            "1e-4 in float32)")
-    group.add_argument("--maxiter", type=_int_at_least(1), metavar="N", default=d.maxiter,
-                       help="at most this many products per iterative solve "
-                            "(default: %(default)s)")
-    group.add_argument("--dense-limit", type=_int_at_least(0), metavar="N", default=d.dense_limit,
-                       help="skip the dense torch.func.hessian reference above this many "
-                            "parameters; the exact solve is then the reference "
-                            "(default: %(default)s)")
-    group.add_argument("--tridiagonal", action="store_true", default=d.tridiagonal,
-                       help="also time the paper's block-tridiagonal solve (about 3 s more at "
-                            "the default size) (default: off)")
+    group.add_argument(
+        "--rtol",
+        type=_tolerance,
+        metavar="TOL",
+        default=None,
+        help="relative residual ||(A x - g)|| / ||g|| the iterative methods stop "
+        "at, and that every row is judged by (default: 1e-10 in float64, "
+        "1e-4 in float32)",
+    )
+    group.add_argument(
+        "--maxiter",
+        type=_int_at_least(1),
+        metavar="N",
+        default=d.maxiter,
+        help="at most this many products per iterative solve (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dense-limit",
+        type=_int_at_least(0),
+        metavar="N",
+        default=d.dense_limit,
+        help="skip the dense torch.func.hessian reference above this many "
+        "parameters; the exact solve is then the reference "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--tridiagonal",
+        action="store_true",
+        default=d.tridiagonal,
+        help="also time the paper's block-tridiagonal solve (about 3 s more at "
+        "the default size) (default: off)",
+    )
 
 
 def _add_machine_options(demo: argparse.ArgumentParser, d: DemoConfig) -> None:
     group = demo.add_argument_group("the machine")
-    group.add_argument("--device", type=_device, metavar="DEV", default=d.device,
-                       help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
-                       help="precision of the model, the data and every solve "
-                            "(default: %(default)s)")
-    group.add_argument("--threads", type=_int_at_least(1), metavar="N", default=1,
-                       help="torch CPU threads; more threads slow these small kernels down "
-                            "on a busy machine (default: %(default)s)")
-    group.add_argument("--no-progress", dest="progress", action="store_false",
-                       default=d.progress, help="no progress bars (default: progress bars on "
-                                                "stderr)")
+    group.add_argument(
+        "--device",
+        type=_device,
+        metavar="DEV",
+        default=d.device,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=d.dtype,
+        help="precision of the model, the data and every solve (default: %(default)s)",
+    )
+    group.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        metavar="N",
+        default=1,
+        help="torch CPU threads; more threads slow these small kernels down "
+        "on a busy machine (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=d.progress,
+        help="no progress bars (default: progress bars on stderr)",
+    )
 
 
 def build_parser(prog: str = "hessinv") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    demo = commands.add_parser("demo", help="when to use the exact solve, and when CG: "
-                               "measured on a deep narrow MLP", description=DEMO_DESCRIPTION,
-                               epilog=DEMO_EPILOG, formatter_class=_HelpFormatter)
+    demo = commands.add_parser(
+        "demo",
+        help="when to use the exact solve, and when CG: measured on a deep narrow MLP",
+        description=DEMO_DESCRIPTION,
+        epilog=DEMO_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
     defaults = DemoConfig()
     _add_problem_options(demo, defaults)
     _add_method_options(demo, defaults)
@@ -165,13 +243,29 @@ def build_parser(prog: str = "hessinv") -> argparse.ArgumentParser:
 def _check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that involve more than one option."""
     if args.dtype == "float32" and args.rtol is not None and args.rtol < 1e-6:
-        parser.error(f"--rtol {args.rtol:g} is below what float32 can reach; "
-                     "use --rtol 1e-6 or more with --dtype float32")
+        parser.error(
+            f"--rtol {args.rtol:g} is below what float32 can reach; "
+            "use --rtol 1e-6 or more with --dtype float32"
+        )
 
 
 def _config(args: argparse.Namespace) -> DemoConfig:
-    fields = ("depth", "width", "batch", "d_in", "n_classes", "damping", "rtol", "maxiter",
-              "device", "dtype", "dense_limit", "tridiagonal", "seed", "progress")
+    fields = (
+        "depth",
+        "width",
+        "batch",
+        "d_in",
+        "n_classes",
+        "damping",
+        "rtol",
+        "maxiter",
+        "device",
+        "dtype",
+        "dense_limit",
+        "tridiagonal",
+        "seed",
+        "progress",
+    )
     return DemoConfig(**{name: getattr(args, name) for name in fields})
 
 

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["flatten", "unflatten", "ParameterLayout"]
+__all__ = ["flatten", "unflatten", "ParameterLayout", "ParameterVector"]
+
+#: what the operators take and return in parameter space: a flat ``(n,)`` or ``(n, k)`` tensor,
+#: a dict ``name -> tensor shaped like the parameter``, or a list of such tensors
+ParameterVector = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
 def flatten(params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -35,7 +40,7 @@ def flatten(params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torc
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _named_like(like) -> list[tuple[str | None, torch.Size]]:
+def _named_like(like: Any) -> list[tuple[str | None, torch.Size]]:
     if isinstance(like, nn.Module):
         return [(n, p.shape) for n, p in like.named_parameters() if p.requires_grad]
     if isinstance(like, Mapping):
@@ -48,7 +53,7 @@ def _named_like(like) -> list[tuple[str | None, torch.Size]]:
     )
 
 
-def unflatten(vector: torch.Tensor, like) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+def unflatten(vector: torch.Tensor, like: Any) -> dict[str, torch.Tensor] | list[torch.Tensor]:
     """Split a flat ``(n,)`` vector into tensors shaped like ``like``.
 
     ``like`` is an ``nn.Module`` (its trainable parameters) or a dict (returns a dict
@@ -64,7 +69,7 @@ def unflatten(vector: torch.Tensor, like) -> dict[str, torch.Tensor] | list[torc
     pieces = [p.reshape(s) for p, (_, s) in zip(vector.split(sizes), named, strict=True)]
     if named and named[0][0] is None:
         return pieces
-    return {n: p for (n, _), p in zip(named, pieces, strict=True)}
+    return {str(n): p for (n, _), p in zip(named, pieces, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class ParameterLayout:
     def numel(self) -> int:
         return sum(self.stage_sizes)
 
-    def _check_tensor(self, t, what: str) -> torch.Tensor:
+    def _check_tensor(self, t: Any, what: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != self.dtype:
@@ -90,7 +95,9 @@ class ParameterLayout:
             raise ValueError(f"{what} is on {t.device}, but the Hessian is on {self.device}")
         return t
 
-    def to_blocks(self, v, what: str = "v") -> tuple[list[torch.Tensor], tuple]:
+    def to_blocks(
+        self, v: ParameterVector, what: str = "v"
+    ) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
         """Per-stage ``(p_l, k)`` blocks of ``v`` and a token for :meth:`from_blocks`.
 
         Accepts a flat ``(n,)`` or ``(n, k)`` tensor, a dict ``name -> tensor`` shaped like
@@ -104,7 +111,7 @@ class ParameterLayout:
                     f"{what} has shape {tuple(v.shape)}; expected ({n},) or ({n}, k), a dict "
                     "name -> tensor shaped like the parameters, or a list of such tensors"
                 )
-            kind = ("flat", v.dim())
+            kind: tuple[Any, ...] = ("flat", v.dim())
             mat = v if v.dim() == 2 else v[:, None]
         elif isinstance(v, Mapping):
             missing = [k for k in self.names if k not in v]
@@ -134,7 +141,7 @@ class ParameterLayout:
                 raise ValueError(f"{what} contains NaN or Inf")
         return list(mat.split(list(self.stage_sizes))), kind
 
-    def _stack(self, tensors, what, names) -> torch.Tensor:
+    def _stack(self, tensors: Sequence[Any], what: str, names: Sequence[str]) -> torch.Tensor:
         flat = []
         for t, name, shape in zip(tensors, names, self.shapes, strict=True):
             self._check_tensor(t, f"{what}[{name!r}]")
@@ -145,7 +152,7 @@ class ParameterLayout:
             flat.append(t.reshape(-1))
         return torch.cat(flat)
 
-    def from_blocks(self, blocks: Sequence[torch.Tensor], kind: tuple):
+    def from_blocks(self, blocks: Sequence[torch.Tensor], kind: tuple[Any, ...]) -> Any:
         """Inverse of :meth:`to_blocks`: return the result in the caller's kind."""
         mat = torch.cat(list(blocks))
         if kind[0] == "flat":

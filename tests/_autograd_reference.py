@@ -105,12 +105,21 @@ def _rows(f, wrt, m, create_graph=False):
     if k == 0 or not f.requires_grad:
         return torch.zeros(k, sum(w.numel() for w in wrt), dtype=torch.float64)
     eye = torch.eye(k, dtype=f.dtype).reshape(k, *f.shape)
-    rows = torch.autograd.grad(f, wrt, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                               create_graph=create_graph, materialize_grads=True)
+    rows = torch.autograd.grad(
+        f,
+        wrt,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        create_graph=create_graph,
+        materialize_grads=True,
+    )
     return torch.cat([r.reshape(k, -1) for r in rows], dim=1)
 
 
-def autograd_hessian(model, loss_fn, inputs, targets, params=None, *, batched=True) -> DenseReference:
+def autograd_hessian(
+    model, loss_fn, inputs, targets, params=None, *, batched=True
+) -> DenseReference:
     """Loss, gradient and dense Hessian in the selected parameters, by double backward.
 
     ``batched=False`` takes the rows one ``torch.autograd.grad`` at a time (to check the
@@ -145,7 +154,9 @@ def autograd_hessian(model, loss_fn, inputs, targets, params=None, *, batched=Tr
             raw = torch.zeros(n, n, dtype=g.dtype)
             for i in range(n):
                 if g.requires_grad:
-                    row = torch.autograd.grad(g[i], order, retain_graph=True, materialize_grads=True)
+                    row = torch.autograd.grad(
+                        g[i], order, retain_graph=True, materialize_grads=True
+                    )
                     raw[i] = torch.cat([r.reshape(-1) for r in row])
         raw = raw.detach()
 
@@ -164,10 +175,16 @@ def autograd_hessian(model, loss_fn, inputs, targets, params=None, *, batched=Tr
             keep[i] = True
             keep = keep.reshape(B, *([1] * (out.dim() - 1)))
             loss_i = loss_fn(torch.where(keep, out, out.detach()), t)
-            g_i = torch.cat([q.reshape(-1) for q in torch.autograd.grad(
-                loss_i, order, create_graph=True, materialize_grads=True)])
+            g_i = torch.cat(
+                [
+                    q.reshape(-1)
+                    for q in torch.autograd.grad(
+                        loss_i, order, create_graph=True, materialize_grads=True
+                    )
+                ]
+            )
             H_i = _rows(g_i, order, n).detach()
-            A_i = A_full[i * m:(i + 1) * m, i * m:(i + 1) * m]
+            A_i = A_full[i * m : (i + 1) * m, i * m : (i + 1) * m]
             GN_i = J[i].T @ A_i @ J[i]
             pieces[i, 0] = torch.linalg.matrix_norm(GN_i)
             pieces[i, 1] = torch.linalg.matrix_norm(H_i - GN_i)
@@ -196,7 +213,9 @@ def autograd_hessian(model, loss_fn, inputs, targets, params=None, *, batched=Tr
         hessian_scale=max(norm_2, float((kappa_c * pieces[:, 0] + kappa_r * pieces[:, 1]).sum())),
         # every parameter (selected or not) and every sample can enter one accumulated sum;
         # each module evaluates a function and its derivative (<= 2 more roundings each)
-        accumulation=sum(p.numel() for p in model.parameters()) + B + 2 * len(list(model.modules())),
+        accumulation=sum(p.numel() for p in model.parameters())
+        + B
+        + 2 * len(list(model.modules())),
     )
 
 
@@ -237,7 +256,7 @@ def autograd_ggn(model, loss_fn, inputs, targets, params=None) -> DenseGGN:
     K = sum(p.numel() for p in model.parameters()) + out.shape[0] + 2 * len(list(model.modules()))
     norm_J = float(torch.linalg.matrix_norm(J, 2)) if J.numel() else 0.0
     norm_A = float(torch.linalg.matrix_norm(A, 2)) if A.numel() else 0.0
-    return DenseGGN(tuple(leaves), 0.5 * (G + G.T), K * UNIT_ROUNDOFF * norm_J ** 2 * norm_A)
+    return DenseGGN(tuple(leaves), 0.5 * (G + G.T), K * UNIT_ROUNDOFF * norm_J**2 * norm_A)
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -304,7 +323,8 @@ def evaluation_error_bound(ref: DenseReference) -> float:
 
 
 def gradient_error_bound(ref: DenseReference) -> float:
-    """``K u sum_i kappa_residual_i ||g_i||``: the gradient is the sum of the ``g_i = J_i^T r_i``."""
+    """``K u sum_i kappa_residual_i ||g_i||``: the gradient is the sum of the ``g_i = J_i^T
+    r_i``."""
     return accumulation_length(ref) * UNIT_ROUNDOFF * ref.gradient_scale
 
 
@@ -318,8 +338,11 @@ def accumulation_length(ref: DenseReference) -> int:
     return ref.accumulation
 
 
-def backward_error(M: torch.Tensor, x: torch.Tensor, g: torch.Tensor, norm_M: float | None = None) -> float:
-    """``max_j ||M x_j - g_j|| / (||M||_2 ||x_j|| + ||g_j||)`` (2-norms), the contract's definition."""
+def backward_error(
+    M: torch.Tensor, x: torch.Tensor, g: torch.Tensor, norm_M: float | None = None
+) -> float:
+    """``max_j ||M x_j - g_j|| / (||M||_2 ||x_j|| + ||g_j||)`` (2-norms), the contract's
+    definition."""
     if x.dim() == 1:
         x, g = x[:, None], g[:, None]
     if norm_M is None:

@@ -30,20 +30,52 @@ ACTIVATIONS = problems.ACTIVATIONS
 Problem = problems.Problem
 
 
-def make_mlp(depth, width, d_in=3, d_out=3, activation="tanh", bias=True, dtype=torch.float64,
-             seed=0):
+def make_mlp(
+    depth, width, d_in=3, d_out=3, activation="tanh", bias=True, dtype=torch.float64, seed=0
+):
     """``depth`` Linear layers (``depth - 1`` hidden of ``width``) with an activation after
     each, every parameter ``0.8 N(0, 1)`` (the shared builder, ``init="normal"``)."""
-    return problems.mlp(depth, width, d_in, d_out, activation, bias=bias, init="normal",
-                        scale=0.8, dtype=dtype, seed=seed)
+    return problems.mlp(
+        depth,
+        width,
+        d_in,
+        d_out,
+        activation,
+        bias=bias,
+        init="normal",
+        scale=0.8,
+        dtype=dtype,
+        seed=seed,
+    )
 
 
-def make_problem(depth=3, width=4, batch=5, activation="tanh", bias=True, loss="ce", d_in=3,
-                 d_out=3, dtype=torch.float64, seed=0) -> Problem:
+def make_problem(
+    depth=3,
+    width=4,
+    batch=5,
+    activation="tanh",
+    bias=True,
+    loss="ce",
+    d_in=3,
+    d_out=3,
+    dtype=torch.float64,
+    seed=0,
+) -> Problem:
     """A random chain, batch and loss (``"ce"``, ``"mse"`` or ``"mse_sum"``)."""
-    return problems.make_problem(depth, width, batch, d_in=d_in, d_out=d_out,
-                                 activation=activation, loss=loss, bias=bias, init="normal",
-                                 scale=0.8, dtype=dtype, seed=seed)
+    return problems.make_problem(
+        depth,
+        width,
+        batch,
+        d_in=d_in,
+        d_out=d_out,
+        activation=activation,
+        loss=loss,
+        bias=bias,
+        init="normal",
+        scale=0.8,
+        dtype=dtype,
+        seed=seed,
+    )
 
 
 def dense_reference(problem: Problem) -> torch.Tensor:
@@ -108,14 +140,22 @@ class RandomChain:
     description: str
 
     def hessian(self):
-        return hessinv.ChainHessian(self.model, self.loss_fn, self.inputs, self.targets,
-                                    params=self.params, oracle=self.oracle)
+        return hessinv.ChainHessian(
+            self.model,
+            self.loss_fn,
+            self.inputs,
+            self.targets,
+            params=self.params,
+            oracle=self.oracle,
+        )
 
     def reference(self):
         return autograd_hessian(self.model, self.loss_fn, self.inputs, self.targets, self.params)
 
 
-def random_chain(seed: int, max_depth: int = 8, max_width: int = 10, max_batch: int = 8) -> RandomChain:
+def random_chain(
+    seed: int, max_depth: int = 8, max_width: int = 10, max_batch: int = 8
+) -> RandomChain:
     """The random chain number ``seed`` (float64): depth 1..max_depth parameterised stages."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -183,7 +223,11 @@ def random_chain(seed: int, max_depth: int = 8, max_width: int = 10, max_batch: 
                 p.copy_(0.5 * scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
             else:
                 fan_in = p[0].numel()
-                p.copy_(scale / math.sqrt(fan_in) * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+                p.copy_(
+                    scale
+                    / math.sqrt(fan_in)
+                    * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                )
     if loss_kind == "ce":
         targets = torch.randint(0, d_out, (batch,), generator=gen)
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
@@ -217,8 +261,17 @@ def random_chain(seed: int, max_depth: int = 8, max_width: int = 10, max_batch: 
     damping = rng.choice(DAMPINGS)
     oracle = "generic" if rng.random() < 0.15 else "auto"
     desc += [f"eps={damping:g}", f"oracle={oracle}"]
-    return RandomChain(seed, model, loss_fn, inputs, targets, params, damping, oracle,
-                       f"seed {seed}: " + " | ".join(desc))
+    return RandomChain(
+        seed,
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        params,
+        damping,
+        oracle,
+        f"seed {seed}: " + " | ".join(desc),
+    )
 
 
 # ============================================================================ the contract
@@ -273,7 +326,9 @@ def require_contract(report: ContractReport) -> None:
         pytest.fail(report.message(), pytrace=False)
 
 
-def check_contract(chain: RandomChain, *, make_hessian=None, method: str = "riccati") -> ContractReport:
+def check_contract(
+    chain: RandomChain, *, make_hessian=None, method: str = "riccati"
+) -> ContractReport:
     """Run the whole public API on ``chain`` and compare with the dense reference.
 
     ``make_hessian(chain)`` builds the object under test (default: ``chain.hessian()``,
@@ -281,12 +336,26 @@ def check_contract(chain: RandomChain, *, make_hessian=None, method: str = "ricc
     Nothing is asserted here: every breach of the contract is listed in the report.
     """
     make = chain.hessian if make_hessian is None else (lambda: make_hessian(chain))
-    return check_hessian(make, chain.reference(), chain.damping, seed=chain.seed,
-                         description=chain.description + f" | method={method}", method=method)
+    return check_hessian(
+        make,
+        chain.reference(),
+        chain.damping,
+        seed=chain.seed,
+        description=chain.description + f" | method={method}",
+        method=method,
+    )
 
 
-def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str = "",
-                  k: int | None = None, method: str = "riccati") -> ContractReport:
+def check_hessian(
+    make,
+    ref,
+    damping: float,
+    *,
+    seed: int = 0,
+    description: str = "",
+    k: int | None = None,
+    method: str = "riccati",
+) -> ContractReport:
     """The contract for the object ``make()`` against the reference ``ref`` at ``damping``.
 
     ``make`` is called inside (construction is part of what is checked); ``ref`` comes
@@ -321,25 +390,39 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
         try:
             H = make()  # everything is read and the derivative sweep runs here
             if H.num_params != n or tuple(H.param_names) != ref.names:
-                report.fail(f"parameters: got {H.num_params} {tuple(H.param_names)}, expected {n} {ref.names}")
+                report.fail(
+                    f"parameters: got {H.num_params} {tuple(H.param_names)}, expected {n} "
+                    f"{ref.names}"
+                )
                 return report
             # ---- loss, gradient, products: both evaluations are within the bounds of the truth
             loss = H.loss
             tol_loss = 2 * loss_error_bound(ref)
             if not abs(float(loss) - float(ref.loss)) <= tol_loss:
-                report.fail(f"loss {float(loss)!r} vs reference {float(ref.loss)!r} (tol {tol_loss:.2e})")
+                report.fail(
+                    f"loss {float(loss)!r} vs reference {float(ref.loss)!r} (tol {tol_loss:.2e})"
+                )
             g = H.gradient()
             err_g = float(torch.linalg.vector_norm(g - ref.gradient))
             tol_g = 2 * gradient_error_bound(ref)
             if not err_g <= tol_g:
-                report.fail(f"gradient error {err_g:.3e} > {tol_g:.3e} (= 2 K u sum_i kappa_i ||g_i||)")
+                report.fail(
+                    f"gradient error {err_g:.3e} > {tol_g:.3e} (= 2 K u sum_i kappa_i ||g_i||)"
+                )
             V = torch.randn(n, 2, generator=gen, dtype=torch.float64)
             tol_prod = 2 * dH  # ||H_lib V - H_ref V|| <= 2 dH ||V||, per column
             dense = H.dense()
-            err_dense = float(torch.linalg.matrix_norm(dense - D, 2)) if dense.shape == D.shape else math.inf
+            err_dense = (
+                float(torch.linalg.matrix_norm(dense - D, 2))
+                if dense.shape == D.shape
+                else math.inf
+            )
             report.product_error_ratio = err_dense / (tol_prod + 1e-300)
             if not err_dense <= tol_prod:
-                report.fail(f"H.dense() error {err_dense:.3e} > 2 dH = {tol_prod:.3e} (||H|| = {norm_H:.3e})")
+                report.fail(
+                    f"H.dense() error {err_dense:.3e} > 2 dH = {tol_prod:.3e} (||H|| = "
+                    f"{norm_H:.3e})"
+                )
             for got, v in ((H @ V, V), (H.matvec(V[:, 0]), V[:, 0])):
                 if got.shape != v.shape:
                     report.fail(f"H @ v returned shape {tuple(got.shape)} for {tuple(v.shape)}")
@@ -349,7 +432,9 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
                 ratio = float((err / (tol_prod * scale + 1e-300)).max())
                 report.product_error_ratio = max(report.product_error_ratio, ratio)
                 if not ratio <= 1:
-                    report.fail(f"H @ v error {float(err.max()):.3e} > 2 dH ||v|| = {tol_prod:.3e} ||v||")
+                    report.fail(
+                        f"H @ v error {float(err.max()):.3e} > 2 dH ||v|| = {tol_prod:.3e} ||v||"
+                    )
 
             # ---- factorization
             try:
@@ -357,8 +442,10 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
             except errors.SingularMatrixError as err:
                 report.singular_raised = True
                 if gap_ok:
-                    report.fail(f"SingularMatrixError although min |eig(H + eps I)| = {sigma_min:.3e} "
-                                f"> {GAP:g} ||H|| = {GAP * norm_H:.3e}: {err}")
+                    report.fail(
+                        f"SingularMatrixError although min |eig(H + eps I)| = {sigma_min:.3e} "
+                        f"> {GAP:g} ||H|| = {GAP * norm_H:.3e}: {err}"
+                    )
                 elif not ("H + " in str(err) and "singular" in str(err)):
                     report.fail(f"SingularMatrixError message does not name H + eps I: {err}")
                 F = None
@@ -372,7 +459,11 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
                 nonzero_g = float(torch.linalg.vector_norm(ref.gradient)) > 0
                 cols = int(torch.randint(1, 4, (), generator=gen)) if k is None else k
                 rhs = [torch.randn(n, cols, generator=gen, dtype=torch.float64)]
-                rhs.append(ref.gradient.clone() if nonzero_g else torch.randn(n, generator=gen, dtype=torch.float64))
+                rhs.append(
+                    ref.gradient.clone()
+                    if nonzero_g
+                    else torch.randn(n, generator=gen, dtype=torch.float64)
+                )
                 for G in rhs:
                     X = F.solve(G)
                     if X.shape != G.shape:
@@ -382,22 +473,36 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
                     report.backward_errors.append(eta)
                     reported = F.backward_error
                     steps = F.refinement_steps
-                    if not (isinstance(reported, float) and isinstance(steps, int) and isinstance(F.method, str)):
-                        report.fail(f"backward_error/refinement_steps/method types: {reported!r} {steps!r} {F.method!r}")
+                    if not (
+                        isinstance(reported, float)
+                        and isinstance(steps, int)
+                        and isinstance(F.method, str)
+                    ):
+                        report.fail(
+                            f"backward_error/refinement_steps/method types: {reported!r} {steps!r} "
+                            f"{F.method!r}"
+                        )
                         continue
                     report.reported_backward_errors.append(reported)
                     if not eta <= eta_allowed:
-                        report.fail(f"backward error {eta:.3e} (measured vs dense) > {eta_allowed:.3e}; "
-                                    f"reported {reported:.3e}, cond {cond:.3e}")
+                        report.fail(
+                            f"backward error {eta:.3e} (measured vs dense) > {eta_allowed:.3e}; "
+                            f"reported {reported:.3e}, cond {cond:.3e}"
+                        )
                     if not reported <= CONTRACT_BACKWARD_ERROR:
-                        report.fail(f"reported backward error {reported:.3e} > {CONTRACT_BACKWARD_ERROR:g}")
+                        report.fail(
+                            f"reported backward error {reported:.3e} > {CONTRACT_BACKWARD_ERROR:g}"
+                        )
                     # The library reports an upper bound (a lower bound on ||H + eps I|| in its
                     # denominator, docs/algorithm.md section 11): it must never be low.
                     if not eta <= 10 * reported + floor:
-                        report.fail(f"reported backward error {reported:.3e} inconsistent with measured "
-                                    f"{eta:.3e} (factor 10, floor {floor:.1e})")
+                        report.fail(
+                            f"reported backward error {reported:.3e} inconsistent with measured "
+                            f"{eta:.3e} (factor 10, floor {floor:.1e})"
+                        )
                     # Forward error: x solves (M + E) x = g + f with ||E|| <= eta_x ||M||,
-                    # ||f|| <= eta_x ||g||, so ||x - x*|| / ||x*|| <= 2 cond eta_x / (1 - cond eta_x)
+                    # ||f|| <= eta_x ||g||, so ||x - x*|| / ||x*|| <= 2 cond eta_x / (1 - cond
+                    # eta_x)
                     # (first order, Higham Thm 7.2). x_ref has its own measured backward error.
                     X_ref = torch.linalg.solve(M, G)
                     eta_ref = backward_error(M, X_ref, G, norm_M)
@@ -406,43 +511,62 @@ def check_hessian(make, ref, damping: float, *, seed: int = 0, description: str 
                     if c_eta < 0.5:
                         tol_fwd = SAFETY * 2 * c_eta / (1 - c_eta)
                         Xc, Rc = X.reshape(n, -1), X_ref.reshape(n, -1)
-                        fwd = float((torch.linalg.vector_norm(Xc - Rc, dim=0)
-                                     / torch.linalg.vector_norm(Rc, dim=0).clamp_min(1e-300)).max())
+                        fwd = float(
+                            (
+                                torch.linalg.vector_norm(Xc - Rc, dim=0)
+                                / torch.linalg.vector_norm(Rc, dim=0).clamp_min(1e-300)
+                            ).max()
+                        )
                         report.forward_error_ratio = max(report.forward_error_ratio, fwd / tol_fwd)
                         if not fwd <= tol_fwd:
-                            report.fail(f"forward error {fwd:.3e} > {tol_fwd:.3e} (2 cond eta, cond {cond:.3e})")
+                            report.fail(
+                                f"forward error {fwd:.3e} > {tol_fwd:.3e} (2 cond eta, cond "
+                                f"{cond:.3e})"
+                            )
                 # ---- logdet, inertia: always available; exact when the gap allows
                 sign, logabsdet = F.logdet()
                 counts = F.inertia()
                 pd = F.is_positive_definite
-                if not (isinstance(sign, torch.Tensor) and sign.dim() == 0 and logabsdet.dim() == 0):
+                if not (
+                    isinstance(sign, torch.Tensor) and sign.dim() == 0 and logabsdet.dim() == 0
+                ):
                     report.fail(f"logdet() must return 0-d tensors, got {sign!r}, {logabsdet!r}")
-                if not (len(counts) == 3 and all(_is_count(c) for c in counts) and sum(counts) == n):
+                if not (
+                    len(counts) == 3 and all(_is_count(c) for c in counts) and sum(counts) == n
+                ):
                     report.fail(f"inertia() = {counts!r} is not three integers summing to n = {n}")
                 if gap_ok:
                     report.inertia_compared = True
                     expected = (int((ev > 0).sum()), int((ev < 0).sum()), 0)
                     if tuple(counts) != expected:
                         report.inertia_disagrees = True
-                        report.fail(f"inertia {tuple(counts)} != eigvalsh's {expected} "
-                                    f"(min |eig| {sigma_min:.3e}, ||H|| {norm_H:.3e})")
+                        report.fail(
+                            f"inertia {tuple(counts)} != eigvalsh's {expected} "
+                            f"(min |eig| {sigma_min:.3e}, ||H|| {norm_H:.3e})"
+                        )
                     if bool(pd) != (expected[1] == 0):
-                        report.fail(f"is_positive_definite = {pd} but {expected[1]} negative eigenvalues")
+                        report.fail(
+                            f"is_positive_definite = {pd} but {expected[1]} negative eigenvalues"
+                        )
                     ref_sign = (-1) ** expected[1]
                     ref_logdet = float(torch.log(ev.abs()).sum())
                     # A factorization with backward error eta_f gives log|det(M + E)|, and
                     # |log|det(M + E)| - log|det M|| <= n cond eta_f / (1 - cond eta_f); summing n
-                    # logs adds <= K u sum |log|lambda||; eigvalsh's own error is inside K u in eta_f.
+                    # logs adds <= K u sum |log|lambda||; eigvalsh's own error is inside K u in
+                    # eta_f.
                     eta_f = CONTRACT_BACKWARD_ERROR + dH / norm_M + K * UNIT_ROUNDOFF
                     c_eta = cond * eta_f
-                    tol_ld = (SAFETY * n * c_eta / (1 - c_eta) if c_eta < 0.5 else math.inf) \
-                        + K * UNIT_ROUNDOFF * float(torch.log(ev.abs()).abs().sum())
+                    tol_ld = (
+                        SAFETY * n * c_eta / (1 - c_eta) if c_eta < 0.5 else math.inf
+                    ) + K * UNIT_ROUNDOFF * float(torch.log(ev.abs()).abs().sum())
                     if float(sign) != ref_sign:
                         report.fail(f"logdet sign {float(sign)} != {ref_sign}")
                     report.logdet_error_ratio = abs(float(logabsdet) - ref_logdet) / tol_ld
                     if not abs(float(logabsdet) - ref_logdet) <= tol_ld:
-                        report.fail(f"log|det| {float(logabsdet)!r} vs {ref_logdet!r} (tol {tol_ld:.2e}, "
-                                    f"cond {cond:.2e})")
+                        report.fail(
+                            f"log|det| {float(logabsdet)!r} vs {ref_logdet!r} (tol {tol_ld:.2e}, "
+                            f"cond {cond:.2e})"
+                        )
         except Exception as err:  # a crash is a violation too; keep what was found before it
             report.crashed = True
             trace = traceback.format_exc(limit=-3)

@@ -20,7 +20,9 @@ BOUND = 1e-12
 def dense_backward_error(M, x, g) -> float:
     r = M @ x - g
     num = torch.linalg.vector_norm(r, dim=0)
-    den = torch.linalg.matrix_norm(M, 2) * torch.linalg.vector_norm(x, dim=0) + torch.linalg.vector_norm(g, dim=0)
+    den = torch.linalg.matrix_norm(M, 2) * torch.linalg.vector_norm(
+        x, dim=0
+    ) + torch.linalg.vector_norm(g, dim=0)
     return float((num / den).max())
 
 
@@ -41,13 +43,15 @@ def check_factorization(H, D, eps, k=3, seed=0, method="riccati"):
     assert err <= 10 * cond * BOUND + 1e-13, (err, cond)
     x1 = F.solve(g[:, 0])  # one column, same factorization
     assert float(torch.linalg.norm(x1 - x[:, 0])) <= (10 * cond * BOUND + 1e-13) * float(
-        torch.linalg.norm(x[:, 0]))
+        torch.linalg.norm(x[:, 0])
+    )
     sign, logabsdet = F.logdet()
     ref_sign, ref_logabsdet = torch.linalg.slogdet(M)
     if gap > 1e-10 * norm:
         assert float(sign) == float(ref_sign)
         assert abs(float(logabsdet - ref_logabsdet)) <= 10 * n * cond * BOUND + 1e-9 * abs(
-            float(ref_logabsdet)), (float(logabsdet), float(ref_logabsdet))
+            float(ref_logabsdet)
+        ), (float(logabsdet), float(ref_logabsdet))
         if method == "riccati":
             counts = (int((lam > 0).sum()), int((lam < 0).sum()), 0)
             assert F.inertia() == counts, (F.inertia(), counts)

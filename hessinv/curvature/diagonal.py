@@ -31,7 +31,8 @@ def output_curvatures(stages: Sequence[StageDerivatives], S: torch.Tensor) -> li
 def diagonal_blocks(
     stages: Sequence[StageDerivatives], S: torch.Tensor, which: Sequence[int] | None = None
 ) -> list[torch.Tensor]:
-    """The dense diagonal blocks ``H_ll`` ``(p_l, p_l)`` of the stages in ``which`` (default: all)."""
+    """The dense diagonal blocks ``H_ll`` ``(p_l, p_l)`` of the stages in ``which`` (default:
+    all)."""
     R = output_curvatures(stages, S)
     which = range(len(stages)) if which is None else which
     return [stages[l].diagonal_block(R[l]) for l in which]

@@ -32,9 +32,11 @@ The contract (:class:`Factorization`):
   for every ``C + eps I`` whose smallest ``|eigenvalue|`` exceeds that; otherwise the
   factorization is hardened once and then a warning names the measured error.
 """
+
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,12 +51,17 @@ from hessinv.curvature.solvers import (
     matrix_name,
 )
 from hessinv.errors import AccuracyWarning
+from hessinv.linalg.riccati import RiccatiFactors
 from hessinv.settings import (
     BACKWARD_ERROR_FLOAT32,
     BACKWARD_ERROR_FLOAT64,
     MAX_REFINEMENT,
     REFINEMENT_GAIN,
 )
+
+if TYPE_CHECKING:
+    from hessinv.curvature.operator import CurvatureOperator
+    from hessinv.vectors import ParameterVector
 
 __all__ = [
     "Factorization",
@@ -90,7 +97,7 @@ class Factorization:
         refinement_steps: iterative refinement steps the last :meth:`solve` took.
     """
 
-    def __init__(self, curvature, damping: float, solver: Solver):
+    def __init__(self, curvature: CurvatureOperator, damping: float, solver: Solver):
         self.damping = damping
         self._curvature = curvature
         self._layout = curvature.layout
@@ -129,7 +136,9 @@ class Factorization:
         lo, hi = self._curvature.spectrum_estimate()
         return max(abs(hi + self.damping), abs(lo + self.damping))
 
-    def _residual(self, g, x):
+    def _residual(
+        self, g: list[torch.Tensor], x: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], float]:
         """``(r, beta)``: the residual blocks and an upper bound on the backward error.
 
         ``||C + eps I||`` enters through a lower bound, so ``beta`` is never reported low:
@@ -156,9 +165,11 @@ class Factorization:
             beta = worst(max(free, self._norm()))
         return r, beta
 
-    def _refined(self, g, refine):
+    def _refined(
+        self, g: list[torch.Tensor], refine: str | int
+    ) -> tuple[list[torch.Tensor], int, float]:
         auto = refine == "auto"
-        limit = MAX_REFINEMENT if auto else refine
+        limit = MAX_REFINEMENT if isinstance(refine, str) else refine
         bound = accuracy_bound(g[0].dtype)
         x = self._direct(g)
         r, err = self._residual(g, x)
@@ -174,7 +185,7 @@ class Factorization:
                 break
         return x, steps, err
 
-    def solve(self, g, refine="auto"):
+    def solve(self, g: ParameterVector, refine: str | int = "auto") -> Any:
         """``(C + eps I)^-1 g``; ``g`` flat ``(n,)``/``(n, k)``, a dict or a list (same kind back).
 
         ``(n, k)`` blocks are solved in one pass (matrix products, not ``k`` sweeps).
@@ -183,8 +194,9 @@ class Factorization:
         :func:`accuracy_bound` (see the module docstring); an ``int`` does exactly that many
         steps. After the call ``backward_error`` and ``refinement_steps`` describe it.
         """
-        if refine != "auto" and (isinstance(refine, bool) or not isinstance(refine, int)
-                                 or refine < 0):
+        if refine != "auto" and (
+            isinstance(refine, bool) or not isinstance(refine, int) or refine < 0
+        ):
             raise ValueError(f"refine must be 'auto' or a non-negative int, got {refine!r}")
         blocks, kind = self._layout.to_blocks(g, "g")
         x, steps, err = self._refined(blocks, refine)
@@ -198,7 +210,8 @@ class Factorization:
                 f"above the bound {bound:.0e}, after {steps} refinement steps ({self.method}); "
                 f"{self._curvature.symbol} + eps I is probably too ill-conditioned for this "
                 "precision",
-                AccuracyWarning, stacklevel=2,
+                AccuracyWarning,
+                stacklevel=2,
             )
         self.backward_error, self.refinement_steps = err, steps
         return self._layout.from_blocks(x, kind)
@@ -226,7 +239,8 @@ class Factorization:
                     f"factorization's backward error is {self._certificate:.1e} (bound "
                     f"{bound:.0e}), so eigenvalues within {self._certificate:.1e} * "
                     f"||{self._curvature.symbol} + eps I|| of zero may be miscounted",
-                    AccuracyWarning, stacklevel=3,
+                    AccuracyWarning,
+                    stacklevel=3,
                 )
         return self._certificate
 
@@ -287,40 +301,48 @@ class Factorization:
 class RiccatiFactorization(Factorization):
     """The stage-wise factorization (docs/algorithm.md sections 5, 8, 10) under the contract."""
 
-    def __init__(self, curvature, damping: float, progress: bool = True):
+    def __init__(self, curvature: CurvatureOperator, damping: float, progress: bool = True):
         super().__init__(curvature, damping, RiccatiSolver(curvature, damping, progress))
 
     @property
-    def _factors(self):
-        return self._solver.factors
+    def _factors(self) -> RiccatiFactors:
+        solver = self._solver
+        assert isinstance(solver, RiccatiSolver)  # hardening keeps a Riccati solver
+        return solver.factors
 
     @property
     def n_delayed(self) -> int:
         """How many pivots were delayed to a later front (0 on the fast path)."""
-        return self._solver.factors.n_delayed
+        return self._factors.n_delayed
 
 
 class TridiagonalFactorization(Factorization):
-    """The paper's augmented block-tridiagonal system, pivoted band LU (docs/algorithm.md section 4).
+    """The paper's augmented block-tridiagonal system, pivoted band LU (docs/algorithm.md section
+    4).
 
     Blocks are dense in parameter space (size ``p_l + 2 a_l``): narrow stages only.
     Gives solves and ``logdet``; the LU does not give the inertia.
     """
 
-    def __init__(self, curvature, damping: float):
+    def __init__(self, curvature: CurvatureOperator, damping: float):
         super().__init__(curvature, damping, TridiagonalSolver(curvature, damping))
 
 
 class OutputSpaceFactorization(Factorization):
     """The Gauss-Newton matrix through its output space (docs/algorithm.md section 14)."""
 
-    def __init__(self, curvature, damping: float):
-        space = curvature.output_space()
+    def __init__(self, curvature: CurvatureOperator, damping: float):
+        space = curvature.output_space_or_none()
+        if space is None:
+            raise ValueError(
+                f"{matrix_name(curvature, damping)} has no output space (the Hessian, or a loss "
+                "with indefinite Hessian blocks); use method='riccati' or 'dense'"
+            )
         super().__init__(curvature, damping, OutputSpaceSolver(curvature, damping, space))
 
 
 class DenseFactorization(Factorization):
     """The dense route (docs/algorithm.md section 15) under the contract."""
 
-    def __init__(self, curvature, damping: float):
+    def __init__(self, curvature: CurvatureOperator, damping: float):
         super().__init__(curvature, damping, DenseSolver(curvature, damping))

@@ -10,6 +10,8 @@ an output space (section 14).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hessinv.curvature.operator import CurvatureOperator
@@ -118,11 +120,12 @@ class ChainGGN(CurvatureOperator):
     symbol = "G"
     routes = ("output", "riccati", "dense")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    @functools.cached_property
+    def _space(self) -> OutputSpace | None:
         head = self._derivatives.head
-        self._space = None if head.factor is None else OutputSpace(
-            self.stage_derivatives(), head.factor, head.factor_exact)
+        if head.factor is None:
+            return None
+        return OutputSpace(self.stage_derivatives(), head.factor, head.factor_exact)
 
     def output_space_or_none(self) -> OutputSpace | None:
         return self._space
@@ -135,10 +138,11 @@ class ChainGGN(CurvatureOperator):
         if space is None:
             raise ValueError(
                 "the loss Hessian blocks have a negative eigenvalue, so G = J^T S J has no "
-                "output-space factor U = S^(1/2) J; use method='riccati' or 'dense'")
+                "output-space factor U = S^(1/2) J; use method='riccati' or 'dense'"
+            )
         return space
 
-    def spectrum(self, eigenvectors: int = 0):
+    def spectrum(self, eigenvectors: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The largest ``min(n, B r)`` eigenvalues of ``G``, ascending, exactly (the others
         are zero): the eigenvalues of the Gram matrix ``U U^T`` (docs/algorithm.md section 14).
 
@@ -152,12 +156,11 @@ class ChainGGN(CurvatureOperator):
         space = self.output_space()
         e, Q = space.eigh()
         m = min(self.num_params, space.rows)
-        values = e[e.numel() - m:]
+        values = e[e.numel() - m :]
         if not eigenvectors:
             return values
         k = min(eigenvectors, m)
-        top, q = values[m - k:], Q[:, Q.shape[1] - k:]
+        top, q = values[m - k :], Q[:, Q.shape[1] - k :]
         scale = top.clamp_min(torch.finfo(top.dtype).tiny).sqrt()
-        vectors = torch.cat(space.apply_T(q / scale)) if k else values.new_zeros(
-            self.num_params, 0)
+        vectors = torch.cat(space.apply_T(q / scale)) if k else values.new_zeros(self.num_params, 0)
         return values, vectors

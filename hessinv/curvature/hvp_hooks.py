@@ -1,4 +1,5 @@
-"""What a derivative class contributes to a Hessian-vector product (docs/algorithm.md sections 3, 13).
+"""What a derivative class contributes to a Hessian-vector product (docs/algorithm.md sections 3,
+13).
 
 A product runs in four steps: ``prepare`` (all stages of a class, before the sweeps),
 ``tangent`` (forward, stage by stage), ``adjoint`` (backward, stage by stage) and ``finish``
@@ -44,7 +45,8 @@ class HvpHooks:
         return hv + d.Dzx(t_prev), d.Dz_T(u) + d.Dzx_T(v) + d.Dzz(t_prev)
 
     @staticmethod
-    def finish(stages: Sequence[StageDerivatives], v: Sequence, t_prev: Sequence,
-               partial: Sequence) -> list[torch.Tensor]:
+    def finish(
+        stages: Sequence[StageDerivatives], v: Sequence, t_prev: Sequence, partial: Sequence
+    ) -> list[torch.Tensor]:
         """The blocks ``Hv_i`` ``(p_i, k)`` from what :meth:`adjoint` returned (here: them)."""
         return list(partial)

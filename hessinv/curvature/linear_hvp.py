@@ -19,8 +19,10 @@ __all__ = ["LinearHvp"]
 
 
 def _groups(stages) -> list[list[int]]:
-    return shape_groups(stages, [(d.out_size, d.m, d.weight_selected, d.bias_selected, d.batch,
-                                  d.in_size) for d in stages])
+    return shape_groups(
+        stages,
+        [(d.out_size, d.m, d.weight_selected, d.bias_selected, d.batch, d.in_size) for d in stages],
+    )
 
 
 class LinearHvp(HvpHooks):
@@ -39,14 +41,14 @@ class LinearHvp(HvpHooks):
             G, k, h, nw = V.shape[0], V.shape[-1], d.out_size, d.n_weight_cols
             P0 = EV = None
             if d.weight_selected:
-                VW = V[:, :h * nw].reshape(G, h, nw, k)
+                VW = V[:, : h * nw].reshape(G, h, nw, k)
                 Z = stack([stages[i].Zt for i in idx])[:, :, :nw]
                 P0 = bmm_k(Z, VW.transpose(1, 2))  # (G, B, h_out, k)
                 if d.has_input:
                     gammas = stack([stages[i].gamma for i in idx])
                     EV = bmm_k(gammas, VW)  # (G, B, h_in, k)
             if d.bias_selected:
-                vb = V[:, h * nw:][:, None]  # (G, 1, h_out, k)
+                vb = V[:, h * nw :][:, None]  # (G, 1, h_out, k)
                 P0 = vb.expand(G, d.batch, h, k) if P0 is None else P0 + vb
             for j, i in enumerate(idx):
                 out[i] = (P0[j], None if EV is None else EV[j])

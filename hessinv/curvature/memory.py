@@ -42,8 +42,10 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
         # alive while stage l is eliminated: V_{l+1}; (Dx Y)^T V and Dz^T V; the front's G
         # (assembled, symmetrised, factored), F (twice) and Q; the update and the next V
         # (with its symmetrised copy)
-        peak = max(peak, a_out * a_out + N * a_out + a_in * a_out + 3 * N * N + 3 * N * a_in
-                   + 4 * a_in * a_in)
+        peak = max(
+            peak,
+            a_out * a_out + N * a_out + a_in * a_out + 3 * N * N + 3 * N * a_in + 4 * a_in * a_in,
+        )
         m = d.num_params + 2 * a_out
         tri += 4 * m * m  # band LU: diagonal, two off-diagonals and the fill-in, per block
         n += d.num_params
@@ -53,8 +55,6 @@ def memory_estimate(stages, S: torch.Tensor) -> dict[str, int]:
         "tridiagonal": (tri + peak) * item,
         "dense": 3 * n * n * item,  # the matrix, its eigenvectors and a product's workspace
     }
-
-
 
 
 def route_flops(stages, n: int) -> dict[str, float]:
@@ -71,14 +71,20 @@ def route_flops(stages, n: int) -> dict[str, float]:
     product = 0.0
     for d in stages:
         N, a_in, a_out = d.basis_size, d.batch * d.in_size, d.batch * d.out_size
-        riccati += 2.0 * (N * N * a_out + N * a_out * a_out + N ** 3 / 6 + N * N * a_in
-                          + N * a_in * a_in + a_in * a_out * (a_in + a_out))
+        riccati += 2.0 * (
+            N * N * a_out
+            + N * a_out * a_out
+            + N**3 / 6
+            + N * N * a_in
+            + N * a_in * a_in
+            + a_in * a_out * (a_in + a_out)
+        )
         product += 8.0 * d.batch * (d.num_params + d.in_size * d.out_size)
     L = len(stages)
     chunks = -(-n // DENSE_CHUNK)
     return {
         "riccati": riccati + L * OPERATORS["riccati"] * OPERATOR_FLOPS,
-        "dense": n * product + 6.0 * n ** 3 + chunks * L * OPERATORS["dense"] * OPERATOR_FLOPS,
+        "dense": n * product + 6.0 * n**3 + chunks * L * OPERATORS["dense"] * OPERATOR_FLOPS,
         "_output_overhead": L * OPERATORS["output"] * OPERATOR_FLOPS,
     }
 
@@ -109,5 +115,6 @@ def check_budget(required: int, device: torch.device, max_memory: int | None, wh
             f"{what} needs about {required / 2**30:.2f} GiB but the budget ({source}) is "
             f"{budget / 2**30:.2f} GiB; use fewer samples per factorization, float32, a "
             "narrower model, or pass max_memory= to override",
-            required, budget,
+            required,
+            budget,
         )

@@ -10,8 +10,13 @@ diagonal and its blocks, spectrum tools, and the factorizations of ``C + damping
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
 import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from hessinv.curvature import routes
@@ -32,6 +37,7 @@ from hessinv.network.checks import check_loss_fn, check_oracle, finite
 from hessinv.network.data import resolve_batch
 from hessinv.network.snapshot import read_chain
 from hessinv.settings import DENSE_CHUNK
+from hessinv.vectors import ParameterVector
 
 __all__ = ["CurvatureOperator"]
 
@@ -47,13 +53,31 @@ class CurvatureOperator:
     #: the routes ``method="auto"`` chooses from, in order of preference on a tie
     routes: tuple[str, ...] = ("riccati", "dense")
 
-    def __init__(self, model, loss_fn, inputs=None, targets=None, *, data=None, params=None,
-                 oracle: str = "auto", progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        loss_fn: Callable[..., torch.Tensor],
+        inputs: Any = None,
+        targets: Any = None,
+        *,
+        data: Iterable[Any] | None = None,
+        params: Sequence[str | torch.Tensor] | None = None,
+        oracle: str = "auto",
+        progress: bool = True,
+    ) -> None:
         check_loss_fn(loss_fn)
         check_oracle(oracle)
         inputs, targets = resolve_batch(inputs, targets, data, progress)
-        snap = read_chain(model, loss_fn, inputs, targets, params,
-                          second_order=self.second_order, oracle=oracle, progress=progress)
+        snap = read_chain(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params,
+            second_order=self.second_order,
+            oracle=oracle,
+            progress=progress,
+        )
         self.chain, self.inputs, self.targets = snap.chain, snap.inputs, snap.targets
         self.layout = snap.layout
         self._derivatives = snap.derivatives
@@ -68,7 +92,8 @@ class CurvatureOperator:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        """Parameter names in the model's ``named_parameters()`` order (the order of ``dense()``)."""
+        """Parameter names in the model's ``named_parameters()`` order (the order of
+        ``dense()``)."""
         return self.layout.names
 
     @property
@@ -107,13 +132,14 @@ class CurvatureOperator:
         return torch.cat(self._derivatives.gradient)
 
     # ------------------------------------------------------------------ products
-    def matvec(self, v):
-        """``H v`` (section 3); ``v`` flat ``(n,)``/``(n, k)``, a dict or a list (same kind back)."""
+    def matvec(self, v: ParameterVector) -> Any:
+        """``H v`` (section 3); ``v`` flat ``(n,)``/``(n, k)``, a dict or a list (same kind
+        back)."""
         blocks, kind = self.layout.to_blocks(v, "v")
         out = hessian_vector_product(self.stage_derivatives(), self.loss_hessian_blocks(), blocks)
         return self.layout.from_blocks(out, kind)
 
-    def __matmul__(self, v):
+    def __matmul__(self, v: ParameterVector) -> Any:
         return self.matvec(v)
 
     def flat_matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -129,8 +155,12 @@ class CurvatureOperator:
         (and one chunk of products) would not fit in the device's free memory."""
         n = self.num_params
         item = self.layout.dtype.itemsize
-        check_budget(n * n * item + 2 * n * min(chunk, n) * item, self.device, None,
-                     f"dense() of the {n} x {n} matrix {self.symbol}")
+        check_budget(
+            n * n * item + 2 * n * min(chunk, n) * item,
+            self.device,
+            None,
+            f"dense() of the {n} x {n} matrix {self.symbol}",
+        )
         cols = []
         for start in range(0, n, chunk):
             eye = torch.zeros(n, min(chunk, n - start), dtype=self.dtype, device=self.device)
@@ -138,11 +168,11 @@ class CurvatureOperator:
             cols.append(self.matvec(eye))
         return torch.cat(cols, dim=1)
 
-    def to_scipy(self):
-        """A symmetric ``scipy.sparse.linalg.LinearOperator`` (for ``eigsh``, ``cg``, ``minres``)."""
-        from scipy.sparse.linalg import LinearOperator
+    def to_scipy(self) -> LinearOperator:
+        """A symmetric ``scipy.sparse.linalg.LinearOperator`` (for ``eigsh``, ``cg``,
+        ``minres``)."""
 
-        def apply(x):
+        def apply(x: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(np.asarray(x), dtype=self.dtype).to(self.device)
             out = self.matvec(t.reshape(self.num_params, -1))
             return out.detach().cpu().numpy().reshape(np.shape(x))
@@ -161,9 +191,13 @@ class CurvatureOperator:
 
     def trace(self) -> torch.Tensor:
         """The exact trace (the sum of the diagonal), 0-d."""
-        return torch.cat(hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks())).sum()
+        return torch.cat(
+            hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks())
+        ).sum()
 
-    def diagonal_blocks(self, stages=None, max_memory: int | None = None) -> list[torch.Tensor]:
+    def diagonal_blocks(
+        self, stages: Iterable[int] | None = None, max_memory: int | None = None
+    ) -> list[torch.Tensor]:
         """Dense diagonal blocks ``H_ll`` ``(p_l, p_l)`` of the stages ``stages`` (default: all).
 
         A block is ``p_l^2`` numbers: for a wide ``Linear`` stage (``p_l = h_out (h_in+1)``)
@@ -173,7 +207,9 @@ class CurvatureOperator:
         which = range(len(self.stage_sizes)) if stages is None else list(stages)
         for l in which:
             if not (isinstance(l, int) and 0 <= l < len(self.stage_sizes)):
-                raise ValueError(f"stage indices must be in 0..{len(self.stage_sizes) - 1}, got {l!r}")
+                raise ValueError(
+                    f"stage indices must be in 0..{len(self.stage_sizes) - 1}, got {l!r}"
+                )
         need = sum(self.stage_sizes[l] ** 2 for l in which) * self.layout.dtype.itemsize
         check_budget(need, self.device, max_memory, "diagonal_blocks()")
         return diagonal_blocks(self.stage_derivatives(), self.loss_hessian_blocks(), which)
@@ -196,8 +232,13 @@ class CurvatureOperator:
         what ``method="auto"`` compares."""
         return routes.cost_per_route(self)
 
-    def factorize(self, damping: float = 0.0, method: str = "auto",
-                  max_memory: int | None = None, progress: bool | None = None) -> Factorization:
+    def factorize(
+        self,
+        damping: float = 0.0,
+        method: str = "auto",
+        max_memory: int | None = None,
+        progress: bool | None = None,
+    ) -> Factorization:
         """Factor ``C + damping I`` once; see :mod:`hessinv.curvature.factorization` for the
         contract.
 
@@ -215,17 +256,25 @@ class CurvatureOperator:
             MemoryBudgetError: the factorization would not fit (for ``"auto"``: no route
                 fits; the message lists what each needs).
         """
-        return routes.factorize(self, damping, method, max_memory,
-                                self.progress if progress is None else progress)
+        return routes.factorize(
+            self, damping, method, max_memory, self.progress if progress is None else progress
+        )
 
-    def solve(self, g, damping: float = 0.0, method: str = "auto", refine="auto"):
+    def solve(
+        self,
+        g: ParameterVector,
+        damping: float = 0.0,
+        method: str = "auto",
+        refine: str | int = "auto",
+    ) -> Any:
         """``(C + damping I)^-1 g``, exactly; ``g`` of any kind :meth:`matvec` takes
         (``(n, k)`` blocks in one pass)."""
         return self.factorize(damping, method).solve(g, refine=refine)
 
     # ------------------------------------------------------------------ spectrum
     def spectrum_estimate(self, steps: int = 12) -> tuple[float, float]:
-        """Lanczos estimates ``(theta_min, theta_max)`` (cached): inside ``[lambda_min, lambda_max]``."""
+        """Lanczos estimates ``(theta_min, theta_max)`` (cached): inside ``[lambda_min,
+        lambda_max]``."""
         if self._spectrum is None:
             theta, _ = lanczos(self.flat_matvec, self.num_params, steps, self.dtype, self.device)
             self._spectrum = (float(theta[0]), float(theta[-1]))

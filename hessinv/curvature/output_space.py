@@ -80,8 +80,6 @@ def stage_diag_quadratic(d: StageDerivatives, M: torch.Tensor, X: torch.Tensor) 
     return ((X @ rows) * rows).sum(0)
 
 
-
-
 @stage_diag_quadratic.register
 def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """Entry ``(o, m)`` of the stage's ``(h_out, m)`` parameter matrix:
@@ -96,7 +94,7 @@ def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     chunk = max(1, min(h, DIAGONAL_CHUNK_BYTES // max(per_unit, 1)))
     out = []
     for start in range(0, h, chunk):
-        Dc = D[:, start:start + chunk]  # (B, oc, r)
+        Dc = D[:, start : start + chunk]  # (B, oc, r)
         Y = torch.einsum("icjd,jod->icjo", X4, Dc)
         T = torch.einsum("ioc,icjo->oij", Dc, Y)  # (oc, B, B)
         out.append(torch.einsum("oij,jm,im->om", T, Zt, Zt))
@@ -117,8 +115,9 @@ class OutputSpace:
     ``F^T F = S`` to rounding (False for a generic loss's clamped factor).
     """
 
-    def __init__(self, stages: Sequence[StageDerivatives], factor: torch.Tensor,
-                 exact: bool = True):
+    def __init__(
+        self, stages: Sequence[StageDerivatives], factor: torch.Tensor, exact: bool = True
+    ):
         self.stages = tuple(stages)
         self.factor = factor
         #: ``F^T F = S`` to rounding (a closed-form loss factor, section 2.1)
@@ -219,6 +218,8 @@ class OutputSpace:
         (for a generic stage) its dense rows."""
         B, r, item = self.batch, self.rank_rows, self.factor.element_size()
         widest = max(max(d.in_size, d.out_size) for d in self.stages)
-        dense = max((B * r * d.num_params for d in self.stages
-                     if not isinstance(d, LinearDerivatives)), default=0)
+        dense = max(
+            (B * r * d.num_params for d in self.stages if not isinstance(d, LinearDerivatives)),
+            default=0,
+        )
         return (4 * (B * r) ** 2 + 2 * B * widest * r + dense) * item

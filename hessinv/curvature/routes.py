@@ -61,11 +61,16 @@ def choose(curvature, damping: float, method: str, max_memory: int | None) -> st
         if method not in est:
             raise ValueError(
                 f"method={method!r} is not available for {type(curvature).__name__}"
-                + (" (the loss Hessian blocks are indefinite, so G has no output-space "
-                   "factor)" if method == "output" and curvature.symbol == "G" else "")
-                + f"; available: {sorted(k for k in est if k != 'derivatives')}")
-        check_budget(est[method], curvature.device, max_memory,
-                     f"the {method} factorization of {name}")
+                + (
+                    " (the loss Hessian blocks are indefinite, so G has no output-space factor)"
+                    if method == "output" and curvature.symbol == "G"
+                    else ""
+                )
+                + f"; available: {sorted(k for k in est if k != 'derivatives')}"
+            )
+        check_budget(
+            est[method], curvature.device, max_memory, f"the {method} factorization of {name}"
+        )
         return method
     candidates = [r for r in curvature.routes if r in est]
     if damping == 0 and "output" in candidates and len(candidates) > 1:
@@ -79,7 +84,9 @@ def choose(curvature, damping: float, method: str, max_memory: int | None) -> st
             f"no route to factor {name} fits the budget ({source}: {budget / 2**30:.2f} "
             f"GiB); each needs about {needs}. Use fewer samples per factorization, float32, "
             "a narrower model, or pass max_memory= to override",
-            min(est[r] for r in candidates), budget)
+            min(est[r] for r in candidates),
+            budget,
+        )
     costs = cost_per_route(curvature)
     return min(fitting, key=lambda r: (costs[r], candidates.index(r)))
 

@@ -31,8 +31,15 @@ from hessinv.settings import (
     RUN_LENGTH,
 )
 
-__all__ = ["Solver", "RiccatiSolver", "TridiagonalSolver", "OutputSpaceSolver", "DenseSolver",
-           "matrix_name", "flat"]
+__all__ = [
+    "Solver",
+    "RiccatiSolver",
+    "TridiagonalSolver",
+    "OutputSpaceSolver",
+    "DenseSolver",
+    "matrix_name",
+    "flat",
+]
 
 
 def matrix_name(curvature, damping: float) -> str:
@@ -50,9 +57,13 @@ def flat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     ptr = first.untyped_storage().data_ptr()
     k = first.shape[1]
     for b in blocks:
-        if (b.untyped_storage().data_ptr() != ptr or b.storage_offset() != offset
-                or b.shape[1] != k or (b.shape[0] > 1 and b.stride() != step)
-                or (b.shape[0] == 1 and k > 1 and b.stride(1) != step[1])):
+        if (
+            b.untyped_storage().data_ptr() != ptr
+            or b.storage_offset() != offset
+            or b.shape[1] != k
+            or (b.shape[0] > 1 and b.stride() != step)
+            or (b.shape[0] == 1 and k > 1 and b.stride(1) != step[1])
+        ):
             return torch.cat(list(blocks))
         offset += b.shape[0] * step[0]
     n = sum(b.shape[0] for b in blocks)
@@ -81,13 +92,15 @@ class Solver(ABC):
     def inertia(self) -> tuple[int, int, int]:
         """``(n_positive, n_negative, n_zero)`` of ``C + eps I``."""
         raise NotImplementedError(
-            f"the {self.method} route gives no inertia; use method='riccati' or 'dense'")
+            f"the {self.method} route gives no inertia; use method='riccati' or 'dense'"
+        )
 
     def inverse_diagonal(self) -> list[torch.Tensor]:
         """``diag((C + eps I)^-1)`` per stage, ``(p_l,)``."""
         raise NotImplementedError(
             f"the {self.method} route gives no inverse diagonal (its factors are not the "
-            "inverse's); use method='output' (Gauss-Newton matrix) or 'dense' (small n)")
+            "inverse's); use method='output' (Gauss-Newton matrix) or 'dense' (small n)"
+        )
 
     def harden(self) -> Solver | None:
         return None
@@ -126,13 +139,18 @@ class RiccatiSolver(Solver):
         self.hard = hard
         S = curvature.loss_hessian_blocks()
         if hard:
-            self.factors = riccati_factorize(self._stages, S, damping, tau=HARD_TAU,
-                                             force_eigen=True, progress=progress)
+            self.factors = riccati_factorize(
+                self._stages, S, damping, tau=HARD_TAU, force_eigen=True, progress=progress
+            )
         else:
-            self.factors = riccati_factorize(self._stages, S, damping,
-                                             check_every=_run_length(curvature, damping),
-                                             speculative=curvature.device.type == "cuda",
-                                             progress=progress)
+            self.factors = riccati_factorize(
+                self._stages,
+                S,
+                damping,
+                check_every=_run_length(curvature, damping),
+                speculative=curvature.device.type == "cuda",
+                progress=progress,
+            )
         delayed = self.factors.n_delayed
         self.method = "riccati" + (f", {delayed} delayed pivots" if delayed else "")
 
@@ -166,7 +184,9 @@ class TridiagonalSolver(Solver):
         except BlockSingular as err:
             raise SingularMatrixError(
                 f"{matrix_name(curvature, damping)} is singular to working precision (the "
-                f"augmented block-tridiagonal system has a zero pivot: {err})", damping) from err
+                f"augmented block-tridiagonal system has a zero pivot: {err})",
+                damping,
+            ) from err
 
     def solve(self, blocks):
         return self._solver.solve(blocks)
@@ -202,9 +222,13 @@ class OutputSpaceSolver(Solver):
         if damping == 0:
             raise SingularMatrixError(
                 f"{matrix_name(curvature, damping)} is singular: G = U^T U has rank at most "
-                f"B r = {rows} < n = {n}" if rows < n else
-                f"{matrix_name(curvature, damping)}: damping 0 needs the Riccati or dense route",
-                damping, nullity=max(n - rows, 0) or None)
+                f"B r = {rows} < n = {n}"
+                if rows < n
+                else f"{matrix_name(curvature, damping)}: damping 0 needs the Riccati or dense "
+                "route",
+                damping,
+                nullity=max(n - rows, 0) or None,
+            )
         A = space.gram()
         self._chol = None
         #: True when the factors are the space's kept eigendecomposition (no new work)
@@ -219,12 +243,14 @@ class OutputSpaceSolver(Solver):
             e, Q = space.eigh()
             shifted = e + damping
             tol = _tolerance(e, rows) + abs(damping) * rows * torch.finfo(e.dtype).eps
-            close = (shifted.abs() <= tol)
+            close = shifted.abs() <= tol
             if bool(close.any()):
                 raise SingularMatrixError(
                     f"{matrix_name(curvature, damping)} is singular to working precision: "
                     f"{int(close.sum())} eigenvalue(s) of G within {tol:.1e} of {-damping:g}",
-                    damping, nullity=int(close.sum()))
+                    damping,
+                    nullity=int(close.sum()),
+                )
             self._e, self._Q = e, Q
 
     # ---------------------------------------------------------------- K^-1
@@ -286,17 +312,26 @@ class OutputSpaceSolver(Solver):
         A = self.space.gram()
         top = float(A.diagonal().sum()) if A.numel() else 0.0  # >= ||U U^T||
         cond = (top + abs(self.damping)) / abs(self.damping)
-        ratio = float((flat / (1 - flat).clamp_min(torch.finfo(dtype).tiny)).abs().max()) \
-            if flat.numel() else 0.0
+        ratio = (
+            float((flat / (1 - flat).clamp_min(torch.finfo(dtype).tiny)).abs().max())
+            if flat.numel()
+            else 0.0
+        )
         estimate = torch.finfo(dtype).eps * cond * max(ratio, 1.0)
-        limit = (INVERSE_DIAGONAL_WARN_FLOAT64 if dtype == torch.float64
-                 else INVERSE_DIAGONAL_WARN_FLOAT32)
+        limit = (
+            INVERSE_DIAGONAL_WARN_FLOAT64
+            if dtype == torch.float64
+            else INVERSE_DIAGONAL_WARN_FLOAT32
+        )
         if estimate > limit:
             warnings.warn(
                 f"inverse_diagonal of {matrix_name(self._curvature, self.damping)}: the "
                 f"output-space formula may lose accuracy (relative error up to about "
                 f"{estimate:.0e}: damping small against ||G|| ~ {top:.1e}); method='dense' is "
-                "more accurate for small n", AccuracyWarning, stacklevel=3)
+                "more accurate for small n",
+                AccuracyWarning,
+                stacklevel=3,
+            )
         return [(1 - ql) / self.damping for ql in q]
 
     def certified_error(self):
@@ -341,7 +376,9 @@ class DenseSolver(Solver):
             raise SingularMatrixError(
                 f"{matrix_name(curvature, damping)} is singular to working precision: "
                 f"{int(close.sum())} eigenvalue(s) within {tol:.1e} of zero",
-                damping, nullity=int(close.sum()))
+                damping,
+                nullity=int(close.sum()),
+            )
         self._e, self._V = e, V
 
     def solve(self, blocks):

@@ -79,8 +79,9 @@ def smallest_eigenvalue(curvature, rel_tol: float = 1e-3, steps: int = 60) -> Ei
     down by doubling and closed by bisection on the inertia.
     """
     n = curvature.num_params
-    theta_all, res_all = lanczos(curvature.flat_matvec, n, steps, curvature.dtype,
-                                 curvature.device, seed=1)
+    theta_all, res_all = lanczos(
+        curvature.flat_matvec, n, steps, curvature.dtype, curvature.device, seed=1
+    )
     theta, r = float(theta_all[0]), float(res_all[0])
     spread = max(float(theta_all[-1] - theta_all[0]), abs(theta), 1e-300)
     width = max(r, rel_tol * max(abs(theta), 1e-12 * spread))

@@ -1,4 +1,5 @@
-"""Per-stage derivatives, one class per layer family, behind one interface (docs/algorithm.md section 2).
+"""Per-stage derivatives, one class per layer family, behind one interface (docs/algorithm.md
+section 2).
 
 Pure per-stage tensor mathematics; nothing here knows about networks or chains.
 

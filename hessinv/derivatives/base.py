@@ -44,8 +44,15 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StageDerivatives", "DenseStage", "Complement", "FrontTerms", "block_diagonal",
-           "by_class", "Hooks"]
+__all__ = [
+    "StageDerivatives",
+    "DenseStage",
+    "Complement",
+    "FrontTerms",
+    "block_diagonal",
+    "by_class",
+    "Hooks",
+]
 
 
 class FrontTerms(NamedTuple):
@@ -62,7 +69,7 @@ class FrontTerms(NamedTuple):
     def stored_bytes(d: StageDerivatives) -> int:
         """Their size for stage ``d`` (to bound how many stages are made at once)."""
         N, a_in = d.basis_size, d.batch * d.in_size
-        return (N * N + N * a_in + d.batch * d.in_size ** 2) * d.dtype.itemsize
+        return (N * N + N * a_in + d.batch * d.in_size**2) * d.dtype.itemsize
 
 
 class DenseStage(NamedTuple):
@@ -89,8 +96,9 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     return out.reshape(B * h, B * w)
 
 
-def by_class(stages: Sequence[StageDerivatives], batched: Callable[[type], Callable],
-             *columns) -> list:
+def by_class(
+    stages: Sequence[StageDerivatives], batched: Callable[[type], Callable], *columns
+) -> list:
     """``batched(cls)(stages of that class, *columns)`` for each derivative class among the
     ``stages`` (an algorithm's hooks for that class: it may batch its stages), with the
     per-stage arguments (the list ``columns``; other arguments are passed as they are)
@@ -246,7 +254,8 @@ class StageDerivatives(ABC):
 
     # ------------------------------------------------------------ curvature (section 6)
     def propagate_curvature(self, R: torch.Tensor) -> torch.Tensor:
-        """``Dzz + Dz^T R Dz`` per sample, for per-sample curvature blocks ``R`` ``(B, h_out, h_out)``."""
+        """``Dzz + Dz^T R Dz`` per sample, for per-sample curvature blocks ``R`` ``(B, h_out,
+        h_out)``."""
         h_in = self.in_size
         probe = self._eye_columns(h_in, (1, h_in)).expand(self.batch, h_in, h_in)
         JR = self.Dz_T(R @ self.Dz(probe))
@@ -333,7 +342,10 @@ class StageDerivatives(ABC):
     def stored_bytes(self) -> int:
         """Bytes held by this object's tensors (for memory estimates); two views of the same
         memory (``W`` and the ``W.T`` kept for the sweeps) are counted once."""
-        regions = {(v.untyped_storage().data_ptr(), v.storage_offset(), v.numel()):
-                   v.numel() * v.element_size()
-                   for v in vars(self).values() if isinstance(v, torch.Tensor)}
+        regions = {
+            (v.untyped_storage().data_ptr(), v.storage_offset(), v.numel()): v.numel()
+            * v.element_size()
+            for v in vars(self).values()
+            if isinstance(v, torch.Tensor)
+        }
         return sum(regions.values())

@@ -1,4 +1,5 @@
-"""Any stage that acts on each sample independently, through ``torch.func`` (docs/algorithm.md section 2).
+"""Any stage that acts on each sample independently, through ``torch.func`` (docs/algorithm.md
+section 2).
 
 Convolutions, residual blocks, normalisation layers in eval mode, custom modules: the
 five derivatives are formed densely per sample with ``jacrev``/``jacfwd`` under ``vmap``

@@ -1,4 +1,5 @@
-"""Loss heads: the loss as a sum of per-sample terms of the model outputs (docs/algorithm.md section 2).
+"""Loss heads: the loss as a sum of per-sample terms of the model outputs (docs/algorithm.md
+section 2).
 
 The loss ``L(o)`` of the model outputs ``o`` (``(B, K)`` flattened per sample) must be a
 sum of per-sample terms, so its Hessian in ``o`` is block-diagonal: ``K x K`` blocks
@@ -98,8 +99,11 @@ def log_softmax(o: torch.Tensor) -> torch.Tensor:
 
 
 def _class_targets(targets, o: torch.Tensor) -> bool:
-    return (isinstance(targets, torch.Tensor) and targets.dtype == torch.long
-            and targets.shape == o.shape[:1])
+    return (
+        isinstance(targets, torch.Tensor)
+        and targets.dtype == torch.long
+        and targets.shape == o.shape[:1]
+    )
 
 
 def _cross_entropy(loss_fn: nn.CrossEntropyLoss, o: torch.Tensor, targets) -> LossHead | None:
@@ -129,8 +133,9 @@ def _cross_entropy(loss_fn: nn.CrossEntropyLoss, o: torch.Tensor, targets) -> Lo
             a = a + keep.to(o.dtype)[:, None] * smooth
         total = wy.sum() if loss_fn.reduction == "mean" else o.new_ones(())
         # NaN when every target is ignored, as torch gives
-    elif (isinstance(targets, torch.Tensor) and targets.shape == o.shape
-          and targets.dtype == o.dtype):
+    elif (
+        isinstance(targets, torch.Tensor) and targets.shape == o.shape and targets.dtype == o.dtype
+    ):
         q = (1 - s) * targets + s / K if s else targets
         a = q if w is None else q * w
         total = o.new_full((), float(B)) if loss_fn.reduction == "mean" else o.new_ones(())
@@ -163,8 +168,13 @@ def _bce_with_logits(loss_fn: nn.BCEWithLogitsLoss, o: torch.Tensor, targets) ->
     total (``numel`` for the mean): gradient ``w (-pw y sigmoid(-o) + (1 - y) sigmoid(o))``,
     diagonal blocks ``w (pw y + 1 - y) sigmoid(o) sigmoid(-o)``; ``sigmoid(-o)`` is ``1 -
     sigmoid(o)`` without the cancellation."""
-    if not (loss_fn.reduction in ("mean", "sum") and isinstance(targets, torch.Tensor)
-            and targets.shape == o.shape and targets.dtype == o.dtype and o.dim() >= 1):
+    if not (
+        loss_fn.reduction in ("mean", "sum")
+        and isinstance(targets, torch.Tensor)
+        and targets.shape == o.shape
+        and targets.dtype == o.dtype
+        and o.dim() >= 1
+    ):
         return None
     B = o.shape[0]
     w = o.new_ones(()) if loss_fn.weight is None else loss_fn.weight.to(o.dtype)
@@ -193,8 +203,13 @@ def _mse(loss_fn: nn.MSELoss, o: torch.Tensor, targets) -> LossHead | None:
     r = (o - targets).reshape(B, -1)
     K = r.shape[1]
     eye = torch.eye(K, dtype=o.dtype, device=o.device).expand(B, K, K)
-    return LossHead((r * r).sum() * scale, 2 * scale * r, (2 * scale) * eye.clone(),
-                    (2 * scale) ** 0.5 * eye.clone(), True)
+    return LossHead(
+        (r * r).sum() * scale,
+        2 * scale * r,
+        (2 * scale) * eye.clone(),
+        (2 * scale) ** 0.5 * eye.clone(),
+        True,
+    )
 
 
 _CLOSED_FORMS = {
@@ -226,8 +241,9 @@ def fold_output_activation(modules: tuple[nn.Module, ...], loss_fn) -> tuple[int
         return 0, loss_fn
     last = modules[-1]
     if type(loss_fn) is nn.NLLLoss and type(last) is nn.LogSoftmax and last.dim in (1, -1):
-        same = nn.CrossEntropyLoss(weight=loss_fn.weight, ignore_index=loss_fn.ignore_index,
-                                   reduction=loss_fn.reduction)
+        same = nn.CrossEntropyLoss(
+            weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction=loss_fn.reduction
+        )
         return 1, FoldedLoss(last, loss_fn, same)
     if type(loss_fn) is nn.BCELoss and type(last) is nn.Sigmoid:
         same = nn.BCEWithLogitsLoss(weight=loss_fn.weight, reduction=loss_fn.reduction)

@@ -25,8 +25,7 @@ import torch
 
 from hessinv.derivatives import Complement, StageDerivatives
 
-__all__ = ["Elimination", "NoComplement", "ClosedComplement", "SplitComplement",
-           "eliminations"]
+__all__ = ["Elimination", "NoComplement", "ClosedComplement", "SplitComplement", "eliminations"]
 
 
 class Elimination:
@@ -116,8 +115,9 @@ class SplitComplement(Elimination):
         return v
 
 
-def eliminations(stages: Sequence[StageDerivatives], damping: float, tau: float
-                 ) -> list[Elimination]:
+def eliminations(
+    stages: Sequence[StageDerivatives], damping: float, tau: float
+) -> list[Elimination]:
     """The :class:`Elimination` of every stage; the coupling norms that decide between
     closed and split are read from the device in one transfer (docs/algorithm.md section 13)."""
     comps = [d.complement for d in stages]

@@ -1,4 +1,5 @@
-"""Eliminating one stage's *front*: threshold pivoting with delayed pivots (docs/algorithm.md section 10).
+"""Eliminating one stage's *front*: threshold pivoting with delayed pivots (docs/algorithm.md
+section 10).
 
 At stage ``l`` the stage-wise factorization (section 5) holds a symmetric *front*
 
@@ -17,7 +18,8 @@ The fronts share one interface (``half``, ``finish``, ``add_update_T``, ``W``,
 ``rejected``, ``combine``, ``next_state``, ``inertia``, ``sign``, ``logabsdet``):
 
 * :class:`CholeskyFront` and :class:`LDLFront` (Bunch-Kaufman, when ``G`` is indefinite),
-  both :class:`DirectFront`: the whole control block eliminated. Accepted when the element growth of the update is bounded,
+  both :class:`DirectFront`: the whole control block eliminated. Accepted when the element growth
+  of the update is bounded,
   ``max |F^T G^-1 F| <= max(|Q|, |F|, |G|) / tau`` (always at the root, where there is no
   state).
 * :class:`EigenFront` -- ``G = U diag(lambda) U^T``; direction ``q`` is eliminated when
@@ -39,9 +41,18 @@ import torch
 from hessinv.errors import SingularMatrixError
 from hessinv.linalg.ldlt import bunch_kaufman
 
-__all__ = ["Front", "DirectFront", "CholeskyFront", "LDLFront", "EigenFront", "factor_front", "cholesky_front", "symmetrize_",
-           "symmetric_product", "sign_logabsdet"]
-
+__all__ = [
+    "Front",
+    "DirectFront",
+    "CholeskyFront",
+    "LDLFront",
+    "EigenFront",
+    "factor_front",
+    "cholesky_front",
+    "symmetrize_",
+    "symmetric_product",
+    "sign_logabsdet",
+]
 
 
 def symmetrize_(M: torch.Tensor) -> torch.Tensor:
@@ -219,7 +230,8 @@ class LDLFront(DirectFront):
 
 
 class EigenFront:
-    """``G = U diag(lambda) U^T`` with threshold pivoting: accepted directions eliminated, others delayed."""
+    """``G = U diag(lambda) U^T`` with threshold pivoting: accepted directions eliminated, others
+    delayed."""
 
     def __init__(self, lam, U, F, accept):
         self.n = lam.shape[0]
@@ -261,8 +273,9 @@ class EigenFront:
         top = Q - self._UF_a.T @ (self._UF_a / self.lam_a[:, None])
         top = symmetrize_(top)
         return torch.cat(
-            [torch.cat([top, self._UF_r.T], 1),
-             torch.cat([self._UF_r, torch.diag(self.lam_r)], 1)], 0)
+            [torch.cat([top, self._UF_r.T], 1), torch.cat([self._UF_r, torch.diag(self.lam_r)], 1)],
+            0,
+        )
 
 
 def _singular(stage: int, damping: float, detail: str) -> SingularMatrixError:
@@ -341,14 +354,24 @@ def cholesky_front(G, F, Q, tau: float) -> tuple[DirectFront, torch.Tensor]:
     When the tests pass, the front is the one :func:`factor_front` returns, computed by the
     same operations. When they fail it is meaningless (NaN after a failed Cholesky)."""
     if G.shape[0] == 0:
-        return CholeskyFront(F, G.new_zeros(0, 0)), torch.ones((), dtype=torch.bool,
-                                                                      device=G.device)
+        return CholeskyFront(F, G.new_zeros(0, 0)), torch.ones(
+            (), dtype=torch.bool, device=G.device
+        )
     front, (pivot_ok, growth_ok) = _cholesky_in_full(G, F, Q, tau, no_state=False)
     return front, pivot_ok & growth_ok
 
 
-def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, force_eigen=False,
-                 speculative: bool = False):
+def factor_front(
+    G,
+    F,
+    Q,
+    tau: float,
+    root: bool,
+    stage: int,
+    damping: float,
+    force_eigen=False,
+    speculative: bool = False,
+):
     """Factor the control block ``G`` (``(n, n)``, symmetric: only its lower triangle is read)
     of a front with coupling ``F`` (``(n, a)``).
 
@@ -392,8 +415,12 @@ def factor_front(G, F, Q, tau: float, root: bool, stage: int, damping: float, fo
     tol = _singular_tol(lam.abs().max(), G.dtype)
     if root:
         if bool((lam.abs() <= tol).any()):
-            raise _singular(stage, damping, f"a pivot {float(lam.abs().min()):.1e} at or below "
-                            f"{float(tol):.1e} in the last front")
+            raise _singular(
+                stage,
+                damping,
+                f"a pivot {float(lam.abs().min()):.1e} at or below "
+                f"{float(tol):.1e} in the last front",
+            )
         return EigenFront(lam, U, F, torch.ones_like(lam, dtype=torch.bool))
     coupling = (U.T @ F).abs().amax(1) if F.shape[1] else lam.new_zeros(n)
     accept = (lam.abs() > tol) & (coupling <= lam.abs() / tau)

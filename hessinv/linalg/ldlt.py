@@ -126,11 +126,13 @@ def bunch_kaufman(G: torch.Tensor) -> BunchKaufman | None:
     slots[one] = np.arange(one.size)
     slots[two] = one.size + np.arange(two.size)
     slots[two + 1] = one.size + two.size + np.arange(two.size)
-    packed = torch.from_numpy(np.concatenate([one, two, two + 1, q, inverse, slots,
-                                              index_T.ravel()]))
+    packed = torch.from_numpy(
+        np.concatenate([one, two, two + 1, q, inverse, slots, index_T.ravel()])
+    )
     packed = packed.to(G.device, non_blocking=True)  # one copy, without waiting for the queue
     one_d, two_d, next_d, q_d, inverse_d, slots_d, index_d = packed.split(
-        [one.size, two.size, two.size, n, n, n, n * n])
+        [one.size, two.size, two.size, n, n, n, n * n]
+    )
     raw = LD.tril_()  # LD is ours: its strict upper triangle is not part of the factor
     e = torch.zeros(n, dtype=G.dtype, device=G.device)
     if two.size:

@@ -14,8 +14,18 @@ __all__ = ["LinearTerms"]
 
 def _key(d, closed: bool) -> tuple:
     coupled = closed and d.complement.coupled_dim > 0
-    return (d.out_size, d.m, d.r, d.weight_selected, d.bias_selected, d.batch, d.in_size,
-            d.Q is not None, closed, coupled)
+    return (
+        d.out_size,
+        d.m,
+        d.r,
+        d.weight_selected,
+        d.bias_selected,
+        d.batch,
+        d.in_size,
+        d.Q is not None,
+        closed,
+        coupled,
+    )
 
 
 def _groups(stages, closed) -> list[list[int]]:
@@ -48,12 +58,16 @@ class LinearTerms(StageTerms):
                     P = M - torch.einsum("gmr,gork->gomk", Qs, A)
                     if d.complement.coupled_dim:
                         gammas = stack([stages[i].gamma for i in idx])  # (G, B, h_out)
-                        coupling_T = torch.einsum("gbo,gomk->gbmk", gammas,
-                                                  P[:, :, :d.n_weight_cols])
+                        coupling_T = torch.einsum(
+                            "gbo,gomk->gbmk", gammas, P[:, :, : d.n_weight_cols]
+                        )
             Y_T_g = A.reshape(G, d.basis_size, k)
             for j, i in enumerate(idx):
-                out[i] = RhsTerms(Y_T_g[j], None if P is None else P[j],
-                                  None if coupling_T is None else coupling_T[j])
+                out[i] = RhsTerms(
+                    Y_T_g[j],
+                    None if P is None else P[j],
+                    None if coupling_T is None else coupling_T[j],
+                )
         return out
 
     @staticmethod

@@ -78,8 +78,14 @@ class RiccatiFactors:
     n_delayed: int  #: total number of delayed pivots (0 when no front needed them)
 
 
-def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int,
-           damping: float, elim: Elimination):
+def _front(
+    d: StageDerivatives,
+    terms: FrontTerms,
+    V: torch.Tensor,
+    n_delay: int,
+    damping: float,
+    elim: Elimination,
+):
     """The front of stage ``d`` (its :class:`FrontTerms` ``terms``, its complement's
     elimination ``elim``): control block ``G``, coupling ``F``, state block ``Q``."""
     B, h_out, N = d.batch, d.out_size, d.basis_size
@@ -96,11 +102,11 @@ def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int
     else:
         G = V.new_zeros(n, n)
         G[:N, :N] = G_aa
-        G[:N, N + n_w:] = G_ad
-        G[N + n_w:, :N] = G_ad.T
-        G[N + n_w:, N + n_w:] = V_dd
+        G[:N, N + n_w :] = G_ad
+        G[N + n_w :, :N] = G_ad.T
+        G[N + n_w :, N + n_w :] = V_dd
         if n_w:
-            G[N:N + n_w, N:N + n_w].diagonal().add_(damping)
+            G[N : N + n_w, N : N + n_w].diagonal().add_(damping)
     if not d.has_input:
         return G, V.new_zeros(n, 0), V.new_zeros(0, 0)
     h_in = d.in_size
@@ -112,8 +118,7 @@ def _front(d: StageDerivatives, terms: FrontTerms, V: torch.Tensor, n_delay: int
     F = torch.cat(parts, dim=0) if len(parts) > 1 else F_a
     Q = QZ.reshape(a_in, a_in)  # Dz^T V Dz, a new tensor: updated in place
     # + Dzz on the diagonal blocks (a view of them, (h_in, h_in, B))
-    torch.diagonal(Q.view(B, h_in, B, h_in), dim1=0, dim2=2).add_(
-        terms.Dzz.permute(1, 2, 0))
+    torch.diagonal(Q.view(B, h_in, B, h_in), dim1=0, dim2=2).add_(terms.Dzz.permute(1, 2, 0))
     elim.update_state(Q)
     # G: only its lower triangle is read (Cholesky, LDL^T and eigh all take that one); Q is
     # symmetrised with the update, in the front's next_state
@@ -127,7 +132,8 @@ def _singular_null_space(d: StageDerivatives, l: int, count: int) -> SingularMat
         f"{d.num_params // max(d.out_size, 1)} dimensions, so H has a null space of "
         f"dimension at least {count} there (docs/algorithm.md section 8); use a "
         "damping that is not an eigenvalue of -H, e.g. damping > 0",
-        0.0, nullity=count,
+        0.0,
+        nullity=count,
     )
 
 
@@ -171,8 +177,9 @@ class _TermsAhead:
                     break
                 chunk.append(chunk[-1] - 1)
                 size += more
-            self.made.update(zip(chunk, by_class([self.stages[i] for i in chunk], _front_terms),
-                                 strict=True))
+            self.made.update(
+                zip(chunk, by_class([self.stages[i] for i in chunk], _front_terms), strict=True)
+            )
         return self.made[l]
 
     def drop(self, l: int) -> None:
@@ -264,8 +271,17 @@ def riccati_factorize(
                 continue
             optimistic, cholesky_run = False, 0
         G, F, Q = _front(stages[l], terms[l], V, n_delay, damping, elims[l])
-        front = factor_front(G, F, Q, tau, root=l == 0, stage=l, damping=damping,
-                             force_eigen=force_eigen, speculative=speculative)
+        front = factor_front(
+            G,
+            F,
+            Q,
+            tau,
+            root=l == 0,
+            stage=l,
+            damping=damping,
+            force_eigen=force_eigen,
+            speculative=speculative,
+        )
         record(l, front, n_delay)
         if runs:
             cholesky_run = cholesky_run + 1 if isinstance(front, CholeskyFront) else 0
@@ -366,9 +382,9 @@ def riccati_solve(
         x = hn[l] if t is None else torch.addmm(hn[l], f.front.W, t.reshape(-1, k), alpha=-1)
         c = f.front.combine(f.front.finish(x), delayed)
         N, n_w = f.n_alpha, f.complement.n_front
-        alpha[l], delayed = c[:N], c[N + n_w:]
+        alpha[l], delayed = c[:N], c[N + n_w :]
         if n_w:
-            split[l] = c[N:N + n_w]
+            split[l] = c[N : N + n_w]
         t_prev[l] = t
         t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
     out = by_class(stages, _controls, closed, alpha, t_prev, terms, eps)

@@ -40,12 +40,19 @@ class StageTerms:
     @staticmethod
     def front_terms(stages: Sequence[StageDerivatives]) -> list[FrontTerms]:
         """:class:`~hessinv.derivatives.FrontTerms` of the stages."""
-        return [FrontTerms(d.Y_T_Dxx_Y(), d.Y_T_Dzx() if d.has_input else None,
-                           d.Dzz_blocks() if d.has_input else None) for d in stages]
+        return [
+            FrontTerms(
+                d.Y_T_Dxx_Y(),
+                d.Y_T_Dzx() if d.has_input else None,
+                d.Dzz_blocks() if d.has_input else None,
+            )
+            for d in stages
+        ]
 
     @staticmethod
-    def rhs_terms(stages: Sequence[StageDerivatives], closed: Sequence[bool],
-                  g: Sequence[torch.Tensor]) -> list[RhsTerms]:
+    def rhs_terms(
+        stages: Sequence[StageDerivatives], closed: Sequence[bool], g: Sequence[torch.Tensor]
+    ) -> list[RhsTerms]:
         """:class:`RhsTerms` of the stages for their blocks ``g[i]`` ``(p_i, k)``;
         ``closed[i]``: stage ``i``'s complement is eliminated in closed form."""
         out = []
@@ -60,9 +67,14 @@ class StageTerms:
         return out
 
     @staticmethod
-    def controls(stages: Sequence[StageDerivatives], closed: Sequence[bool],
-                 alpha: Sequence[torch.Tensor], t_prev: Sequence[torch.Tensor | None],
-                 terms: Sequence[RhsTerms], damping: float) -> list[torch.Tensor]:
+    def controls(
+        stages: Sequence[StageDerivatives],
+        closed: Sequence[bool],
+        alpha: Sequence[torch.Tensor],
+        t_prev: Sequence[torch.Tensor | None],
+        terms: Sequence[RhsTerms],
+        damping: float,
+    ) -> list[torch.Tensor]:
         """The solution blocks ``v_i = Y alpha_i`` ``(p_i, k)``, plus for a closed complement
         ``((I - Y Y^T) g_i - (I - Y Y^T) E t_{i-1}) / damping`` (section 8), from the basis
         coordinates ``alpha[i]`` ``(N_i, k)``, the stage inputs' tangents ``t_prev[i]``

@@ -177,8 +177,14 @@ def _snapshot(module: nn.Module) -> nn.Module:
 
 _ATOMS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 #: methods through which a class may customise its copies
-_COPY_HOOKS = ("__deepcopy__", "__copy__", "__getstate__", "__setstate__", "__reduce_ex__",
-               "__reduce__")
+_COPY_HOOKS = (
+    "__deepcopy__",
+    "__copy__",
+    "__getstate__",
+    "__setstate__",
+    "__reduce_ex__",
+    "__reduce__",
+)
 
 
 def _is_atomic(value) -> bool:
@@ -195,20 +201,29 @@ def _plain_copy(module: nn.Module) -> nn.Module | None:
     ``None`` for any other module, or one that customises how it is copied (it is
     deep-copied)."""
     cls = type(module)
-    if module._modules or any(getattr(cls, name, None) is not getattr(nn.Module, name, None)
-                              for name in _COPY_HOOKS):
+    if module._modules or any(
+        getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _COPY_HOOKS
+    ):
         return None
     state = {}
     for key, value in vars(module).items():
         if key in ("_parameters", "_buffers"):
-            if any(t is not None and type(t) not in (torch.Tensor, nn.Parameter)
-                   for t in value.values()):
+            if any(
+                t is not None and type(t) not in (torch.Tensor, nn.Parameter)
+                for t in value.values()
+            ):
                 return None
             state[key] = type(value)(
-                (name, None if t is None else
-                 nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
-                 if isinstance(t, nn.Parameter) else t.detach().clone())
-                for name, t in value.items())
+                (
+                    name,
+                    None
+                    if t is None
+                    else nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter)
+                    else t.detach().clone(),
+                )
+                for name, t in value.items()
+            )
         elif isinstance(value, dict):
             if not all(callable(v) or _is_atomic(v) for v in value.values()):
                 return None
@@ -283,7 +298,8 @@ def build_chain(model: nn.Module | Sequence[nn.Module], params=None) -> Chain:
         named ``"{i}.{name}"`` as ``nn.Sequential(*modules)`` would name them.
 
     >>> from torch import nn
-    >>> chain = build_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    >>> chain = build_chain(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(),
+    ...                                   nn.Linear(3, 2)))
     >>> [s.param_names for s in chain.stages]
     [('1.weight', '1.bias'), ('3.weight', '3.bias')]
     >>> len(chain.prefix), [len(s.modules) for s in chain.stages]

@@ -9,9 +9,21 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["real", "finite", "positive", "nonnegative", "positive_int", "within",
-           "check_model", "check_loss_fn", "check_oracle", "check_inputs", "check_targets",
-           "check_bytes", "ORACLES"]
+__all__ = [
+    "real",
+    "finite",
+    "positive",
+    "nonnegative",
+    "positive_int",
+    "within",
+    "check_model",
+    "check_loss_fn",
+    "check_oracle",
+    "check_inputs",
+    "check_targets",
+    "check_bytes",
+    "ORACLES",
+]
 
 #: how derivatives are computed: closed forms where they apply, or always ``torch.func``
 ORACLES = ("auto", "generic", "analytic")

@@ -20,8 +20,7 @@ from hessinv.derivatives import (
 )
 from hessinv.network.chain import Stage
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "is_linear_stage", "structured_forwards",
-           "stage_derivatives"]
+__all__ = ["ELEMENTWISE_ACTIVATIONS", "is_linear_stage", "structured_forwards", "stage_derivatives"]
 
 #: activation modules the structured ``Linear`` path treats as elementwise.
 ELEMENTWISE_ACTIVATIONS = (
@@ -54,8 +53,9 @@ def _linear_input(stage: Stage, x: torch.Tensor, z: torch.Tensor) -> LinearInput
     params = stage.split_params(x)
     weight = params.get("weight", lin.weight.detach())
     bias = params.get("bias", None if lin.bias is None else lin.bias.detach())
-    return LinearInput(weight, bias, tuple(stage.modules[1:]), z, "weight" in params,
-                       "bias" in params)
+    return LinearInput(
+        weight, bias, tuple(stage.modules[1:]), z, "weight" in params, "bias" in params
+    )
 
 
 def structured_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, LinearForward]:
@@ -64,9 +64,11 @@ def structured_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, L
     :func:`stage_derivatives` as ``forward``."""
     if oracle == "generic":
         return {}
-    items = {l: _linear_input(stage, x, zs[l])
-             for l, (stage, x) in enumerate(zip(stages, params, strict=True))
-             if is_linear_stage(stage, zs[l])}
+    items = {
+        l: _linear_input(stage, x, zs[l])
+        for l, (stage, x) in enumerate(zip(stages, params, strict=True))
+        if is_linear_stage(stage, zs[l])
+    }
     return dict(zip(items, linear_forwards(list(items.values())), strict=True))
 
 
@@ -97,6 +99,7 @@ def stage_derivatives(
     if structured:
         if forward is None:
             forward = linear_forwards([_linear_input(stage, x, z)])[0]
-        return LinearDerivatives.from_forward(forward, b, has_input=has_input,
-                                              second_order=second_order)
+        return LinearDerivatives.from_forward(
+            forward, b, has_input=has_input, second_order=second_order
+        )
     return GenericDerivatives(stage.apply, x, z, b, has_input=has_input, second_order=second_order)

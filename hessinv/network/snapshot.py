@@ -68,8 +68,9 @@ def gc_paused():
             gc.enable()
 
 
-def read_chain(model, loss_fn, inputs, targets, params, *, second_order: bool, oracle: str,
-               progress: bool) -> ChainSnapshot:
+def read_chain(
+    model, loss_fn, inputs, targets, params, *, second_order: bool, oracle: str, progress: bool
+) -> ChainSnapshot:
     """Split ``model`` into stages, check and copy the batch, run the derivative sweep."""
     with gc_paused():
         chain, head_loss = fold_head(build_chain(model, params), loss_fn)
@@ -90,7 +91,14 @@ def read_chain(model, loss_fn, inputs, targets, params, *, second_order: bool, o
             dtype=dtype,
             device=device,
         )
-        derivatives = compute_derivatives(chain, list(parts), inputs, head_loss, targets,
-                                          second_order=second_order, oracle=oracle,
-                                          progress=progress)
+        derivatives = compute_derivatives(
+            chain,
+            list(parts),
+            inputs,
+            head_loss,
+            targets,
+            second_order=second_order,
+            oracle=oracle,
+            progress=progress,
+        )
     return ChainSnapshot(chain, parts, inputs, targets, layout, derivatives)

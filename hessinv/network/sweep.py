@@ -61,15 +61,18 @@ def _copy(z):
 
 def _equal(z, probe) -> bool:
     """Whether ``probe`` (a copy of ``z`` a stage was applied to) still equals ``z``."""
-    same = tree_map(lambda a, b: bool(torch.equal(a, b)) if isinstance(a, torch.Tensor) else True,
-                    z, probe)
+    same = tree_map(
+        lambda a, b: bool(torch.equal(a, b)) if isinstance(a, torch.Tensor) else True, z, probe
+    )
     return all(tree_flatten(same)[0])
 
 
 def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> None:
     """Raise ``ValueError`` if the stage's batch output differs from its per-sample outputs."""
     try:
-        single = vmap(lambda zi: stage.apply(x, tree_map(lambda t: t.unsqueeze(0), zi)).squeeze(0))(z)
+        single = vmap(lambda zi: stage.apply(x, tree_map(lambda t: t.unsqueeze(0), zi)).squeeze(0))(
+            z
+        )
     except Exception as err:  # torch.func refuses some operations (in-place on inputs, .item())
         raise ValueError(
             f"stage {stage.index} ({', '.join(stage.param_names)}) cannot be differentiated one "
@@ -124,7 +127,8 @@ def compute_derivatives(
             if not structured and not _equal(z, probe):
                 raise ValueError(
                     f"stage {stage.index} ({', '.join(stage.param_names)}) modifies its input in "
-                    "place (e.g. z.add_(...)); the chain's derivatives need stages that leave their "
+                    "place (e.g. z.add_(...)); the chain's derivatives need stages that leave "
+                    "their "
                     "input intact: write z = z + ... instead"
                 )
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != B:
@@ -144,8 +148,14 @@ def compute_derivatives(
     bar = progress_bar(total=L, desc="derivatives", disable=not progress)
     for l in range(L - 1, -1, -1):
         d = stage_derivatives(
-            chain.stages[l], params[l], zs[l], b, has_input=l > 0, second_order=second_order,
-            oracle=oracle, forward=forwards.get(l),
+            chain.stages[l],
+            params[l],
+            zs[l],
+            b,
+            has_input=l > 0,
+            second_order=second_order,
+            oracle=oracle,
+            forward=forwards.get(l),
         )
         derivs[l] = d
         grads[l] = d.Dx_T(b[:, :, None])[:, 0]

@@ -200,7 +200,11 @@ class CurvatureOptimizer:
         x0 = self._get_flat()
         noise = rounding_level(f0, g.dtype)
         info: dict = {
-            "loss": f0, "accepted": False, "converged": False, "tries": 0, "factorizations": 0
+            "loss": f0,
+            "accepted": False,
+            "converged": False,
+            "tries": 0,
+            "factorizations": 0,
         }
         for _ in range(self.max_tries):
             proposal = self._propose(curvature, g)
@@ -217,8 +221,13 @@ class CurvatureOptimizer:
             else:
                 rho = -math.inf
             trial = Trial(
-                step_norm=float(torch.linalg.vector_norm(s)), predicted_reduction=predicted,
-                actual_reduction=actual, rho=rho, loss=f0, new_loss=f1, converged=converged,
+                step_norm=float(torch.linalg.vector_norm(s)),
+                predicted_reduction=predicted,
+                actual_reduction=actual,
+                rho=rho,
+                loss=f0,
+                new_loss=f1,
+                converged=converged,
             )
             verdict = self._adapt(proposal, trial)
             accepted = bool(verdict.accepted)
@@ -227,8 +236,12 @@ class CurvatureOptimizer:
             info.update(proposal.diagnostics)
             info.update(verdict.diagnostics or {})
             info.update(
-                accepted=accepted, converged=converged, step_norm=trial.step_norm,
-                predicted_reduction=predicted, actual_reduction=actual, rho=rho,
+                accepted=accepted,
+                converged=converged,
+                step_norm=trial.step_norm,
+                predicted_reduction=predicted,
+                actual_reduction=actual,
+                rho=rho,
                 new_loss=f1 if accepted else f0,
             )
             if accepted:

@@ -93,7 +93,12 @@ class DampedNewton(CurvatureOptimizer):
     """
 
     _HYPER = (
-        "lr", "damping_up", "damping_down", "min_damping", "max_damping", "max_step_norm",
+        "lr",
+        "damping_up",
+        "damping_down",
+        "min_damping",
+        "max_damping",
+        "max_step_norm",
         "max_tries",
     )
     _STATE = ("damping",)
@@ -116,8 +121,13 @@ class DampedNewton(CurvatureOptimizer):
     ):
         super().__init__(model, loss_fn, oracle, curvature)
         self._configure(
-            lr=lr, damping_up=damping_up, damping_down=damping_down, min_damping=min_damping,
-            max_damping=max_damping, max_step_norm=max_step_norm, max_tries=max_tries,
+            lr=lr,
+            damping_up=damping_up,
+            damping_down=damping_down,
+            min_damping=min_damping,
+            max_damping=max_damping,
+            max_step_norm=max_step_norm,
+            max_tries=max_tries,
         )
         self.damping = self._check_damping(damping)
 
@@ -143,8 +153,13 @@ class DampedNewton(CurvatureOptimizer):
         self.max_step_norm, self.max_tries = max_step_norm, max_tries
 
     def _check_damping(self, damping) -> float:
-        return within(nonnegative(damping, "damping"), "damping", self.min_damping,
-                      self.max_damping, "min_damping, max_damping")
+        return within(
+            nonnegative(damping, "damping"),
+            "damping",
+            self.min_damping,
+            self.max_damping,
+            "min_damping, max_damping",
+        )
 
     def _load_adaptive(self, state):
         self.damping = self._check_damping(state["damping"])

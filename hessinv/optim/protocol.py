@@ -111,7 +111,8 @@ class CurvatureProtocol(Protocol):
 def _missing_members(obj, protocol) -> list[str]:
     names = [n for n in getattr(protocol, "__annotations__", {}) if not n.startswith("_")]
     names += [
-        n for n, v in vars(protocol).items()
+        n
+        for n, v in vars(protocol).items()
         if callable(v) and not n.startswith("_") and n not in names
     ]
     return [n for n in names if not hasattr(obj, n)]

@@ -74,14 +74,16 @@ def _diagonal_bounds(curvature: CurvatureProtocol) -> tuple[float, float]:
 
 
 def _zero_curvature_solution(g: torch.Tensor, gnorm: float, radius: float) -> TrustRegionSolution:
-    """``B = 0``: ``psi(s) = g^T s``, minimised by ``-Delta g / ||g||``, or by ``s = 0`` if ``g = 0``."""
+    """``B = 0``: ``psi(s) = g^T s``, minimised by ``-Delta g / ||g||``, or by ``s = 0`` if ``g =
+    0``."""
     if gnorm == 0.0:
         return TrustRegionSolution(torch.zeros_like(g), 0.0, False, False, 0, 0, 0)
     return TrustRegionSolution(-(radius / gnorm) * g, gnorm / radius, True, False, 0, 0, 0)
 
 
-def _output_space_solution(curvature, g: torch.Tensor, radius: float,
-                           rtol: float) -> TrustRegionSolution | None:
+def _output_space_solution(
+    curvature, g: torch.Tensor, radius: float, rtol: float
+) -> TrustRegionSolution | None:
     """The subproblem for a Gauss-Newton matrix ``G = U^T U`` through the eigendecomposition
     ``U U^T = Q diag(e) Q^T`` (docs/algorithm.md section 14); ``None`` when ``curvature`` has
     no exact output space (then the general method runs).
@@ -116,12 +118,12 @@ def _output_space_solution(curvature, g: torch.Tensor, radius: float,
         perp = 0.0
 
     def norm2(lam: float) -> float:
-        return float((yk * yk / (ek * (ek + lam) ** 2)).sum()) + (perp / lam ** 2 if perp else 0.0)
+        return float((yk * yk / (ek * (ek + lam) ** 2)).sum()) + (perp / lam**2 if perp else 0.0)
 
     if perp == 0.0 and norm2(0.0) <= radius * radius:
         # interior: s = -G^+ g = -U^T Q E^-2 Q^T U g over the kept eigenvalues
         coef = torch.zeros_like(y)
-        coef[keep] = (y[keep] / e[keep] ** 2)
+        coef[keep] = y[keep] / e[keep] ** 2
         s = -torch.cat(space.apply_T((Q @ coef)[:, None]))[:, 0]
         return TrustRegionSolution(s, 0.0, False, False, fresh, 0, 0)
     # boundary: 1/||s(lam)|| - 1/radius is concave increasing; Newton from the left
@@ -138,10 +140,11 @@ def _output_space_solution(curvature, g: torch.Tensor, radius: float,
         if abs(sn - radius) <= 1e-3 * rtol * radius:
             break
         # d ||s||^2 / d lam = -2 sum y^2 / (e (e + lam)^3) - 2 perp / lam^3
-        d = -2 * float((yk * yk / (ek * (ek + lam) ** 3)).sum()) - (2 * perp / lam ** 3 if perp
-                                                                     else 0.0)
+        d = -2 * float((yk * yk / (ek * (ek + lam) ** 3)).sum()) - (
+            2 * perp / lam**3 if perp else 0.0
+        )
         # Newton on phi = 1/sn - 1/radius: phi' = -d / (2 sn^3)
-        new = lam - (1 / sn - 1 / radius) / (-d / (2 * sn ** 3)) if d else math.nan
+        new = lam - (1 / sn - 1 / radius) / (-d / (2 * sn**3)) if d else math.nan
         if not lo < new < hi or not math.isfinite(new):
             new = 2 * lo + 1e-300 if math.isinf(hi) else 0.5 * (lo + hi)
         lam = new
@@ -154,8 +157,7 @@ def _output_space_solution(curvature, g: torch.Tensor, radius: float,
         return None  # the scalar model and the exact solve disagree: the general method
     if abs(snorm - radius) > rtol * radius:
         s = s * (radius / snorm)  # rounding of ||s(lam)|| only: onto the boundary
-    return TrustRegionSolution(s, lam, True, False, fresh + (0 if F.reused_factors else 1),
-                               1, 0)
+    return TrustRegionSolution(s, lam, True, False, fresh + (0 if F.reused_factors else 1), 1, 0)
 
 
 def _counted(F) -> int:

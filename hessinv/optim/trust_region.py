@@ -34,7 +34,8 @@ __all__ = ["TrustRegionNewton"]
 
 
 class TrustRegionNewton(CurvatureOptimizer):
-    r"""Trust-region Newton with the exact subproblem solution (see :func:`trust_region_subproblem`).
+    r"""Trust-region Newton with the exact subproblem solution (see
+    :func:`trust_region_subproblem`).
 
     One call ``loss = opt.step(inputs, targets)`` (the step template of
     :mod:`hessinv.optim.base`):
@@ -82,7 +83,14 @@ class TrustRegionNewton(CurvatureOptimizer):
     """
 
     _HYPER = (
-        "max_radius", "min_radius", "eta", "shrink", "grow", "max_tries", "rtol", "hard_tol",
+        "max_radius",
+        "min_radius",
+        "eta",
+        "shrink",
+        "grow",
+        "max_tries",
+        "rtol",
+        "hard_tol",
     )
     _STATE = ("radius",)
 
@@ -105,8 +113,14 @@ class TrustRegionNewton(CurvatureOptimizer):
     ):
         super().__init__(model, loss_fn, oracle, curvature)
         self._configure(
-            max_radius=max_radius, min_radius=min_radius, eta=eta, shrink=shrink, grow=grow,
-            max_tries=max_tries, rtol=rtol, hard_tol=hard_tol,
+            max_radius=max_radius,
+            min_radius=min_radius,
+            eta=eta,
+            shrink=shrink,
+            grow=grow,
+            max_tries=max_tries,
+            rtol=rtol,
+            hard_tol=hard_tol,
         )
         self.radius = self._check_radius(radius)
 
@@ -134,8 +148,7 @@ class TrustRegionNewton(CurvatureOptimizer):
         radius = real(radius, "radius")
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius}")
-        return within(radius, "radius", self.min_radius, self.max_radius,
-                      "min_radius, max_radius")
+        return within(radius, "radius", self.min_radius, self.max_radius, "min_radius, max_radius")
 
     def _load_adaptive(self, state):
         self.radius = self._check_radius(state["radius"])
@@ -146,8 +159,11 @@ class TrustRegionNewton(CurvatureOptimizer):
             curvature, g, self.radius, rtol=self.rtol, hard_tol=self.hard_tol
         )
         diagnostics = {
-            "radius": self.radius, "on_boundary": sol.on_boundary, "hard_case": sol.hard_case,
-            "lam": sol.lam, "n_negative": sol.n_negative,
+            "radius": self.radius,
+            "on_boundary": sol.on_boundary,
+            "hard_case": sol.hard_case,
+            "lam": sol.lam,
+            "n_negative": sol.n_negative,
         }
         return Proposal(sol.step, sol.factorizations, diagnostics)
 

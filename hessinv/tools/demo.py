@@ -34,8 +34,19 @@ from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.tools.problems import mlp
 from hessinv.tools.reference import conjugate_gradient, dense_hessian
 
-__all__ = ["DemoConfig", "Problem", "Row", "Facts", "Part", "DemoReport", "tall_skinny_mlp",
-           "make_problem", "run_demo", "verdict", "format_report"]
+__all__ = [
+    "DemoConfig",
+    "Problem",
+    "Row",
+    "Facts",
+    "Part",
+    "DemoReport",
+    "tall_skinny_mlp",
+    "make_problem",
+    "run_demo",
+    "verdict",
+    "format_report",
+]
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -46,7 +57,7 @@ DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4}
 ADVICE = {
     "exact": "the exact factorization: F = {M}.factorize(eps); x = F.solve(g)",
     "iterative": "conjugate gradients on the exact products: "
-                 "hessinv.conjugate_gradient({M}.matvec, g, eps)",
+    "hessinv.conjugate_gradient({M}.matvec, g, eps)",
     "dense": "a dense solve (the problem is small enough)",
 }
 
@@ -140,8 +151,9 @@ class Problem:
 def tall_skinny_mlp(depth, width, d_in, n_classes, dtype, device, seed=0):
     """``depth`` Linear layers with tanh between them, PyTorch's default initialisation
     (:func:`hessinv.tools.problems.mlp`)."""
-    return mlp(depth, width, d_in, n_classes, "tanh", init="default", dtype=dtype,
-               device=device, seed=seed)
+    return mlp(
+        depth, width, d_in, n_classes, "tanh", init="default", dtype=dtype, device=device, seed=seed
+    )
 
 
 def make_problem(cfg: DemoConfig) -> Problem:
@@ -178,8 +190,12 @@ def _relative_residual(curvature, damping: float, x: torch.Tensor, g: torch.Tens
 def _scored(rows_and_solutions, curvature, damping, g, reference):
     """Fill every row's error against ``reference`` and its residual with exact products."""
     return [
-        replace(row, rel_error=_relative_error(x, reference), is_reference=x is reference,
-                rel_residual=_relative_residual(curvature, damping, x, g))
+        replace(
+            row,
+            rel_error=_relative_error(x, reference),
+            is_reference=x is reference,
+            rel_residual=_relative_residual(curvature, damping, x, g),
+        )
         for row, x in rows_and_solutions
     ]
 
@@ -187,8 +203,12 @@ def _scored(rows_and_solutions, curvature, damping, g, reference):
 # ----------------------------------------------------------------------------- methods
 def _derivatives(kind, problem: Problem, cfg: DemoConfig):
     """``(kind(...), seconds)``: the constructor of ``ChainHessian`` or ``ChainGGN``, timed."""
-    return _timed(lambda: kind(problem.model, problem.loss_fn, problem.inputs, problem.targets,
-                               progress=cfg.progress), torch.device(cfg.device))
+    return _timed(
+        lambda: kind(
+            problem.model, problem.loss_fn, problem.inputs, problem.targets, progress=cfg.progress
+        ),
+        torch.device(cfg.device),
+    )
 
 
 def _exact(curvature, g, damping, derivatives_s, progress):
@@ -211,23 +231,33 @@ def _our_cg(curvature, g, damping, rtol, maxiter, derivatives_s):
     """``hessinv.conjugate_gradient`` on the exact products."""
     result, seconds = _timed(
         lambda: conjugate_gradient(curvature.matvec, g, damping, rtol=rtol, maxiter=maxiter),
-        curvature.device)
+        curvature.device,
+    )
     if result.converged:
         status = "converged"
     elif result.iterations < maxiter:
         status = "stopped: negative curvature"
     else:
         status = f"stopped: --maxiter {maxiter}"
-    row = Row("CG (hessinv) on our products", "iterative", derivatives_s + seconds, status,
-              products=result.iterations)
+    row = Row(
+        "CG (hessinv) on our products",
+        "iterative",
+        derivatives_s + seconds,
+        status,
+        products=result.iterations,
+    )
     return row, result.x
 
 
 def _damped_operator(curvature, damping) -> LinearOperator:
     """``M + eps I`` as a scipy ``LinearOperator`` on the exact products."""
     op = curvature.to_scipy()
-    return LinearOperator(op.shape, matvec=lambda v: op.matvec(v) + damping * v,
-                          rmatvec=lambda v: op.matvec(v) + damping * v, dtype=op.dtype)
+    return LinearOperator(
+        op.shape,
+        matvec=lambda v: op.matvec(v) + damping * v,
+        rmatvec=lambda v: op.matvec(v) + damping * v,
+        dtype=op.dtype,
+    )
 
 
 def _scipy_status(info: int) -> str:
@@ -245,10 +275,16 @@ def _scipy_solver(name, solver, curvature, g, damping, rtol, maxiter, derivative
 
     A, b = _damped_operator(curvature, damping), g.detach().cpu().numpy()
     (x, info), seconds = _timed(
-        lambda: solver(A, b, rtol=rtol, maxiter=maxiter, callback=step), curvature.device)
+        lambda: solver(A, b, rtol=rtol, maxiter=maxiter, callback=step), curvature.device
+    )
     x = torch.as_tensor(np.asarray(x), dtype=g.dtype, device=g.device)
-    row = Row(f"{name} (scipy) on our products", "iterative", derivatives_s + seconds,
-              _scipy_status(info), products=count[0])
+    row = Row(
+        f"{name} (scipy) on our products",
+        "iterative",
+        derivatives_s + seconds,
+        _scipy_status(info),
+        products=count[0],
+    )
     return row, x
 
 
@@ -267,27 +303,38 @@ def _dense(problem: Problem, g, damping):
 def _facts(F) -> Facts:
     """Exact logdet and inertia of the factorized matrix, and its last solve's accuracy."""
     sign, logabsdet = F.logdet()
-    return Facts(int(sign), float(logabsdet), tuple(F.inertia()), F.backward_error,
-                 F.refinement_steps, F.method)
+    return Facts(
+        int(sign),
+        float(logabsdet),
+        tuple(F.inertia()),
+        F.backward_error,
+        F.refinement_steps,
+        F.method,
+    )
 
 
 # ----------------------------------------------------------------------------- the two parts
 def _indefinite_part(problem, cfg: DemoConfig, bar) -> tuple[Part, int]:
     """``(H + eps I) x = g``: exact vs CG vs MINRES vs dense; ``(part, n)``."""
     eps, rtol, maxiter = cfg.damping, cfg.target, cfg.maxiter
-    H, t_deriv = _run_step(bar, "Hessian derivatives",
-                           lambda: _derivatives(ChainHessian, problem, cfg))
+    H, t_deriv = _run_step(
+        bar, "Hessian derivatives", lambda: _derivatives(ChainHessian, problem, cfg)
+    )
     g = H.gradient()
-    exact_row, x_exact, F = _run_step(bar, "exact solve (H)",
-                                      lambda: _exact(H, g, eps, t_deriv, cfg.progress))
+    exact_row, x_exact, F = _run_step(
+        bar, "exact solve (H)", lambda: _exact(H, g, eps, t_deriv, cfg.progress)
+    )
     solved = [(exact_row, x_exact)]
     if cfg.tridiagonal:
-        solved.append(_run_step(bar, "tridiagonal solve",
-                                lambda: _tridiagonal(H, g, eps, t_deriv)))
-    solved.append(_run_step(bar, "CG (H)",
-                            lambda: _our_cg(H, g, eps, rtol, maxiter, t_deriv)))
-    solved.append(_run_step(bar, "MINRES (H)", lambda: _scipy_solver(
-        "MINRES", minres, H, g, eps, rtol, maxiter, t_deriv)))
+        solved.append(_run_step(bar, "tridiagonal solve", lambda: _tridiagonal(H, g, eps, t_deriv)))
+    solved.append(_run_step(bar, "CG (H)", lambda: _our_cg(H, g, eps, rtol, maxiter, t_deriv)))
+    solved.append(
+        _run_step(
+            bar,
+            "MINRES (H)",
+            lambda: _scipy_solver("MINRES", minres, H, g, eps, rtol, maxiter, t_deriv),
+        )
+    )
     reference, reference_name = x_exact, f"exact solve (n > --dense-limit {cfg.dense_limit})"
     if H.num_params <= cfg.dense_limit:
         dense_row, reference = _run_step(bar, "dense Hessian", lambda: _dense(problem, g, eps))
@@ -308,16 +355,20 @@ def _indefinite_part(problem, cfg: DemoConfig, bar) -> tuple[Part, int]:
 def _positive_definite_part(problem, cfg: DemoConfig, bar) -> Part:
     """``(G + eps I) x = g`` with the Gauss-Newton matrix: exact vs CG (ours and scipy's)."""
     eps, rtol, maxiter = cfg.damping, cfg.target, cfg.maxiter
-    G, t_deriv = _run_step(bar, "Gauss-Newton derivatives",
-                           lambda: _derivatives(ChainGGN, problem, cfg))
+    G, t_deriv = _run_step(
+        bar, "Gauss-Newton derivatives", lambda: _derivatives(ChainGGN, problem, cfg)
+    )
     g = G.gradient()
-    exact_row, x_exact, F = _run_step(bar, "exact solve (G)",
-                                      lambda: _exact(G, g, eps, t_deriv, cfg.progress))
+    exact_row, x_exact, F = _run_step(
+        bar, "exact solve (G)", lambda: _exact(G, g, eps, t_deriv, cfg.progress)
+    )
     solved = [(exact_row, x_exact)]
-    solved.append(_run_step(bar, "CG (G)",
-                            lambda: _our_cg(G, g, eps, rtol, maxiter, t_deriv)))
-    solved.append(_run_step(bar, "scipy CG (G)", lambda: _scipy_solver(
-        "CG", cg, G, g, eps, rtol, maxiter, t_deriv)))
+    solved.append(_run_step(bar, "CG (G)", lambda: _our_cg(G, g, eps, rtol, maxiter, t_deriv)))
+    solved.append(
+        _run_step(
+            bar, "scipy CG (G)", lambda: _scipy_solver("CG", cg, G, g, eps, rtol, maxiter, t_deriv)
+        )
+    )
     return Part(
         title="positive definite: the Gauss-Newton matrix (ChainGGN), damped",
         matrix="G",
@@ -345,8 +396,17 @@ def _step_count(cfg: DemoConfig, problem: Problem) -> int:
 
 def _warm_up(cfg: DemoConfig) -> None:
     """Run every code path once on a tiny problem, so one-time start-up costs are not timed."""
-    tiny = replace(cfg, depth=2, width=2, batch=2, d_in=2, n_classes=2, maxiter=3,
-                   dense_limit=100, progress=False)
+    tiny = replace(
+        cfg,
+        depth=2,
+        width=2,
+        batch=2,
+        d_in=2,
+        n_classes=2,
+        maxiter=3,
+        dense_limit=100,
+        progress=False,
+    )
     problem = make_problem(tiny)
     bar = tqdm(total=_step_count(tiny, problem), disable=True)
     _indefinite_part(problem, tiny, bar)
@@ -382,15 +442,21 @@ def verdict(part: Part, target: float) -> list[str]:
     if not reached:
         return [f"{part.operator}: no method reached a relative residual <= {target:.0e}"]
     best = reached[0]
-    lines = [f"{part.operator}: fastest to a relative residual <= {target:.0e}: "
-             f"{best.method} ({best.seconds:.3f} s{_products(best)})"]
+    lines = [
+        f"{part.operator}: fastest to a relative residual <= {target:.0e}: "
+        f"{best.method} ({best.seconds:.3f} s{_products(best)})"
+    ]
     for row in reached[1:]:
-        lines.append(f"    {row.method}: {row.seconds / best.seconds:.1f}x slower "
-                     f"({row.seconds:.3f} s{_products(row)})")
+        lines.append(
+            f"    {row.method}: {row.seconds / best.seconds:.1f}x slower "
+            f"({row.seconds:.3f} s{_products(row)})"
+        )
     for row in part.rows:
         if row not in reached:
-            lines.append(f"    {row.method}: did not reach it in {row.seconds:.3f} s "
-                         f"(residual {row.rel_residual:.1e}, {row.status}{_products(row)})")
+            lines.append(
+                f"    {row.method}: did not reach it in {row.seconds:.3f} s "
+                f"(residual {row.rel_residual:.1e}, {row.status}{_products(row)})"
+            )
     lines.append(f"    -> use {ADVICE[best.kind].format(M=part.matrix)}")
     return lines
 
@@ -401,13 +467,17 @@ def _cell(value: float, fmt: str = ".1e") -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = ["| method | time (s) | products | rel. error | rel. residual | status |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| method | time (s) | products | rel. error | rel. residual | status |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         error = "reference" if r.is_reference else _cell(r.rel_error)
         products = "-" if r.products is None else str(r.products)
-        lines.append(f"| {r.method} | {r.seconds:.3f} | {products} | {error} | "
-                     f"{_cell(r.rel_residual)} | {r.status} |")
+        lines.append(
+            f"| {r.method} | {r.seconds:.3f} | {products} | {error} | "
+            f"{_cell(r.rel_residual)} | {r.status} |"
+        )
     return "\n".join(lines)
 
 

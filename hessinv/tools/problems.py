@@ -58,10 +58,21 @@ class Problem(NamedTuple):
         return sum(p.numel() for p in self.model.parameters())
 
 
-def mlp(depth: int, width: int, d_in: int, d_out: int, activation: str = "tanh", *,
-        bias: bool = True, init: str = "default", scale: float = 1.0, gain: float | None = None,
-        dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-        seed: int = 0) -> nn.Sequential:
+def mlp(
+    depth: int,
+    width: int,
+    d_in: int,
+    d_out: int,
+    activation: str = "tanh",
+    *,
+    bias: bool = True,
+    init: str = "default",
+    scale: float = 1.0,
+    gain: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> nn.Sequential:
     """``depth`` Linear layers with ``activation`` between them (see the module docstring)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -86,8 +97,9 @@ def mlp(depth: int, width: int, d_in: int, d_out: int, activation: str = "tanh",
         elif init == "fan_in":
             g = (math.sqrt(2.0) if activation == "relu" else 1.0) if gain is None else gain
             for lin in model[::2]:
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen)
-                                 * g / math.sqrt(lin.in_features))
+                lin.weight.copy_(
+                    torch.randn(lin.weight.shape, generator=gen) * g / math.sqrt(lin.in_features)
+                )
                 if bias:
                     lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=gen))
         if scale != 1.0:
@@ -96,9 +108,16 @@ def mlp(depth: int, width: int, d_in: int, d_out: int, activation: str = "tanh",
     return model.to(device=device)
 
 
-def random_batch(batch: int, d_in: int, d_out: int, loss: str = "ce", *,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 data_seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+def random_batch(
+    batch: int,
+    d_in: int,
+    d_out: int,
+    loss: str = "ce",
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    data_seed: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """``(inputs, targets, loss_fn)``: ``(batch, d_in)`` standard-normal inputs and, for
     ``loss="ce"``, class labels with ``nn.CrossEntropyLoss()``; for ``"mse"`` / ``"mse_sum"``
     normal targets ``(batch, d_out)`` with ``nn.MSELoss`` (mean / sum)."""
@@ -108,20 +127,53 @@ def random_batch(batch: int, d_in: int, d_out: int, loss: str = "ce", *,
         y = torch.randint(0, d_out, (batch,), generator=gen).to(device)
         return X, y, nn.CrossEntropyLoss()
     if loss in ("mse", "mse_sum"):
-        y = torch.randn(batch, d_out, generator=gen, dtype=torch.float64).to(dtype=dtype,
-                                                                            device=device)
+        y = torch.randn(batch, d_out, generator=gen, dtype=torch.float64).to(
+            dtype=dtype, device=device
+        )
         return X, y, nn.MSELoss(reduction="sum" if loss == "mse_sum" else "mean")
     raise ValueError(f"loss must be 'ce', 'mse' or 'mse_sum', got {loss!r}")
 
 
-def make_problem(depth: int = 3, width: int = 4, batch: int = 5, *, d_in: int = 3,
-                 d_out: int = 3, activation: str = "tanh", loss: str = "ce", bias: bool = True,
-                 init: str = "default", scale: float = 1.0, gain: float | None = None,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
-                 seed: int = 0, data_seed: int | None = None) -> Problem:
+def make_problem(
+    depth: int = 3,
+    width: int = 4,
+    batch: int = 5,
+    *,
+    d_in: int = 3,
+    d_out: int = 3,
+    activation: str = "tanh",
+    loss: str = "ce",
+    bias: bool = True,
+    init: str = "default",
+    scale: float = 1.0,
+    gain: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    data_seed: int | None = None,
+) -> Problem:
     """:func:`mlp` and :func:`random_batch` together (``data_seed`` defaults to ``seed + 1``)."""
-    model = mlp(depth, width, d_in, d_out, activation, bias=bias, init=init, scale=scale,
-                gain=gain, dtype=dtype, device=device, seed=seed)
-    X, y, loss_fn = random_batch(batch, d_in, d_out, loss, dtype=dtype, device=device,
-                                 data_seed=seed + 1 if data_seed is None else data_seed)
+    model = mlp(
+        depth,
+        width,
+        d_in,
+        d_out,
+        activation,
+        bias=bias,
+        init=init,
+        scale=scale,
+        gain=gain,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+    X, y, loss_fn = random_batch(
+        batch,
+        d_in,
+        d_out,
+        loss,
+        dtype=dtype,
+        device=device,
+        data_seed=seed + 1 if data_seed is None else data_seed,
+    )
     return Problem(model, loss_fn, X, y)

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,23 +20,27 @@ from torch.func import functional_call, hessian
 __all__ = ["dense_hessian", "CGResult", "conjugate_gradient"]
 
 
-def dense_hessian(model, loss_fn, inputs, targets) -> torch.Tensor:
+def dense_hessian(
+    model: nn.Module | Sequence[nn.Module],
+    loss_fn: Callable[..., torch.Tensor],
+    inputs: Any,
+    targets: Any,
+) -> torch.Tensor:
     """``(n, n)`` Hessian of ``loss_fn(model(inputs), targets)`` by ``torch.func.hessian``.
 
     Parameters are the trainable ones, in ``named_parameters()`` order, each
     flattened row-major (the order of :attr:`hessinv.ChainHessian.param_names`).
     """
-    if isinstance(model, (list, tuple)):
-        model = nn.Sequential(*model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    module = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     shapes = [p.shape for _, p in named]
     sizes = [p.numel() for _, p in named]
     flat = torch.cat([p.detach().reshape(-1) for _, p in named])
 
-    def loss_of(theta):
+    def loss_of(theta: torch.Tensor) -> torch.Tensor:
         pieces = theta.split(sizes)
         params = {n: t.reshape(s) for (n, _), t, s in zip(named, pieces, shapes, strict=True)}
-        return loss_fn(functional_call(model, params, (inputs,)), targets)
+        return loss_fn(functional_call(module, params, (inputs,)), targets)
 
     return hessian(loss_of)(flat)
 
@@ -50,7 +55,11 @@ class CGResult(NamedTuple):
 
 
 def conjugate_gradient(
-    matvec, b: torch.Tensor, damping: float = 0.0, rtol: float = 1e-8, maxiter: int | None = None
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    damping: float = 0.0,
+    rtol: float = 1e-8,
+    maxiter: int | None = None,
 ) -> CGResult:
     """Solve ``(H + damping I) x = b`` by conjugate gradients on ``matvec``.
 

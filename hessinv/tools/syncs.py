@@ -45,8 +45,11 @@ class HostSyncCounter(TorchDispatchMode):
     def _record(self):
         self.count += 1
         torch_dir = os.sep + "torch" + os.sep
-        frames = [f for f in traceback.extract_stack()[:-2]
-                  if torch_dir not in f.filename and f.filename != __file__]
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-2]
+            if torch_dir not in f.filename and f.filename != __file__
+        ]
         if frames:
             self.sites[f"{frames[-1].filename}:{frames[-1].lineno}"] += 1
 
@@ -73,9 +76,14 @@ class HostSyncCounter(TorchDispatchMode):
 
 _aten = torch.ops.aten
 #: operators that are not views by their schema but launch nothing
-_NO_KERNEL = {_aten._unsafe_view.default, _aten.empty.memory_format, _aten.new_empty.default,
-              _aten.empty_strided.default, _aten.is_same_size.default,
-              _aten._has_same_storage_numel.default}
+_NO_KERNEL = {
+    _aten._unsafe_view.default,
+    _aten.empty.memory_format,
+    _aten.new_empty.default,
+    _aten.empty_strided.default,
+    _aten.is_same_size.default,
+    _aten._has_same_storage_numel.default,
+}
 
 
 class KernelCounter(TorchDispatchMode):

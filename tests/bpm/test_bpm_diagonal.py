@@ -1,4 +1,5 @@
-"""Tests of block_partitioned_matrices.diagonal (named test_bpm_diagonal.py: tests/curvature/test_diagonal.py
+"""Tests of block_partitioned_matrices.diagonal (named test_bpm_diagonal.py:
+tests/curvature/test_diagonal.py
 belongs to hessinv's exact Hessian diagonal)."""
 
 import pytest

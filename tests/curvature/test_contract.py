@@ -19,7 +19,8 @@ head amplifies them).
 Every tolerance is derived in ``_chains.check_contract``; none is tuned.
 
 A failure prints the seed and the chain; ``random_chain(seed)`` rebuilds it, and
-``python -m pytest "tests/curvature/test_contract.py::test_contract[17]"`` reruns one. Run with ``-s``
+``python -m pytest "tests/curvature/test_contract.py::test_contract[17]"`` reruns one. Run with
+``-s``
 for the summary (max backward error, inertia comparisons, cases skipped for a small gap).
 The 3,000-chain sweep is marked ``slow`` and only runs when asked for:
 ``python -m pytest tests/curvature/test_contract.py -m slow`` (or ``HESSINV_SLOW=1``).
@@ -88,7 +89,8 @@ def _print_summary():
             f"{s['max_backward_error']:.2e} (measured) / {s['max_reported_backward_error']:.2e} "
             f"(reported); inertia compared {s['inertia_compared']}, disagreements "
             f"{s['inertia_disagreements']}; skipped for a small gap {s['skipped_small_gap']}; "
-            f"SingularMatrixError {s['singular_raised']}; AccuracyWarning {s['accuracy_warnings']}; "
+            f"SingularMatrixError {s['singular_raised']}; AccuracyWarning "
+            f"{s['accuracy_warnings']}; "
             f"crashed {s['crashed']}; "
             f"worst error/tolerance: products {s['max_product_error_ratio']:.2e}, forward "
             f"{s['max_forward_error_ratio']:.2e}, logdet {s['max_logdet_error_ratio']:.2e}; "
@@ -102,8 +104,9 @@ def _record(seed, report) -> None:
     s["chains"] += 1
     s["solves"] += len(report.backward_errors)
     s["max_backward_error"] = max([s["max_backward_error"], *report.backward_errors])
-    s["max_reported_backward_error"] = max([s["max_reported_backward_error"],
-                                            *report.reported_backward_errors])
+    s["max_reported_backward_error"] = max(
+        [s["max_reported_backward_error"], *report.reported_backward_errors]
+    )
     s["max_product_error_ratio"] = max(s["max_product_error_ratio"], report.product_error_ratio)
     s["max_forward_error_ratio"] = max(s["max_forward_error_ratio"], report.forward_error_ratio)
     s["max_logdet_error_ratio"] = max(s["max_logdet_error_ratio"], report.logdet_error_ratio)
@@ -126,11 +129,16 @@ def _run_chain(seed, method: str = "riccati") -> str | None:
         report = check_contract(chain, method=method)
     except Exception as err:  # a crash is a failure of the chain too, with its description
         _SUMMARY["failed"].append(seed)
-        return (f"{chain.description}\n  raised {type(err).__name__}: {err}\n"
-                f"  reproduce: _chains.check_contract(_chains.random_chain({seed}))")
+        return (
+            f"{chain.description}\n  raised {type(err).__name__}: {err}\n"
+            f"  reproduce: _chains.check_contract(_chains.random_chain({seed}))"
+        )
     _record(seed, report)
     if report.violations:
-        return report.message() + f"\n  reproduce: _chains.check_contract(_chains.random_chain({seed}))"
+        return (
+            report.message()
+            + f"\n  reproduce: _chains.check_contract(_chains.random_chain({seed}))"
+        )
     return None
 
 
@@ -155,8 +163,10 @@ def test_contract_many(block):
     start = DEFAULT_CHAINS + block * SLOW_BLOCK
     messages = [m for seed in range(start, start + SLOW_BLOCK) if (m := _run_chain(seed))]
     if messages:
-        pytest.fail(f"{len(messages)} of {SLOW_BLOCK} chains failed:\n" + "\n".join(messages[:5]),
-                    pytrace=False)
+        pytest.fail(
+            f"{len(messages)} of {SLOW_BLOCK} chains failed:\n" + "\n".join(messages[:5]),
+            pytrace=False,
+        )
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -166,9 +176,27 @@ def test_generator_is_reproducible_and_varied():
     """Same seed, same chain; and the default seeds cover every feature the suite promises."""
     a, b = random_chain(7), random_chain(7)
     assert a.description == b.description and torch.equal(a.inputs, b.inputs)
-    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))
-    seen = {k: 0 for k in ("conv", "residual", "reused", "inplace", "frozen", "params", "ce",
-                           "mse", "mean", "sum", "depth1", "depth8", "generic")}
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
+    )
+    seen = {
+        k: 0
+        for k in (
+            "conv",
+            "residual",
+            "reused",
+            "inplace",
+            "frozen",
+            "params",
+            "ce",
+            "mse",
+            "mean",
+            "sum",
+            "depth1",
+            "depth8",
+            "generic",
+        )
+    }
     dampings, activations, widths, batches = set(), set(), set(), set()
     for seed in range(DEFAULT_CHAINS):
         c = random_chain(seed)
@@ -196,7 +224,9 @@ def test_generator_is_reproducible_and_varied():
     assert {"ReLU", "LeakyReLU", "Tanh", "SiLU", "GELU", "Sigmoid", "Softplus"} <= activations
     assert set(range(1, 11)) <= widths and batches == set(range(1, 9))
     # a reused instance really is the same object at two places of one Sequential
-    reused = next(random_chain(s) for s in range(DEFAULT_CHAINS) if "(reused)" in random_chain(s).description)
+    reused = next(
+        random_chain(s) for s in range(DEFAULT_CHAINS) if "(reused)" in random_chain(s).description
+    )
     acts = [id(m) for m in reused.model.modules(remove_duplicate=False) if not list(m.parameters())]
     assert len(acts) > len(set(acts)), reused.description
 
@@ -211,8 +241,10 @@ def test_reference_matches_torch_func_hessian_on_tanh_mlps(seed):
     depth, width, batch = rng.randint(1, 4), rng.randint(2, 6), rng.randint(1, 6)
     model = make_mlp(depth, width, d_in=3, d_out=3, activation="tanh", seed=seed)
     X = torch.randn(batch, 3, dtype=torch.float64)
-    for loss_fn, y in ((nn.CrossEntropyLoss(), torch.randint(0, 3, (batch,))),
-                       (nn.MSELoss(reduction="sum"), torch.randn(batch, 3, dtype=torch.float64))):
+    for loss_fn, y in (
+        (nn.CrossEntropyLoss(), torch.randint(0, 3, (batch,))),
+        (nn.MSELoss(reduction="sum"), torch.randn(batch, 3, dtype=torch.float64)),
+    ):
         ref = autograd_hessian(model, loss_fn, X, y)
         named = [(n, p) for n, p in model.named_parameters()]
         sizes = [p.numel() for _, p in named]
@@ -220,8 +252,14 @@ def test_reference_matches_torch_func_hessian_on_tanh_mlps(seed):
 
         def loss_of(theta, loss_fn=loss_fn, y=y, named=named, sizes=sizes):
             parts = theta.split(sizes)
-            return loss_fn(functional_call(model, {n: t.reshape(p.shape) for (n, p), t in
-                                                   zip(named, parts, strict=True)}, (X,)), y)
+            return loss_fn(
+                functional_call(
+                    model,
+                    {n: t.reshape(p.shape) for (n, p), t in zip(named, parts, strict=True)},
+                    (X,),
+                ),
+                y,
+            )
 
         D = torch.func.hessian(loss_of)(flat)
         dH = evaluation_error_bound(ref)  # both are float64 evaluations: each within dH
@@ -241,10 +279,12 @@ def test_reference_batched_rows_equal_row_by_row(seed):
     """``is_grads_batched`` (vmap over the backward) gives the same rows as a plain loop."""
     chain = random_chain(seed, max_depth=4, max_width=5)
     a = autograd_hessian(chain.model, chain.loss_fn, chain.inputs, chain.targets, chain.params)
-    b = autograd_hessian(chain.model, chain.loss_fn, chain.inputs, chain.targets, chain.params,
-                         batched=False)
-    assert float(torch.linalg.matrix_norm(a.hessian - b.hessian, 2)) <= 2 * evaluation_error_bound(a), \
-        chain.description
+    b = autograd_hessian(
+        chain.model, chain.loss_fn, chain.inputs, chain.targets, chain.params, batched=False
+    )
+    assert float(torch.linalg.matrix_norm(a.hessian - b.hessian, 2)) <= 2 * evaluation_error_bound(
+        a
+    ), chain.description
 
 
 def test_reference_selection_is_a_principal_submatrix():
@@ -255,9 +295,12 @@ def test_reference_selection_is_a_principal_submatrix():
     assert full.names == ("0.weight", "0.bias", "2.weight", "2.bias")
     keep = torch.cat([torch.arange(0, 12), torch.arange(16, 26)])  # without 0.bias
     sub = full.hessian[keep][:, keep]
-    by_name = autograd_hessian(model, nn.CrossEntropyLoss(), X, y, params=["2.bias", "0.weight", "2.weight"])
-    by_tensor = autograd_hessian(model, nn.CrossEntropyLoss(), X, y,
-                                 params=[model[0].weight, model[2].weight, model[2].bias])
+    by_name = autograd_hessian(
+        model, nn.CrossEntropyLoss(), X, y, params=["2.bias", "0.weight", "2.weight"]
+    )
+    by_tensor = autograd_hessian(
+        model, nn.CrossEntropyLoss(), X, y, params=[model[0].weight, model[2].weight, model[2].bias]
+    )
     model[0].bias.requires_grad_(False)
     frozen = autograd_hessian(model, nn.CrossEntropyLoss(), X, y)
     for ref in (by_name, by_tensor, frozen):
@@ -288,8 +331,9 @@ class _DenseFactorization:
         X = X + torch.linalg.lu_solve(*self._lu, G - self._M @ X)
         self.refinement_steps = 1
         num = torch.linalg.vector_norm(self._M @ X - G, dim=0)
-        den = float(torch.linalg.matrix_norm(self._M, 2)) * torch.linalg.vector_norm(X, dim=0) \
-            + torch.linalg.vector_norm(G, dim=0)
+        den = float(torch.linalg.matrix_norm(self._M, 2)) * torch.linalg.vector_norm(
+            X, dim=0
+        ) + torch.linalg.vector_norm(G, dim=0)
         self.backward_error = float((num / den).max())
         if self._breakage == "solve":
             X = X * (1 + 1e-8)
@@ -325,9 +369,13 @@ class _DenseHessian:
         sizes = [p.numel() for _, p in named]
 
         def loss_of(theta):
-            parts = {n: t.reshape(p.shape) for (n, p), t in zip(named, theta.split(sizes), strict=True)}
-            return chain.loss_fn(functional_call(chain.model, {**consts, **parts},
-                                                 (chain.inputs.clone(),)), chain.targets)
+            parts = {
+                n: t.reshape(p.shape) for (n, p), t in zip(named, theta.split(sizes), strict=True)
+            }
+            return chain.loss_fn(
+                functional_call(chain.model, {**consts, **parts}, (chain.inputs.clone(),)),
+                chain.targets,
+            )
 
         flat = torch.cat([p.detach().reshape(-1) for _, p in named])
         self.param_names = tuple(n for n, _ in named)
@@ -374,12 +422,16 @@ def test_checker_passes_a_correct_dense_implementation():
         require_contract(report)
 
 
-@pytest.mark.parametrize("breakage", ["hessian", "gradient", "solve", "report", "logdet", "inertia"])
+@pytest.mark.parametrize(
+    "breakage", ["hessian", "gradient", "solve", "report", "logdet", "inertia"]
+)
 def test_checker_catches_wrong_answers(breakage):
     """Each kind of silent wrong answer is reported on at least one chain (the checks can fail)."""
     caught = 0
     for seed in _CHECKER_SEEDS:
-        report = check_contract(_small_chain(seed), make_hessian=lambda c: _DenseHessian(c, breakage))
+        report = check_contract(
+            _small_chain(seed), make_hessian=lambda c: _DenseHessian(c, breakage)
+        )
         caught += bool(report.violations)
     assert caught > 0, f"a broken {breakage} went unnoticed on all {len(_CHECKER_SEEDS)} chains"
     if breakage in ("hessian", "gradient", "solve"):
@@ -389,5 +441,7 @@ def test_checker_catches_wrong_answers(breakage):
 
 def test_activations_table_unchanged():
     """Other tests rely on ``ACTIVATIONS`` keys; the generator draws from the same table."""
-    assert {"tanh", "sigmoid", "softplus", "gelu", "silu", "relu", "leakyrelu", "identity"} <= set(ACTIVATIONS)
+    assert {"tanh", "sigmoid", "softplus", "gelu", "silu", "relu", "leakyrelu", "identity"} <= set(
+        ACTIVATIONS
+    )
     assert all(math.isfinite(d) for d in DAMPINGS)

@@ -35,17 +35,47 @@ def _models():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
         return model
 
-    yield "tanh", init(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
-                                     nn.Linear(5, 3)).double()), 6
-    yield "relu_wide", init(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                                          nn.Linear(8, 3)).double()), 3
-    yield "sigmoid_output", init(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3),
-                                               nn.Sigmoid()).double()), 5
-    yield "conv", init(nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2), nn.Flatten(),
-                                     nn.Tanh(), nn.Linear(2, 3)).double()), 4
+    yield (
+        "tanh",
+        init(
+            nn.Sequential(
+                nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+            ).double()
+        ),
+        6,
+    )
+    yield (
+        "relu_wide",
+        init(
+            nn.Sequential(
+                nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+            ).double()
+        ),
+        3,
+    )
+    yield (
+        "sigmoid_output",
+        init(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Sigmoid()).double()),
+        5,
+    )
+    yield (
+        "conv",
+        init(
+            nn.Sequential(
+                nn.Unflatten(1, (1, 2, 2)),
+                nn.Conv2d(1, 2, 2),
+                nn.Flatten(),
+                nn.Tanh(),
+                nn.Linear(2, 3),
+            ).double()
+        ),
+        4,
+    )
 
 
-@pytest.mark.parametrize("name,model,batch", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,model,batch", list(_models()), ids=lambda v: v if isinstance(v, str) else ""
+)
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_ggn_against_dense(name, model, batch, loss):
     gen = torch.Generator().manual_seed(1)
@@ -62,10 +92,15 @@ def test_ggn_against_dense(name, model, batch, loss):
     assert float((hessinv.flatten(G.diagonal()) - D.diagonal()).abs().max()) <= 1e-13 * scale
     offset = 0
     for block, p in zip(G.diagonal_blocks(), G.stage_sizes, strict=True):
-        assert float((block - D[offset:offset + p, offset:offset + p]).abs().max()) <= 1e-13 * scale
+        assert (
+            float((block - D[offset : offset + p, offset : offset + p]).abs().max())
+            <= 1e-13 * scale
+        )
         offset += p
     H = hessinv.ChainHessian(model, loss_fn, X, y)
-    assert torch.allclose(G.gradient(), H.gradient(), rtol=0, atol=1e-15 * float(H.gradient().abs().max()))
+    assert torch.allclose(
+        G.gradient(), H.gradient(), rtol=0, atol=1e-15 * float(H.gradient().abs().max())
+    )
     assert float(G.loss) == float(H.loss)
     for eps in (1e-6, 1e-2, 1.0):
         F = check_factorization(G, D, eps)
@@ -80,8 +115,9 @@ def test_ggn_diagonal_matches_backpack_diag_ggn_exact():
     from backpack.extensions import DiagGGNExact
 
     gen = torch.Generator().manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Sigmoid(),
-                          nn.Linear(6, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Sigmoid(), nn.Linear(6, 3)
+    ).double()
     X = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (7,), generator=gen)
     loss_fn = nn.CrossEntropyLoss()

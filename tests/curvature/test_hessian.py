@@ -182,8 +182,9 @@ def test_float32(oracle):
     problem = make_problem(depth=4, width=4, batch=4, seed=9)
     D = hessinv.dense_hessian(*problem)
     model32 = copy.deepcopy(problem.model).float()
-    H = hessinv.ChainHessian(model32, problem.loss_fn, problem.inputs.float(), problem.targets,
-                             oracle=oracle)
+    H = hessinv.ChainHessian(
+        model32, problem.loss_fn, problem.inputs.float(), problem.targets, oracle=oracle
+    )
     assert H.dtype == torch.float32
     v = torch.randn(H.num_params, dtype=torch.float32)
     assert relative_error(H @ v, (D @ v.double()).float()) < 1e-5
@@ -300,9 +301,13 @@ def test_non_scalar_and_coupling_losses():
 
 def test_param_grid_exhaustive_small():
     """Every (depth, batch) pair of the validation grid with both losses, bias on and off."""
-    for depth, batch, loss, bias in itertools.product((1, 2, 3), (1, 3), ("ce", "mse"), (True, False)):
+    for depth, batch, loss, bias in itertools.product(
+        (1, 2, 3), (1, 3), ("ce", "mse"), (True, False)
+    ):
         _check_all(
-            make_problem(depth=depth, width=3, batch=batch, loss=loss, bias=bias, seed=depth * batch),
+            make_problem(
+                depth=depth, width=3, batch=batch, loss=loss, bias=bias, seed=depth * batch
+            ),
             eps_values=(1e-2,),
             methods=("riccati",),
             k=1,

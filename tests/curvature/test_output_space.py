@@ -34,8 +34,15 @@ GAP = 1e-10
 
 
 def _ggn(chain, **kw):
-    return hessinv.ChainGGN(chain.model, chain.loss_fn, chain.inputs, chain.targets,
-                            params=chain.params, oracle=chain.oracle, **kw)
+    return hessinv.ChainGGN(
+        chain.model,
+        chain.loss_fn,
+        chain.inputs,
+        chain.targets,
+        params=chain.params,
+        oracle=chain.oracle,
+        **kw,
+    )
 
 
 def check_output_space(G: hessinv.ChainGGN, ref, damping: float, seed: int = 0) -> list[str]:
@@ -84,8 +91,11 @@ def check_output_space(G: hessinv.ChainGGN, ref, damping: float, seed: int = 0) 
             bad.append(f"inertia {F.inertia()} != {expected}")
         sign, logabsdet = F.logdet()
         c_eta = cond * (BOUND + acc)
-        tol = (SAFETY * n * c_eta / (1 - c_eta) if c_eta < 0.5 else math.inf) + \
-            ref.error * 0 + 100 * UNIT_ROUNDOFF * float(torch.log(ev.abs()).abs().sum())
+        tol = (
+            (SAFETY * n * c_eta / (1 - c_eta) if c_eta < 0.5 else math.inf)
+            + ref.error * 0
+            + 100 * UNIT_ROUNDOFF * float(torch.log(ev.abs()).abs().sum())
+        )
         if float(sign) != (-1) ** expected[1]:
             bad.append(f"logdet sign {float(sign)}")
         want = float(torch.log(ev.abs()).sum())
@@ -101,7 +111,7 @@ def check_output_space(G: hessinv.ChainGGN, ref, damping: float, seed: int = 0) 
         e = torch.linalg.eigvalsh(G.output_space().gram())
         cond_K = (float(e.max()) + damping) / (max(float(e.min()), 0.0) + damping)
         lever = float((q / (1 - q)).abs().max())
-        tol = SAFETY * (K * UNIT_ROUNDOFF * cond_K * max(lever, 1.0) + cond ** 2 * acc)
+        tol = SAFETY * (K * UNIT_ROUNDOFF * cond_K * max(lever, 1.0) + cond**2 * acc)
         rel = float(((got - inv) / inv).abs().max())
         if not rel <= tol:
             bad.append(f"inverse diagonal relative error {rel:.2e} > {tol:.2e}")
@@ -109,7 +119,7 @@ def check_output_space(G: hessinv.ChainGGN, ref, damping: float, seed: int = 0) 
             bad.append(f"inverse diagonal relative error {rel:.2e} without an AccuracyWarning")
     values = G.spectrum()
     m = min(n, K)
-    top = torch.linalg.eigvalsh(D)[n - m:]
+    top = torch.linalg.eigvalsh(D)[n - m :]
     tol = 2 * ref.error + SAFETY * K * UNIT_ROUNDOFF * float(top.abs().max() if m else 0)
     if values.shape != (m,) or not float((values - top).abs().max() if m else 0) <= tol:
         bad.append(f"spectrum off by {float((values - top).abs().max()):.2e} (tol {tol:.1e})")
@@ -157,12 +167,15 @@ def _head_cases():
     ]
 
 
-@pytest.mark.parametrize("name,loss_fn,targets", _head_cases(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,loss_fn,targets", _head_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
 @pytest.mark.parametrize("damping", [1e-4, 0.5])
 def test_output_space_losses(name, loss_fn, targets, damping):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.GELU(),
-                          nn.Linear(5, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.GELU(), nn.Linear(5, 3)
+    ).double()
     X = torch.randn(6, 4, dtype=torch.float64)
     ref = autograd_ggn(model, loss_fn, X, targets)
     G = hessinv.ChainGGN(model, loss_fn, X, targets)
@@ -183,8 +196,9 @@ def test_nll_after_log_softmax_is_the_cross_entropy_ggn():
 
 def test_data_loader_and_parameter_subsets():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
-                          nn.Linear(6, 4)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)
+    ).double()
     X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 4, (10,))
     loader = [(X[:4], y[:4]), (X[4:], y[4:])]
     for params in (None, ["0.weight", "4.bias"], ["2.bias"], ["2.weight"]):
@@ -205,8 +219,9 @@ def test_float32_meets_its_bound():
     assert x.dtype == torch.float32 and F.backward_error <= 1e-6
     G64 = hessinv.ChainGGN(model.double(), nn.CrossEntropyLoss(), X.double(), y)
     x64 = G64.solve(G64.gradient(), 1e-2)
-    cond = float(torch.linalg.cond(G64.dense() + 1e-2 * torch.eye(G64.num_params,
-                                                                   dtype=torch.float64)))
+    cond = float(
+        torch.linalg.cond(G64.dense() + 1e-2 * torch.eye(G64.num_params, dtype=torch.float64))
+    )
     assert float((x.double() - x64).norm() / x64.norm()) <= 4 * cond * 1e-6
 
 
@@ -222,16 +237,21 @@ def test_many_right_hand_sides_in_one_pass():
 
 def test_auto_route_and_memory():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 4)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    ).double()
     X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
     G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y)
     est, cost = G.memory_estimate(), G.cost_estimate()
     assert {"output", "riccati", "dense", "tridiagonal"} <= set(est)
     assert set(cost) == {"output", "riccati", "dense"}
     F = G.factorize(1e-3)
-    assert F.method == {"output": "output space", "riccati": "riccati", "dense": "dense"}[
-        min(cost, key=cost.get)]
+    assert (
+        F.method
+        == {"output": "output space", "riccati": "riccati", "dense": "dense"}[
+            min(cost, key=cost.get)
+        ]
+    )
     with pytest.raises(MemoryBudgetError, match=r"G \+ 0.001 I.*output: .*riccati: .*dense: "):
         G.factorize(1e-3, max_memory=1)
     H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)

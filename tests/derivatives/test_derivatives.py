@@ -37,8 +37,9 @@ def _stages(problem, oracle):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [2, 7])  # below and above the input width + 1: compressed or not
 def test_structured_equals_generic(activation, bias, batch):
-    problem = make_problem(depth=3, width=5, batch=batch, activation=activation, bias=bias,
-                           loss="ce", seed=31)
+    problem = make_problem(
+        depth=3, width=5, batch=batch, activation=activation, bias=bias, loss="ce", seed=31
+    )
     fast, slow = _stages(problem, "analytic"), _stages(problem, "generic")
     for l, (a, b) in enumerate(zip(fast, slow, strict=True)):
         assert isinstance(a, LinearDerivatives) and isinstance(b, GenericDerivatives)
@@ -73,8 +74,18 @@ def test_compression_is_taken_when_batch_is_below_width():
     assert _stages(wide_batch, "auto")[1].complement is None
 
 
-@pytest.mark.parametrize("case", ["plain", "duplicated_samples", "zero_input", "dead_relu",
-                                  "frozen_bias", "weight_only", "bias_only"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "duplicated_samples",
+        "zero_input",
+        "dead_relu",
+        "frozen_bias",
+        "weight_only",
+        "bias_only",
+    ],
+)
 def test_linear_basis_and_complement_identities(case):
     """Section 8: span(Y) holds range(Dxx) and range(Dx^T); the complement's closed forms."""
     gen = torch.Generator().manual_seed(7)
@@ -96,8 +107,9 @@ def test_linear_basis_and_complement_identities(case):
         wsel, bsel = True, False
     elif case == "bias_only":
         wsel, bsel = False, True
-    d = LinearDerivatives(W, c, (act,), z, b, weight_selected=wsel, bias_selected=bsel,
-                          has_input=True)
+    d = LinearDerivatives(
+        W, c, (act,), z, b, weight_selected=wsel, bias_selected=bsel, has_input=True
+    )
     p, N = d.num_params, d.basis_size
     eye_N = torch.eye(N, dtype=torch.float64)
     Y = d.Y(eye_N)  # (p, N)
@@ -234,11 +246,14 @@ def test_analytic_oracle_refuses_other_stages():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)).double()
     X = torch.randn(3, 1, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="not nn.Linear"):
-        hessinv.ChainHessian(model, nn.MSELoss(), X, torch.randn(3, 2, dtype=torch.float64),
-                             oracle="analytic")
+        hessinv.ChainHessian(
+            model, nn.MSELoss(), X, torch.randn(3, 2, dtype=torch.float64), oracle="analytic"
+        )
 
 
-@pytest.mark.parametrize("weight_selected,bias_selected", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    "weight_selected,bias_selected", [(True, True), (True, False), (False, True)]
+)
 def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_selected):
     """The Linear hooks' four product steps (prepare, tangent, adjoint, finish) share
     subexpressions; the default hooks use the eight separate products."""
@@ -247,12 +262,21 @@ def test_fused_product_equals_the_eight_separate_products(weight_selected, bias_
 
     gen = torch.Generator().manual_seed(9)
     B, h_in, h_out, k = 4, 5, 3, 2
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64)
-            for s in ((h_out, h_in), (h_out,), (B, h_in), (B, h_out))]
+    args = [
+        torch.randn(*s, generator=gen, dtype=torch.float64)
+        for s in ((h_out, h_in), (h_out,), (B, h_in), (B, h_out))
+    ]
     for has_input in (True, False):
-        d = LinearDerivatives(args[0], args[1], (nn.SiLU(),), args[2], args[3],
-                              weight_selected=weight_selected, bias_selected=bias_selected,
-                              has_input=has_input)
+        d = LinearDerivatives(
+            args[0],
+            args[1],
+            (nn.SiLU(),),
+            args[2],
+            args[3],
+            weight_selected=weight_selected,
+            bias_selected=bias_selected,
+            has_input=has_input,
+        )
         v = torch.randn(d.num_params, k, generator=gen, dtype=torch.float64)
         t_prev = torch.randn(B, h_in, k, generator=gen, dtype=torch.float64) if has_input else None
         u = torch.randn(B, h_out, k, generator=gen, dtype=torch.float64)
@@ -275,8 +299,12 @@ def test_stack_is_a_view_exactly_when_the_blocks_are_consecutive():
     stacked = _stack([b.reshape(2, 3) for b in blocks[1:]])
     assert stacked.shape == (3, 2, 3) and stacked.data_ptr() == blocks[1].data_ptr()
     assert torch.equal(stacked, flat[6:].reshape(3, 2, 3))
-    for parts in ([blocks[0], blocks[2]], [blocks[1], blocks[0]], [blocks[0], blocks[0]],
-                  [blocks[0], torch.arange(6.0, 12.0)]):
+    for parts in (
+        [blocks[0], blocks[2]],
+        [blocks[1], blocks[0]],
+        [blocks[0], blocks[0]],
+        [blocks[0], torch.arange(6.0, 12.0)],
+    ):
         out = _stack(parts)  # not one after the other in one storage: a copy
         assert out.data_ptr() not in {p.data_ptr() for p in parts}
         assert torch.equal(out, torch.stack(parts))

@@ -68,8 +68,12 @@ def _ce_exact(rows, coeffs, total):
         A = mpmath.fsum(a)
         value -= mpmath.fsum(ak * mpmath.log(pk) for ak, pk in zip(a, p, strict=True))
         grads.append([(A * pk - ak) / total for pk, ak in zip(p, a, strict=True)])
-        blocks.append([[A * ((pk if j == k else 0) - pk * pj) / total for j, pj in enumerate(p)]
-                       for k, pk in enumerate(p)])
+        blocks.append(
+            [
+                [A * ((pk if j == k else 0) - pk * pj) / total for j, pj in enumerate(p)]
+                for k, pk in enumerate(p)
+            ]
+        )
     return value / total, grads, blocks
 
 
@@ -81,8 +85,11 @@ def _tensor(rows):
 @pytest.mark.parametrize("variant", ["plain", "weight", "ignore_sum", "flipped"])
 def test_cross_entropy_confident_entrywise(p_small, variant):
     K = 3
-    rows = [_logits(p_small, K), _logits(0.3, K),
-            [mpmath.mpf(float(v / 3)) for v in _logits(p_small, K)]]
+    rows = [
+        _logits(p_small, K),
+        _logits(0.3, K),
+        [mpmath.mpf(float(v / 3)) for v in _logits(p_small, K)],
+    ]
     y = [0, 1, 0]
     if variant == "flipped":  # a confident wrong prediction: the target has p ~ p_small
         y = [2, 1, 1]
@@ -90,14 +97,14 @@ def test_cross_entropy_confident_entrywise(p_small, variant):
     loss_fn = nn.CrossEntropyLoss()
     if variant == "weight":
         w = [mpmath.mpf(v) for v in ("0.5", "2", "1.25")]
-        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([float(v) for v in w],
-                                                          dtype=torch.float64))
+        loss_fn = nn.CrossEntropyLoss(
+            weight=torch.tensor([float(v) for v in w], dtype=torch.float64)
+        )
     keep = [1, 1, 1]
     if variant == "ignore_sum":
         loss_fn = nn.CrossEntropyLoss(reduction="sum", ignore_index=1)
         keep = [1, 0, 1]
-    coeffs = [[w[yi] * keep[i] * (1 if k == yi else 0) for k in range(K)]
-              for i, yi in enumerate(y)]
+    coeffs = [[w[yi] * keep[i] * (1 if k == yi else 0) for k in range(K)] for i, yi in enumerate(y)]
     total = 1 if variant == "ignore_sum" else mpmath.fsum(w[yi] * keep[i] for i, yi in enumerate(y))
     value, grads, blocks = _ce_exact(rows, coeffs, total)
     head = loss_head(loss_fn, _tensor(rows), torch.tensor(y))
@@ -114,22 +121,29 @@ def test_cross_entropy_smoothing_and_probability_targets(p_small):
     w = [mpmath.mpf(v) for v in ("0.5", "2", "1.25", "1")]
     weight = torch.tensor([float(v) for v in w], dtype=torch.float64)
     y = [0, 3]
-    coeffs = [[w[yi] * (1 - mpmath.mpf(s)) * (k == yi) + mpmath.mpf(s) / K * w[k]
-               for k in range(K)] for yi in y]
+    coeffs = [
+        [w[yi] * (1 - mpmath.mpf(s)) * (k == yi) + mpmath.mpf(s) / K * w[k] for k in range(K)]
+        for yi in y
+    ]
     value, grads, blocks = _ce_exact(rows, coeffs, mpmath.fsum(w[yi] for yi in y))
-    head = loss_head(nn.CrossEntropyLoss(weight=weight, label_smoothing=s), _tensor(rows),
-                     torch.tensor(y))
+    head = loss_head(
+        nn.CrossEntropyLoss(weight=weight, label_smoothing=s), _tensor(rows), torch.tensor(y)
+    )
     _entrywise(head.hess, blocks)
     g = torch.tensor([[float(v) for v in r] for r in grads], dtype=torch.float64)
     assert float((head.grad - g).abs().max()) <= TOL * float(g.abs().max())
     # probability targets (the mean divides by B)
-    q = [[mpmath.mpf(1) - 3 * mpmath.mpf("1e-3")] + [mpmath.mpf("1e-3")] * 3,
-         [mpmath.mpf(1) / 4] * 4]
-    coeffs = [[w[k] * ((1 - mpmath.mpf(s)) * qi[k] + mpmath.mpf(s) / K) for k in range(K)]
-              for qi in q]
+    q = [
+        [mpmath.mpf(1) - 3 * mpmath.mpf("1e-3")] + [mpmath.mpf("1e-3")] * 3,
+        [mpmath.mpf(1) / 4] * 4,
+    ]
+    coeffs = [
+        [w[k] * ((1 - mpmath.mpf(s)) * qi[k] + mpmath.mpf(s) / K) for k in range(K)] for qi in q
+    ]
     value, grads, blocks = _ce_exact(rows, coeffs, 2)
-    head = loss_head(nn.CrossEntropyLoss(weight=weight, label_smoothing=s), _tensor(rows),
-                     _tensor(q))
+    head = loss_head(
+        nn.CrossEntropyLoss(weight=weight, label_smoothing=s), _tensor(rows), _tensor(q)
+    )
     _entrywise(head.hess, blocks)
     g = torch.tensor([[float(v) for v in r] for r in grads], dtype=torch.float64)
     assert float((head.grad - g).abs().max()) <= TOL * float(g.abs().max())
@@ -148,7 +162,12 @@ def test_bce_with_logits_confident_entrywise(p_small):
     for i in range(2):
         g_row, d_row = [], []
         for k in range(2):
-            ok, yk, pk, wk = mpmath.mpf(o[i, k].item()), y[i, k].item(), pw[k].item(), wt[0, k].item()
+            ok, yk, pk, wk = (
+                mpmath.mpf(o[i, k].item()),
+                y[i, k].item(),
+                pw[k].item(),
+                wt[0, k].item(),
+            )
             sp, sn = 1 / (1 + mpmath.exp(-ok)), 1 / (1 + mpmath.exp(ok))
             g_row.append(wk * (-pk * yk * sn + (1 - yk) * sp) / 4)
             d_row.append(wk * (pk * yk + 1 - yk) * sp * sn / 4)
@@ -218,7 +237,9 @@ def test_folded_losses_match_autograd_at_moderate_logits():
     """Away from saturation the fold changes nothing: the dense autograd Hessian of the
     original model and loss agrees to rounding."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(dim=1)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(dim=1)
+    ).double()
     X, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
     w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     for loss_fn in (nn.NLLLoss(), nn.NLLLoss(weight=w, reduction="sum")):

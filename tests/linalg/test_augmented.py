@@ -52,6 +52,7 @@ def test_grid_solve_matches_tridiagonal_solver():
     via_solver = torch.cat(AugmentedSolver(stages, S, 0.05).solve(blocks))
     assert relative_error(via_grid, via_solver) < 1e-12
     sign, logabsdet = AugmentedSolver(stages, S, 0.05).lu.slogdet()
-    ref = torch.linalg.slogdet(hessinv.dense_hessian(*problem)
-                               + 0.05 * torch.eye(H.num_params, dtype=torch.float64))
+    ref = torch.linalg.slogdet(
+        hessinv.dense_hessian(*problem) + 0.05 * torch.eye(H.num_params, dtype=torch.float64)
+    )
     assert sign == ref[0] and abs(float(logabsdet - ref[1])) < 1e-9

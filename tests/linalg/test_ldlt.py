@@ -1,4 +1,5 @@
-"""Bunch-Kaufman in explicit form ``P L D L^T P^T`` (hessinv.linalg.ldlt) against dense linear algebra."""
+"""Bunch-Kaufman in explicit form ``P L D L^T P^T`` (hessinv.linalg.ldlt) against dense linear
+algebra."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def test_explicit_bunch_kaufman(seed):
     # the explicit factors reproduce G to rounding (backward stable: ||E|| ~ n u ||G|| growth)
     P = torch.eye(n, dtype=torch.float64)[f.perm].T
     D = torch.diag(f.d) + torch.diag(f.e[:-1], 1) + torch.diag(f.e[:-1], -1)
-    assert float((P @ f.L @ D @ f.L.T @ P.T - G).abs().max()) <= 100 * n * 2.2e-16 * float(G.abs().max())
+    assert float((P @ f.L @ D @ f.L.T @ P.T - G).abs().max()) <= 100 * n * 2.2e-16 * float(
+        G.abs().max()
+    )
     assert torch.equal(torch.tril(f.L), f.L) and torch.all(torch.diagonal(f.L) == 1)
     B = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     x = f.solve(B)

@@ -1,4 +1,5 @@
-"""Stage-wise (Riccati) factorization: solve, logdet, inertia, fallback (docs/algorithm.md section 5)."""
+"""Stage-wise (Riccati) factorization: solve, logdet, inertia, fallback (docs/algorithm.md section
+5)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def _eig_counts(M):
 def test_logdet_inertia_solve_against_dense(seed):
     rng = random.Random(seed)
     problem = make_problem(
-        depth=rng.randint(2, 6), width=rng.randint(2, 5), batch=rng.randint(1, 5),
-        activation=rng.choice(sorted(ACTIVATIONS)), loss=rng.choice(["ce", "mse", "mse_sum"]),
+        depth=rng.randint(2, 6),
+        width=rng.randint(2, 5),
+        batch=rng.randint(1, 5),
+        activation=rng.choice(sorted(ACTIVATIONS)),
+        loss=rng.choice(["ce", "mse", "mse_sum"]),
         seed=seed,
     )
     H = hessinv.ChainHessian(*problem)
@@ -96,7 +100,8 @@ def test_riccati_agrees_with_tridiagonal(eps):
 
 
 def test_singular_last_schur_complement_is_handled_by_delayed_pivots():
-    """G_L = H_LL + eps I singular while H + eps I is not: pivots are delayed, inertia stays exact."""
+    """G_L = H_LL + eps I singular while H + eps I is not: pivots are delayed, inertia stays
+    exact."""
     problem = make_problem(depth=2, width=3, batch=6, loss="mse", seed=24)
     H = hessinv.ChainHessian(*problem)
     H_LL = H.diagonal_blocks([1])[0]  # G_L = H_LL + eps I (section 5, V_{L+1} = S)
@@ -160,21 +165,41 @@ def test_checking_in_runs_gives_the_same_factors(monkeypatch):
     monkeypatch.setattr(riccati, "_optimistic_chunk", counted)
     for seed in range(40):
         chain = random_chain(seed, max_depth=12)
-        H = hessinv.ChainHessian(chain.model, chain.loss_fn, chain.inputs, chain.targets,
-                                 params=chain.params, oracle=chain.oracle, progress=False)
+        H = hessinv.ChainHessian(
+            chain.model,
+            chain.loss_fn,
+            chain.inputs,
+            chain.targets,
+            params=chain.params,
+            oracle=chain.oracle,
+            progress=False,
+        )
         stages, S = H.stage_derivatives(), H.loss_hessian_blocks()
         g = [torch.randn(d.num_params, 2, dtype=torch.float64) for d in stages]
         for eps in (1e-8, 1e-2, 1.0, -0.1):
             outcome = []
             for check_every, speculative in ((1, False), (3, False), (1, True)):
                 try:
-                    rf = riccati.riccati_factorize(stages, S, eps, check_every=check_every,
-                                                   speculative=speculative, progress=False)
+                    rf = riccati.riccati_factorize(
+                        stages,
+                        S,
+                        eps,
+                        check_every=check_every,
+                        speculative=speculative,
+                        progress=False,
+                    )
                 except hessinv.SingularMatrixError as err:
                     outcome.append(str(err))
                     continue
-                outcome.append((rf.inertia, float(rf.sign), float(rf.logabsdet), rf.n_delayed,
-                                riccati.riccati_solve(stages, rf, g)))
+                outcome.append(
+                    (
+                        rf.inertia,
+                        float(rf.sign),
+                        float(rf.logabsdet),
+                        rf.n_delayed,
+                        riccati.riccati_solve(stages, rf, g),
+                    )
+                )
             a = outcome[0]
             for b in outcome[1:]:
                 assert type(a) is type(b), (seed, eps)

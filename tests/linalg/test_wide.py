@@ -28,8 +28,11 @@ def _model(width, depth=3, d_in=3, d_out=3, act=nn.Tanh, bias=True, seed=0, scal
     model = nn.Sequential(*layers).double()
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
-                    / max(1, p.shape[-1]) ** 0.5)
+            p.copy_(
+                torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                * scale
+                / max(1, p.shape[-1]) ** 0.5
+            )
     return model
 
 
@@ -45,7 +48,9 @@ def _check_all(model, loss_fn, X, y, eps_values=EPS):
     H = hessinv.ChainHessian(model, loss_fn, X, y)
     D = hessinv.dense_hessian(model, loss_fn, X, y)
     scale = float(D.abs().max())
-    V = torch.randn(H.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    V = torch.randn(
+        H.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
     assert float((H @ V - D @ V).abs().max()) <= 1e-12 * scale * float(V.abs().max()) * 10
     diag = hessinv.flatten(H.diagonal())
     assert float((diag - D.diagonal()).abs().max()) <= 1e-13 * scale
@@ -97,8 +102,9 @@ def test_mixed_structured_and_generic_stages():
             return z + torch.tanh(self.lin(z))
 
     gen = torch.Generator().manual_seed(4)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), Residual(6), nn.Linear(6, 6), nn.SiLU(),
-                          nn.Linear(6, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.Tanh(), Residual(6), nn.Linear(6, 6), nn.SiLU(), nn.Linear(6, 3)
+    ).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
@@ -112,7 +118,9 @@ def test_mixed_structured_and_generic_stages():
 def test_zero_damping_on_a_wide_layer_names_the_null_space():
     X, y, loss_fn = _data(batch=2)
     H = hessinv.ChainHessian(_model(width=6), loss_fn, X, y)
-    with pytest.raises(hessinv.SingularMatrixError, match="null space of dimension at least") as err:
+    with pytest.raises(
+        hessinv.SingularMatrixError, match="null space of dimension at least"
+    ) as err:
         H.factorize(0.0, method="riccati")
     D = hessinv.dense_hessian(_model(width=6), loss_fn, X, y)
     nullity = int((torch.linalg.eigvalsh(D).abs() <= 1e-10 * float(D.abs().max())).sum())
@@ -132,13 +140,15 @@ def test_float32_wide_layers_stay_on_the_riccati_path():
         assert F32.method.startswith("riccati")
         assert F32.backward_error <= 1e-6
         M = hessinv.dense_hessian(model.double(), loss_fn, X, y) + eps * torch.eye(
-            H64.num_params, dtype=torch.float64)
+            H64.num_params, dtype=torch.float64
+        )
         cond = float(torch.linalg.cond(M))
         # float32 contract: backward error <= 1e-6, so the float32 solve is within ~2 cond 1e-6
         # of its own problem, whose weights differ from the float64 ones by the float32
         # rounding u32 = 6e-8 (another ~cond u32 |H| relative): allow 10 cond (1e-6 + u32)
         assert float(torch.linalg.norm(x32.double() - x64) / torch.linalg.norm(x64)) <= (
-            10 * cond * (1e-6 + 6e-8))
+            10 * cond * (1e-6 + 6e-8)
+        )
         assert F32.inertia() == H64.factorize(eps).inertia()
         model.float()
 
@@ -247,8 +257,9 @@ def test_batched_front_terms_equal_the_stage_by_stage_ones(batch, params):
     X, y, loss_fn = _data(batch=batch, seed=6)
     X[3] = X[1]  # the first stage's Zt one rank lower: one more shape group
     model = _model(width=9, depth=6, seed=7)
-    chosen = None if params == "all" else [n for n, _ in model.named_parameters()
-                                           if n.endswith(params)]
+    chosen = (
+        None if params == "all" else [n for n, _ in model.named_parameters() if n.endswith(params)]
+    )
     H = hessinv.ChainHessian(model, loss_fn, X, y, params=chosen)
     stages = H.stage_derivatives()
     batched = LinearTerms.front_terms(stages)

@@ -12,8 +12,15 @@ from hessinv.network.chain import build_chain
 
 
 def test_stages_prefix_and_names():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Dropout(0.0),
-                          nn.Linear(3, 3, bias=False), nn.Linear(3, 2), nn.Tanh()).eval()
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(4, 3),
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Linear(3, 3, bias=False),
+        nn.Linear(3, 2),
+        nn.Tanh(),
+    ).eval()
     chain = build_chain(model)
     assert len(chain.prefix) == 1
     assert [len(s.modules) for s in chain.stages] == [3, 1, 2]
@@ -28,7 +35,9 @@ def test_list_of_modules_and_frozen_parameters():
     chain = build_chain([first, nn.Tanh(), frozen, nn.Linear(2, 1)])
     assert [s.param_names for s in chain.stages] == [("0.weight",), ("3.weight", "3.bias")]
     # frozen modules are parameter-free here; stages hold snapshots (copies) of the modules
-    assert type(chain.stages[0].modules[-1]) is nn.Linear and chain.stages[0].modules[-1] is not frozen
+    assert (
+        type(chain.stages[0].modules[-1]) is nn.Linear and chain.stages[0].modules[-1] is not frozen
+    )
     assert torch.equal(chain.stages[0].modules[-1].weight, frozen.weight)
 
 
@@ -68,10 +77,12 @@ def test_frozen_parameters_do_not_record_autograd_graphs():
     model, loss_fn, X, y = make_problem(depth=3, width=4, batch=5, seed=3)
     model[2].bias.requires_grad_(False)  # frozen, and another stage only partly selected
     H = hessinv.ChainHessian(model, loss_fn, X, y, params=["0.weight", "4.weight", "4.bias"])
-    assert all(not p.requires_grad for s in H.chain.stages for m in s.modules
-               for p in m.parameters())
-    tensors = [v for d in H.stage_derivatives() for v in vars(d).values()
-               if isinstance(v, torch.Tensor)]
+    assert all(
+        not p.requires_grad for s in H.chain.stages for m in s.modules for p in m.parameters()
+    )
+    tensors = [
+        v for d in H.stage_derivatives() for v in vars(d).values() if isinstance(v, torch.Tensor)
+    ]
     assert tensors and not any(t.requires_grad for t in tensors)
     assert not H.factorize(0.1, progress=False).logdet()[1].requires_grad
     assert model[0].weight.requires_grad  # the user's model is untouched
@@ -101,9 +112,18 @@ class _CustomCopy(nn.Linear):
         return out
 
 
-@pytest.mark.parametrize("module", [nn.Linear(3, 2), nn.ReLU(inplace=True), nn.LayerNorm(3),
-                                    nn.LeakyReLU(0.3), nn.Sequential(nn.Linear(3, 3)),
-                                    _Scaled(), _CustomCopy(3, 2)])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Linear(3, 2),
+        nn.ReLU(inplace=True),
+        nn.LayerNorm(3),
+        nn.LeakyReLU(0.3),
+        nn.Sequential(nn.Linear(3, 3)),
+        _Scaled(),
+        _CustomCopy(3, 2),
+    ],
+)
 def test_snapshots_are_independent_frozen_copies(module):
     """A stage holds what ``copy.deepcopy`` would give (made directly for plain modules),
     frozen and out of place: later changes to the model or its hooks do not reach it."""
@@ -126,8 +146,10 @@ def test_snapshots_are_independent_frozen_copies(module):
             p.add_(1.0)
     module.register_forward_hook(lambda m, args, out: out * 0)
     assert torch.equal(snap(z.clone()), before)
-    assert all(p.data_ptr() != q.data_ptr()
-               for p, q in zip(module.parameters(), snap.parameters(), strict=True))
+    assert all(
+        p.data_ptr() != q.data_ptr()
+        for p, q in zip(module.parameters(), snap.parameters(), strict=True)
+    )
 
 
 def test_flat_params_one_vector_and_dtype_errors():

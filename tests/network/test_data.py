@@ -30,8 +30,13 @@ def test_data_loader_equals_the_union_batch(loss):
 def test_data_errors():
     problem = make_problem(depth=2, width=3, batch=4, seed=71)
     with pytest.raises(TypeError, match="either"):
-        hessinv.ChainHessian(problem.model, problem.loss_fn, problem.inputs, problem.targets,
-                             data=[(problem.inputs, problem.targets)])
+        hessinv.ChainHessian(
+            problem.model,
+            problem.loss_fn,
+            problem.inputs,
+            problem.targets,
+            data=[(problem.inputs, problem.targets)],
+        )
     with pytest.raises(ValueError, match="no batches"):
         hessinv.ChainHessian(problem.model, problem.loss_fn, data=[])
     with pytest.raises(TypeError, match="pairs"):
@@ -53,8 +58,10 @@ class _TwoInputs(nn.Module):
 def test_tuple_inputs_to_the_first_stage():
     gen = torch.Generator().manual_seed(72)
     model = nn.Sequential(_TwoInputs(), nn.Linear(4, 3)).double()
-    X = (torch.randn(5, 3, generator=gen, dtype=torch.float64),
-         torch.randn(5, 2, generator=gen, dtype=torch.float64))
+    X = (
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, 2, generator=gen, dtype=torch.float64),
+    )
     y = torch.randint(0, 3, (5,), generator=gen)
     H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)
     D = hessinv.dense_hessian(model, nn.CrossEntropyLoss(), X, y)
@@ -72,8 +79,12 @@ def test_parameter_subsets_by_tensor_and_name():
     sizes = [p.numel() for p in m.parameters()]
     offsets = dict(zip(names, torch.tensor([0] + sizes).cumsum(0).tolist(), strict=False))
     chosen = ["0.weight", "2.bias", "4.weight"]
-    idx = torch.cat([torch.arange(offsets[n], offsets[n] + dict(zip(names, sizes, strict=True))[n])
-                     for n in chosen])
+    idx = torch.cat(
+        [
+            torch.arange(offsets[n], offsets[n] + dict(zip(names, sizes, strict=True))[n])
+            for n in chosen
+        ]
+    )
     for params in (chosen, [m[0].weight, m[2].bias, m[4].weight]):
         H = hessinv.ChainHessian(*problem, params=params)
         assert H.param_names == tuple(chosen)
@@ -98,8 +109,10 @@ class _DictInputs(nn.Module):
 def test_dict_inputs_to_the_first_stage():
     gen = torch.Generator().manual_seed(74)
     model = nn.Sequential(_DictInputs(), nn.Linear(4, 3)).double()
-    X = {"x": torch.randn(5, 3, generator=gen, dtype=torch.float64),
-         "z": torch.randn(5, 2, generator=gen, dtype=torch.float64)}
+    X = {
+        "x": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        "z": torch.randn(5, 2, generator=gen, dtype=torch.float64),
+    }
     y = torch.randint(0, 3, (5,), generator=gen)
     H = hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)
     D = hessinv.dense_hessian(model, nn.CrossEntropyLoss(), X, y)

@@ -65,18 +65,25 @@ def test_one_activation_instance_used_twice():
     # Sanity: dropping the second use (what named_children() does) changes H a lot.
     dropped = nn.Sequential(model[0], act, model[2], model[4])
     assert _far_apart(autograd_hessian(dropped, loss_fn, X, y).hessian, ref.hessian, ref)
-    _assert_contract(lambda: hessinv.ChainHessian(model, loss_fn, X, y), ref,
-                     what="Tanh instance used twice")
+    _assert_contract(
+        lambda: hessinv.ChainHessian(model, loss_fn, X, y), ref, what="Tanh instance used twice"
+    )
 
 
 def test_parameterised_module_used_twice_is_refused():
     """The same ``nn.Linear`` at two positions ties weights across stages: refuse, naming it."""
     torch.manual_seed(102)
     shared = nn.Linear(4, 4)
-    model = nn.Sequential(OrderedDict(
-        first=nn.Linear(3, 4), act1=nn.Tanh(), hidden=shared, act2=nn.Tanh(), again=shared,
-        out=nn.Linear(4, 2),
-    )).to(f64)
+    model = nn.Sequential(
+        OrderedDict(
+            first=nn.Linear(3, 4),
+            act1=nn.Tanh(),
+            hidden=shared,
+            act2=nn.Tanh(),
+            again=shared,
+            out=nn.Linear(4, 2),
+        )
+    ).to(f64)
     X, y = _batch(102)
     with pytest.raises(ValueError) as info:
         hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)
@@ -116,8 +123,11 @@ def test_frozen_bias_with_trainable_weight(how):
     no_bias = copy.deepcopy(model)
     with torch.no_grad():
         no_bias[0].bias.zero_()
-    assert _far_apart(autograd_hessian(no_bias, loss_fn, X, y, params=["0.weight", "2.weight", "2.bias"]).hessian,
-                      ref.hessian, ref)
+    assert _far_apart(
+        autograd_hessian(no_bias, loss_fn, X, y, params=["0.weight", "2.weight", "2.bias"]).hessian,
+        ref.hessian,
+        ref,
+    )
 
     def make():
         return hessinv.ChainHessian(model, loss_fn, X, y, params=params)
@@ -135,15 +145,19 @@ def test_params_subset_inside_one_module():
     params = ["2.bias", "0.weight"]  # order given does not matter: named_parameters() order
     ref = autograd_hessian(model, loss_fn, X, Y, params=params)
     assert ref.names == ("0.weight", "2.bias")
-    _assert_contract(lambda: hessinv.ChainHessian(model, loss_fn, X, Y, params=params), ref,
-                     what="params=['2.bias', '0.weight']")
+    _assert_contract(
+        lambda: hessinv.ChainHessian(model, loss_fn, X, Y, params=params),
+        ref,
+        what="params=['2.bias', '0.weight']",
+    )
 
 
 # ----------------------------------------------------------------------------- 3. tied inside
 
 
 class _TiedPair(nn.Module):
-    """Two ``nn.Linear`` sharing one weight ``Parameter``: ``b(tanh(a(z)))`` with ``b.weight is a.weight``."""
+    """Two ``nn.Linear`` sharing one weight ``Parameter``: ``b(tanh(a(z)))`` with ``b.weight is
+    a.weight``."""
 
     def __init__(self, width):
         super().__init__()
@@ -157,18 +171,31 @@ class _TiedPair(nn.Module):
 
 def test_weights_tied_inside_one_module():
     torch.manual_seed(105)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _TiedPair(4), nn.Tanh(), nn.Linear(4, 2)).to(f64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), _TiedPair(4), nn.Tanh(), nn.Linear(4, 2)).to(
+        f64
+    )
     assert model[2].b.weight is model[2].a.weight
     X, y = _batch(105)
     loss_fn = nn.CrossEntropyLoss()
     ref = autograd_hessian(model, loss_fn, X, y)
-    assert ref.names == ("0.weight", "0.bias", "2.a.weight", "2.a.bias", "2.b.bias", "4.weight", "4.bias")
+    assert ref.names == (
+        "0.weight",
+        "0.bias",
+        "2.a.weight",
+        "2.a.bias",
+        "2.b.bias",
+        "4.weight",
+        "4.bias",
+    )
     # Sanity: untying (two independent copies of the same values) gives another H entirely.
     untied = copy.deepcopy(model)
     untied[2].b.weight = nn.Parameter(untied[2].a.weight.detach().clone())
     assert autograd_hessian(untied, loss_fn, X, y).hessian.shape != ref.hessian.shape
-    _assert_contract(lambda: hessinv.ChainHessian(model, loss_fn, X, y), ref,
-                     what="weight tied inside one module")
+    _assert_contract(
+        lambda: hessinv.ChainHessian(model, loss_fn, X, y),
+        ref,
+        what="weight tied inside one module",
+    )
 
 
 # ----------------------------------------------------------------------------- 4. in place
@@ -176,14 +203,22 @@ def test_weights_tied_inside_one_module():
 
 def test_inplace_activations():
     torch.manual_seed(106)
-    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 5),
-                          nn.SiLU(inplace=True), nn.Linear(5, 2)).to(f64)
+    model = nn.Sequential(
+        nn.Linear(3, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 5),
+        nn.SiLU(inplace=True),
+        nn.Linear(5, 2),
+    ).to(f64)
     X, y = _batch(106)
     X_before = X.clone()
     loss_fn = nn.CrossEntropyLoss()
     ref = autograd_hessian(model, loss_fn, X, y)
-    _assert_contract(lambda: hessinv.ChainHessian(model, loss_fn, X, y), ref,
-                     what="ReLU(inplace=True), SiLU(inplace=True)")
+    _assert_contract(
+        lambda: hessinv.ChainHessian(model, loss_fn, X, y),
+        ref,
+        what="ReLU(inplace=True), SiLU(inplace=True)",
+    )
     assert torch.equal(X, X_before)
 
 
@@ -227,9 +262,14 @@ def test_loss_coupling_the_samples_is_refused_at_construction():
 
 def test_inplace_on_input_module_refused_at_construction_or_right():
     torch.manual_seed(109)
-    model = nn.Sequential(OrderedDict(
-        first=nn.Linear(3, 4), shift=_InplaceShift(4), act=nn.Tanh(), out=nn.Linear(4, 2),
-    )).to(f64)
+    model = nn.Sequential(
+        OrderedDict(
+            first=nn.Linear(3, 4),
+            shift=_InplaceShift(4),
+            act=nn.Tanh(),
+            out=nn.Linear(4, 2),
+        )
+    ).to(f64)
     X, y = _batch(109)
     loss_fn = nn.CrossEntropyLoss()
     ref = autograd_hessian(model, loss_fn, X, y)
@@ -239,8 +279,11 @@ def test_inplace_on_input_module_refused_at_construction_or_right():
         return  # refused where it must be: at construction
     del H
     # Accepted at construction: then everything must be right (and nothing may raise later).
-    _assert_contract(lambda: hessinv.ChainHessian(model, loss_fn, X, y), ref,
-                     what="module adding a parameter to its input in place")
+    _assert_contract(
+        lambda: hessinv.ChainHessian(model, loss_fn, X, y),
+        ref,
+        what="module adding a parameter to its input in place",
+    )
 
 
 # ----------------------------------------------------------------------------- 6. staleness
@@ -265,7 +308,9 @@ def _mutate(what, model, X, y):
 def test_snapshot_at_construction(what, loss):
     """Mutating the model, inputs or targets in place after construction changes nothing."""
     torch.manual_seed(110)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).to(f64)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).to(f64)
     model[2].weight.requires_grad_(False)
     X, y = _batch(110, classes=3)
     if loss == "mse":
@@ -275,8 +320,10 @@ def test_snapshot_at_construction(what, loss):
     H = hessinv.ChainHessian(model, loss_fn, X, y)
     _mutate(what, model, X, y)  # right after construction, before any query
     after = autograd_hessian(model, loss_fn, X, y)
-    assert _far_apart(after.hessian, before.hessian, before) or \
-        abs(float(after.loss - before.loss)) > 1e-3  # the mutation matters
+    assert (
+        _far_apart(after.hessian, before.hessian, before)
+        or abs(float(after.loss - before.loss)) > 1e-3
+    )  # the mutation matters
     report = check_hessian(lambda: H, before, 0.1, description=f"mutated {what} ({loss})", k=2)
     require_contract(report)
 
@@ -439,7 +486,9 @@ def _dead_relu_unit():
     return model, nn.MSELoss(), X, Y, "0.bias"
 
 
-@pytest.mark.parametrize("build", [_softmax_null_space, _dead_relu_unit], ids=["softmax", "dead_relu"])
+@pytest.mark.parametrize(
+    "build", [_softmax_null_space, _dead_relu_unit], ids=["softmax", "dead_relu"]
+)
 def test_exactly_singular_is_refused(build):
     model, loss_fn, X, y, name = build()
     ref = autograd_hessian(model, loss_fn, X, y)
@@ -454,7 +503,9 @@ def test_exactly_singular_is_refused(build):
     else:
         e[a + 1] = 1.0  # the dead unit's bias
     norm_H = float(torch.linalg.matrix_norm(ref.hessian, 2))
-    assert float(torch.linalg.vector_norm(ref.hessian @ e)) <= 1e-14 * norm_H  # the proof, numerically
+    assert (
+        float(torch.linalg.vector_norm(ref.hessian @ e)) <= 1e-14 * norm_H
+    )  # the proof, numerically
     H = hessinv.ChainHessian(model, loss_fn, X, y)
     assert hessinv.SingularMatrixError is hessinv.errors.SingularMatrixError
     with pytest.raises(hessinv.SingularMatrixError) as info:

@@ -43,8 +43,9 @@ CURVATURES = pytest.mark.parametrize(
 def make_problem(depth: int, width: int, batch: int, loss: str, seed: int, scale: float = 1.0):
     """A tanh MLP with ``depth`` Linear layers (PyTorch's initialisation times ``scale``), a
     batch and a loss (CE or MSE): the shared builder."""
-    return problems.make_problem(depth, width, batch, loss=loss, init="default", scale=scale,
-                                 seed=seed, data_seed=seed)
+    return problems.make_problem(
+        depth, width, batch, loss=loss, init="default", scale=scale, seed=seed, data_seed=seed
+    )
 
 
 def dead_relu_problem():
@@ -106,8 +107,12 @@ def _spectral_problem(evals, seed):
 # ----------------------------------------------------------------------------- the protocol
 def test_package_exports():
     assert set(hessinv.optim.__all__) == {
-        "DampedNewton", "TrustRegionNewton", "trust_region_subproblem", "TrustRegionSolution",
-        "CurvatureProtocol", "FactorizationProtocol",
+        "DampedNewton",
+        "TrustRegionNewton",
+        "trust_region_subproblem",
+        "TrustRegionSolution",
+        "CurvatureProtocol",
+        "FactorizationProtocol",
     }
     assert TrustRegionSolution._fields[0] == "step"
 
@@ -124,7 +129,12 @@ def test_dense_curvature_satisfies_protocol():
     V = torch.randn(5, 3, generator=gen, dtype=DT)
     assert torch.allclose(B.matvec(V), H @ V)
     assert torch.allclose(torch.cat(list(B.diagonal().values())), torch.diagonal(H))
-    for damping, counts in [(0.0, (3, 2, 0)), (2.0, (4, 1, 0)), (5.0, (5, 0, 0)), (-1.0, (2, 3, 0))]:
+    for damping, counts in [
+        (0.0, (3, 2, 0)),
+        (2.0, (4, 1, 0)),
+        (5.0, (5, 0, 0)),
+        (-1.0, (2, 3, 0)),
+    ]:
         F = B.factorize(damping)
         assert isinstance(F, FactorizationProtocol) and F.damping == damping
         assert F.inertia() == counts
@@ -334,8 +344,15 @@ def test_damped_newton_rejects_and_restores(curvature):
 def test_damped_newton_all_tries_rejected_restores_exactly():
     model, loss_fn, X, y = make_problem(2, 4, 6, "mse", 4)
     x0 = flat_params(model)
-    opt = DampedNewton(model, loss_fn, lr=1e6, damping=1.0, damping_up=2.0, max_tries=2,
-                       curvature=dense_hessian_factory)
+    opt = DampedNewton(
+        model,
+        loss_fn,
+        lr=1e6,
+        damping=1.0,
+        damping_up=2.0,
+        max_tries=2,
+        curvature=dense_hessian_factory,
+    )
     f0 = opt.step(X, y)
     info = opt.last_step
     assert not info["accepted"] and info["tries"] == 2 and info["new_loss"] == f0
@@ -430,8 +447,9 @@ def test_trust_region_rejection_shrinks_radius_and_restores():
     # a huge radius on a strongly nonlinear model: rho < 0, rejected, radius shrunk
     model, loss_fn, X, y = make_problem(3, 5, 6, "mse", 3, scale=2.5)
     x0 = flat_params(model)
-    opt = TrustRegionNewton(model, loss_fn, radius=50.0, max_tries=1,
-                            curvature=dense_hessian_factory)
+    opt = TrustRegionNewton(
+        model, loss_fn, radius=50.0, max_tries=1, curvature=dense_hessian_factory
+    )
     f0 = opt.step(X, y)
     info = opt.last_step
     assert not info["accepted"] and info["rho"] < 0.25 and info["on_boundary"]
@@ -455,9 +473,7 @@ def test_dead_relu_single_class_constant_loss(cls, curvature):
         info = opt.last_step
         assert info["accepted"] and info["converged"] and info["tries"] == 1
         assert info["step_norm"] == 0.0 and info["rho"] == 1.0 and info["new_loss"] == 0.0
-        assert all(
-            not (isinstance(v, float) and math.isnan(v)) for v in info.values()
-        ), info
+        assert all(not (isinstance(v, float) and math.isnan(v)) for v in info.values()), info
     assert torch.equal(flat_params(model), x0)
     assert {k: v for k, v in opt.state_dict().items() if k != "step_count"} == {
         k: v for k, v in state.items() if k != "step_count"
@@ -480,14 +496,20 @@ def _logistic_problem():
         (grad,) = torch.autograd.grad(loss, t)
         return float(loss.detach()), grad.numpy()
 
-    ref = minimize(f_and_g, flat_params(model).numpy(), jac=True, method="BFGS",
-                   options={"gtol": 1e-11, "maxiter": 2000})
+    ref = minimize(
+        f_and_g,
+        flat_params(model).numpy(),
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-11, "maxiter": 2000},
+    )
     return model, loss_fn, X, y, float(ref.fun)
 
 
 @CURVATURES
-@pytest.mark.parametrize("cls,kwargs", [(DampedNewton, {"damping": 1e-3}),
-                                        (TrustRegionNewton, {"radius": 1.0})])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(DampedNewton, {"damping": 1e-3}), (TrustRegionNewton, {"radius": 1.0})]
+)
 def test_convex_logistic_regression_converges(cls, kwargs, curvature):
     model, loss_fn, X, y, fmin = _logistic_problem()
     opt = cls(model, loss_fn, curvature=curvature, **kwargs)
@@ -571,8 +593,10 @@ def test_curvature_factory_receives_the_batch():
 
 # ----------------------------------------------------------------------------- state, arguments
 @CURVATURES
-@pytest.mark.parametrize("cls,kwargs,key", [(DampedNewton, {"damping": 0.1}, "damping"),
-                                            (TrustRegionNewton, {"radius": 0.3}, "radius")])
+@pytest.mark.parametrize(
+    "cls,kwargs,key",
+    [(DampedNewton, {"damping": 0.1}, "damping"), (TrustRegionNewton, {"radius": 0.3}, "radius")],
+)
 def test_state_dict_round_trip(cls, kwargs, key, curvature):
     model, loss_fn, X, y = make_problem(2, 4, 6, "ce", 8)
     opt = cls(model, loss_fn, curvature=curvature, **kwargs)

@@ -43,8 +43,9 @@ def test_e1_tiny(cfg):
 
 
 def test_e2_tiny(cfg):
-    e2_width_batch.run(cfg, depth=2, widths=[2, 3], batches=[2, 3], width_batch=2,
-                       batch_width=2, repeats=1)
+    e2_width_batch.run(
+        cfg, depth=2, widths=[2, 3], batches=[2, 3], width_batch=2, batch_width=2, repeats=1
+    )
     assert (cfg.outdir / "e2_width_batch.png").exists()
     rows = _rows(cfg.outdir / "e2_width_batch_raw.csv")
     assert len(rows) == 4
@@ -63,8 +64,7 @@ def test_e3_tiny(cfg):
 
 
 def test_e4_tiny(cfg):
-    e4_pearlmutter.run(cfg, depths=[2, 3], ks=[1, 2], amortise_depth=2, repeats=1, width=3,
-                       batch=2)
+    e4_pearlmutter.run(cfg, depths=[2, 3], ks=[1, 2], amortise_depth=2, repeats=1, width=3, batch=2)
     assert (cfg.outdir / "e4_pearlmutter.png").exists()
     for r in _rows(cfg.outdir / "e4_pearlmutter.csv"):
         assert _num(r["max rel err"]) < 1e-12
@@ -83,9 +83,19 @@ def test_e6_tiny(cfg):
     from paper import e6_deep_training
 
     md = e6_deep_training.run(
-        cfg, configs=[(3, 3)], activations=["tanh"], batch=8, precond_batch=12,
-        refresh_every=2, first_order_budget_s=0.1, budget_s=0.2, max_steps=3, cg_iters=3,
-        sgd_lrs=[0.01], adam_lrs=[0.01], psgd_lrs=[0.1],
+        cfg,
+        configs=[(3, 3)],
+        activations=["tanh"],
+        batch=8,
+        precond_batch=12,
+        refresh_every=2,
+        first_order_budget_s=0.1,
+        budget_s=0.2,
+        max_steps=3,
+        cg_iters=3,
+        sgd_lrs=[0.01],
+        adam_lrs=[0.01],
+        psgd_lrs=[0.1],
     )
     assert "E6" in md
     for stem in ("e6_deep_training", "e6_winners", "e6_by_method", "e6_runs", "e6_init"):

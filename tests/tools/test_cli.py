@@ -19,8 +19,9 @@ MARKUP = ("``", ":mod:", ":func:", ":class:", "**", ".. ")
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _option_entries(help_text: str) -> dict[str, str]:
@@ -60,11 +61,18 @@ def test_demo_help_lists_every_option_with_its_default(demo_help):
     for name in options:
         assert "(default:" in entries[name], entries[name]
     defaults = DemoConfig()
-    for name, value in [("--depth", defaults.depth), ("--width", defaults.width),
-                        ("--batch", defaults.batch), ("--damping", defaults.damping),
-                        ("--dense-limit", defaults.dense_limit), ("--seed", defaults.seed),
-                        ("--device", defaults.device), ("--dtype", defaults.dtype),
-                        ("--maxiter", defaults.maxiter), ("--threads", 1)]:
+    for name, value in [
+        ("--depth", defaults.depth),
+        ("--width", defaults.width),
+        ("--batch", defaults.batch),
+        ("--damping", defaults.damping),
+        ("--dense-limit", defaults.dense_limit),
+        ("--seed", defaults.seed),
+        ("--device", defaults.device),
+        ("--dtype", defaults.dtype),
+        ("--maxiter", defaults.maxiter),
+        ("--threads", 1),
+    ]:
         assert f"(default: {value})" in entries[name], entries[name]
     assert "(default: 1e-10 in float64, 1e-4 in float32)" in entries["--rtol"]
 

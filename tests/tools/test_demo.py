@@ -19,8 +19,11 @@ from hessinv.tools.demo import (
 )
 
 TINY = DemoConfig(depth=4, width=4, batch=3, d_in=3, n_classes=3, progress=False)
-EXACT, CG, SCIPY_CG = ("exact (riccati, ours)", "CG (hessinv) on our products",
-                       "CG (scipy) on our products")
+EXACT, CG, SCIPY_CG = (
+    "exact (riccati, ours)",
+    "CG (hessinv) on our products",
+    "CG (scipy) on our products",
+)
 MINRES, DENSE = "MINRES (scipy) on our products", "dense torch.func.hessian + solve"
 
 
@@ -87,9 +90,17 @@ def test_cg_converges_on_the_positive_definite_system(report):
 
 def test_report_prints_tables_facts_and_verdict(report):
     text = format_report(report)
-    for piece in (f"| {EXACT} |", f"| {CG} |", f"| {DENSE} |", "log|det(H + 0.01 I)|",
-                  "log|det(G + 0.01 I)|", "inertia:", "backward error", "When to use what",
-                  "-> use"):
+    for piece in (
+        f"| {EXACT} |",
+        f"| {CG} |",
+        f"| {DENSE} |",
+        "log|det(H + 0.01 I)|",
+        "log|det(G + 0.01 I)|",
+        "inertia:",
+        "backward error",
+        "When to use what",
+        "-> use",
+    ):
         assert piece in text, piece
 
 
@@ -112,8 +123,10 @@ def test_verdict_picks_the_fastest_row_that_reached_the_target():
 
 
 def test_verdict_recommends_cg_when_cg_wins():
-    part = _part(Row(EXACT, "exact", 1.0, "ok", rel_residual=1e-14),
-                 Row(CG, "iterative", 0.25, "converged", products=5, rel_residual=1e-11))
+    part = _part(
+        Row(EXACT, "exact", 1.0, "ok", rel_residual=1e-14),
+        Row(CG, "iterative", 0.25, "converged", products=5, rel_residual=1e-11),
+    )
     lines = verdict(part, 1e-10)
     assert CG in lines[0] and "4.0x slower" in lines[1]
     assert "conjugate_gradient(G.matvec, g, eps)" in lines[-1]
@@ -125,8 +138,19 @@ def test_verdict_when_nothing_reached_the_target():
 
 
 def test_cli_prints_the_report(capsys):
-    argv = ["demo", "--depth", "3", "--width", "3", "--batch", "2", "--dense-limit", "10",
-            "--no-progress", "--tridiagonal"]
+    argv = [
+        "demo",
+        "--depth",
+        "3",
+        "--width",
+        "3",
+        "--batch",
+        "2",
+        "--dense-limit",
+        "10",
+        "--no-progress",
+        "--tridiagonal",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"| {EXACT} | " in out and "| exact (tridiagonal, paper) |" in out
@@ -134,19 +158,22 @@ def test_cli_prints_the_report(capsys):
     assert DENSE not in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--depth", "0"], "argument --depth: must be at least 1, got 0"),
-    (["--width", "two"], "argument --width: expected an integer, got 'two'"),
-    (["--classes", "1"], "argument --classes: must be at least 2, got 1"),
-    (["--damping", "0"], "argument --damping: must be a finite number > 0, got 0"),
-    (["--damping", "inf"], "argument --damping: must be a finite number > 0, got inf"),
-    (["--rtol", "1"], "argument --rtol: must be below 1, got 1"),
-    (["--dense-limit", "-1"], "argument --dense-limit: must be at least 0, got -1"),
-    (["--device", "gpu0"], "argument --device: 'gpu0' is not a torch device"),
-    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
-    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
-    (["--dtype", "float32", "--rtol", "1e-9"], "--rtol 1e-09 is below what float32 can reach"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--depth", "0"], "argument --depth: must be at least 1, got 0"),
+        (["--width", "two"], "argument --width: expected an integer, got 'two'"),
+        (["--classes", "1"], "argument --classes: must be at least 2, got 1"),
+        (["--damping", "0"], "argument --damping: must be a finite number > 0, got 0"),
+        (["--damping", "inf"], "argument --damping: must be a finite number > 0, got inf"),
+        (["--rtol", "1"], "argument --rtol: must be below 1, got 1"),
+        (["--dense-limit", "-1"], "argument --dense-limit: must be at least 0, got -1"),
+        (["--device", "gpu0"], "argument --device: 'gpu0' is not a torch device"),
+        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--dtype", "float32", "--rtol", "1e-9"], "--rtol 1e-09 is below what float32 can reach"),
+    ],
+)
 def test_cli_rejects_bad_options(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", *argv])

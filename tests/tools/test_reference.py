@@ -27,7 +27,9 @@ def test_conjugate_gradient():
     b = torch.randn(20, dtype=torch.float64)
     res = hessinv.conjugate_gradient(lambda v: M @ v, b, damping=0.5, rtol=1e-12)
     assert res.converged and res.residual <= 1e-12
-    assert torch.allclose(res.x, torch.linalg.solve(M + 0.5 * torch.eye(20, dtype=torch.float64), b))
+    assert torch.allclose(
+        res.x, torch.linalg.solve(M + 0.5 * torch.eye(20, dtype=torch.float64), b)
+    )
     neg = hessinv.conjugate_gradient(lambda v: -M @ v, b)
     assert not neg.converged  # negative curvature is reported, not hidden
     few = hessinv.conjugate_gradient(lambda v: M @ v, b, maxiter=2)

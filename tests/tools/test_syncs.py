@@ -32,8 +32,9 @@ def _mlp(depth, width=8, batch=32, seed=0):
     for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
         lin = nn.Linear(d_in, d_out).double()
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-                             * 1.5 / d_in**0.5)
+            lin.weight.copy_(
+                torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) * 1.5 / d_in**0.5
+            )
         layers += [lin, nn.Tanh()]
     model = nn.Sequential(*layers[:-1])
     X = torch.randn(batch, 4, generator=gen, dtype=torch.float64)
@@ -87,10 +88,12 @@ def test_front_host_reads(speculative):
     assert kinds["ldl"] >= 2 and kinds["eigen"] == 0 and rf.inertia[1] > 0  # the premise
     root_cholesky = rf.factors[0].front.kind == "cholesky"
     per_cholesky = 1 if speculative else 2
-    assert syncs.count == (per_cholesky * kinds["cholesky"] - (per_cholesky - 1) * root_cholesky
-                           + 3 * kinds["ldl"] + 1)
-    reference = riccati.riccati_factorize(stages, S, 1e-3, speculative=not speculative,
-                                          progress=False)
+    assert syncs.count == (
+        per_cholesky * kinds["cholesky"] - (per_cholesky - 1) * root_cholesky + 3 * kinds["ldl"] + 1
+    )
+    reference = riccati.riccati_factorize(
+        stages, S, 1e-3, speculative=not speculative, progress=False
+    )
     assert (rf.inertia, rf.n_delayed) == (reference.inertia, reference.n_delayed)
     assert torch.equal(rf.logabsdet, reference.logabsdet)
 

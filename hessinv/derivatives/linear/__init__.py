@@ -1,4 +1,5 @@
-"""``nn.Linear`` followed by elementwise activations, in Kronecker form (docs/algorithm.md section 8).
+"""``nn.Linear`` followed by elementwise activations, in Kronecker form (docs/algorithm.md section
+8).
 
 ``kernels`` (batched per-sample products), ``forward`` (forward-pass parts of many stages
 at once), ``operators`` (:class:`LinearDerivatives`), ``basis`` (front terms in the basis
@@ -15,6 +16,13 @@ from hessinv.derivatives.linear.forward import (
 )
 from hessinv.derivatives.linear.operators import LinearDerivatives
 
-__all__ = ["LinearDerivatives", "LinearComplement", "LinearInput", "LinearForward",
-           "linear_forwards", "linear_complements", "linear_front_terms",
-           "elementwise_derivatives"]
+__all__ = [
+    "LinearDerivatives",
+    "LinearComplement",
+    "LinearInput",
+    "LinearForward",
+    "linear_forwards",
+    "linear_complements",
+    "linear_front_terms",
+    "elementwise_derivatives",
+]

@@ -41,9 +41,13 @@ def linear_front_terms(stages) -> list[FrontTerms]:
             W = stack([d.W for d in group])
             Dzx = torch.einsum("gbo,goi,gbr->gorbi", beta, W, Zr)
             if d0.weight_selected:
-                Qh = (stack([d.Q for d in group])[:, :h_in] if d0.Q is not None else
-                      torch.eye(d0.m, dtype=d0.dtype, device=d0.device)[:h_in].expand(
-                          G, h_in, d0.m))
+                Qh = (
+                    stack([d.Q for d in group])[:, :h_in]
+                    if d0.Q is not None
+                    else torch.eye(d0.m, dtype=d0.dtype, device=d0.device)[:h_in].expand(
+                        G, h_in, d0.m
+                    )
+                )
                 gamma = stack([d.gamma for d in group])
                 Dzx = Dzx + torch.einsum("gbo,gir->gorbi", gamma, Qh)
             Dzx = Dzx.reshape(G, N, B * h_in)

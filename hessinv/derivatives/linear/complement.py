@@ -1,4 +1,5 @@
-"""The directions of a ``Linear`` stage outside its basis ``Y = I (x) Q`` (docs/algorithm.md section 8)."""
+"""The directions of a ``Linear`` stage outside its basis ``Y = I (x) Q`` (docs/algorithm.md
+section 8)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class LinearComplement(Complement):
     def coupled_T(self, v):
         M = self.stage.to_matrix(v)
         return torch.einsum("oa,omk,mc->ack", self.U_gamma, M, self.Pc).reshape(
-            self.coupled_dim, v.shape[-1])
+            self.coupled_dim, v.shape[-1]
+        )
 
     def coupled(self, w):
         W = w.reshape(self.U_gamma.shape[1], self.Pc.shape[1], w.shape[-1])
@@ -120,15 +122,17 @@ def linear_complements(stages: Sequence[LinearDerivatives]) -> list[LinearComple
             groups.setdefault(tuple(s.gamma.shape), []).append(i)
             bases.setdefault((s.m, s.r, s.n_weight_cols), []).append(i)
     for shape, idx in groups.items():
-        _, S, Vh = torch.linalg.svd(torch.stack([stages[i].gamma for i in idx]),
-                                    full_matrices=False)
+        _, S, Vh = torch.linalg.svd(
+            torch.stack([stages[i].gamma for i in idx]), full_matrices=False
+        )
         rank = ranks(S, shape).tolist() if S.shape[1] else [0] * len(idx)
         for j, i in enumerate(idx):
             svds[i] = (S[j], Vh[j], rank[j])
     for idx in bases.values():
         nw = stages[idx[0]].n_weight_cols
-        for i, projector in zip(idx, _complement_projectors([stages[i].Q for i in idx], nw),
-                                strict=True):
+        for i, projector in zip(
+            idx, _complement_projectors([stages[i].Q for i in idx], nw), strict=True
+        ):
             projectors[i] = projector
     for s, svd, projector in zip(stages, svds, projectors, strict=True):
         s._complement = LinearComplement(s, svd, projector)

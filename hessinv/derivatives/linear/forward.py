@@ -81,8 +81,13 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
             raise ValueError("a Linear stage needs its weight or its bias as parameters")
     shape_groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
-        key = (tuple(it.weight.shape), it.bias is None, tuple(it.z.shape), it.weight_selected,
-               it.bias_selected)
+        key = (
+            tuple(it.weight.shape),
+            it.bias is None,
+            tuple(it.z.shape),
+            it.weight_selected,
+            it.bias_selected,
+        )
         shape_groups.setdefault(key, []).append(i)
     pre: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     Zt: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
@@ -113,8 +118,12 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
         sizes = [pre[i].numel() for i in idx]
         for i, a, b in zip(idx, d1.split(sizes), d2.split(sizes), strict=True):
             s1[i], s2[i] = a.reshape(pre[i].shape), b.reshape(pre[i].shape)
-    return [LinearForward(it.weight, Zt[i], s1[i], s2[i], Q[i], Zr[i], it.weight_selected,
-                          it.bias_selected) for i, it in enumerate(items)]
+    return [
+        LinearForward(
+            it.weight, Zt[i], s1[i], s2[i], Q[i], Zr[i], it.weight_selected, it.bias_selected
+        )
+        for i, it in enumerate(items)
+    ]
 
 
 def _row_space_bases(zt: torch.Tensor, idx: list[int], Q: list, Zr: list) -> None:

@@ -10,8 +10,17 @@ import torch
 
 from hessinv.settings import BATCH_PARAMS
 
-__all__ = ["ranks", "apply_rows", "left", "left_add", "gather_rows", "stack", "shape_groups",
-           "bmm", "bmm_k"]
+__all__ = [
+    "ranks",
+    "apply_rows",
+    "left",
+    "left_add",
+    "gather_rows",
+    "stack",
+    "shape_groups",
+    "bmm",
+    "bmm_k",
+]
 
 
 def ranks(S: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -44,8 +53,9 @@ def left(W: torch.Tensor, t: torch.Tensor, W_T: torch.Tensor | None = None) -> t
     return (W @ t.transpose(0, 1).reshape(i, B * k)).reshape(W.shape[0], B, k).transpose(0, 1)
 
 
-def left_add(acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor,
-              W_T: torch.Tensor | None = None) -> torch.Tensor:
+def left_add(
+    acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor, W_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """``acc + left(W, t)``; for one vector one ``addmm`` over the samples (``acc`` may be a
     broadcast view)."""
     if t.shape[2] == 1:
@@ -73,14 +83,14 @@ def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
         return first[None]
     step = first.numel()
     if first.is_contiguous() and all(
-            t.is_contiguous() and t.shape == first.shape
-            and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-            and t.storage_offset() == first.storage_offset() + j * step
-            for j, t in enumerate(tensors)):
+        t.is_contiguous()
+        and t.shape == first.shape
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() == first.storage_offset() + j * step
+        for j, t in enumerate(tensors)
+    ):
         return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
     return torch.stack(tensors)
-
-
 
 
 def shape_groups(stages, keys) -> list[list[int]]:

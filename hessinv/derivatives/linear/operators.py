@@ -1,4 +1,5 @@
-"""``nn.Linear`` followed by elementwise activations, in Kronecker form (docs/algorithm.md section 8).
+"""``nn.Linear`` followed by elementwise activations, in Kronecker form (docs/algorithm.md section
+8).
 
 For ``z_out[i] = act(W z_in[i] + c)`` write the selected parameters of the stage as one
 ``(h_out, m)`` matrix ``Theta`` whose columns are the weight's (when it is selected) and
@@ -19,7 +20,8 @@ Nothing of size ``p x p`` or ``B h_out x p`` is stored: only ``Zt``, ``s'``, ``b
 The basis of the stage-wise factorization is ``Y = I_{h_out} (x) Q`` with ``Q`` (``m x r``)
 an orthonormal basis of the row space of ``Zt``: ``range(Dxx)`` and ``range(Dx^T)`` lie in
 ``span(Y)``, so the factorization works with ``N = h_out r`` numbers per stage instead of
-``p = h_out m`` (``r <= min(B, m)``). The rest, :class:`~hessinv.derivatives.linear.complement.LinearComplement`, couples to
+``p = h_out m`` (``r <= min(B, m)``). The rest,
+:class:`~hessinv.derivatives.linear.complement.LinearComplement`, couples to
 the stage input only through the ``gamma`` term of ``Dzx`` and is handled in closed form.
 
 The package: ``kernels`` (batched per-sample products), ``forward`` (the forward-pass parts
@@ -68,8 +70,20 @@ class LinearDerivatives(StageDerivatives):
     True
     """
 
-    def __init__(self, weight, bias, acts, z, b, *, weight_selected: bool, bias_selected: bool,
-                 has_input: bool, second_order: bool = True, compress: bool = True):
+    def __init__(
+        self,
+        weight,
+        bias,
+        acts,
+        z,
+        b,
+        *,
+        weight_selected: bool,
+        bias_selected: bool,
+        has_input: bool,
+        second_order: bool = True,
+        compress: bool = True,
+    ):
         item = LinearInput(weight, bias, tuple(acts), z, weight_selected, bias_selected)
         self._setup(linear_forwards([item], compress)[0], b, has_input, second_order)
         if self.Q is not None:
@@ -78,8 +92,9 @@ class LinearDerivatives(StageDerivatives):
             linear_complements([self])
 
     @classmethod
-    def from_forward(cls, forward: LinearForward, b: torch.Tensor, *, has_input: bool,
-                     second_order: bool = True) -> LinearDerivatives:
+    def from_forward(
+        cls, forward: LinearForward, b: torch.Tensor, *, has_input: bool, second_order: bool = True
+    ) -> LinearDerivatives:
         """The stage from its :class:`LinearForward` (see :func:`linear_forwards`) and adjoint."""
         self = cls.__new__(cls)
         self._setup(forward, b, has_input, second_order)
@@ -109,7 +124,6 @@ class LinearDerivatives(StageDerivatives):
         self.Q, self.Zr = fwd.Q, fwd.Zr
         self.r = m if fwd.Q is None else fwd.Q.shape[1]
         self._complement = None  # set by linear_complements (the sweep or the constructor)
-
 
     # ------------------------------------------------------------ layout
     def to_matrix(self, v: torch.Tensor) -> torch.Tensor:
@@ -197,9 +211,9 @@ class LinearDerivatives(StageDerivatives):
         K = self.s1[:, :, None] * R * self.s1[:, None, :] + torch.diag_embed(self.beta)
         h_out, m = self.out_size, self.m
         block = torch.einsum("bop,bm,bn->ompn", K, self.Zt, self.Zt).reshape(h_out * m, h_out * m)
-        perm = self.from_matrix(
-            torch.arange(h_out * m, device=self.device).reshape(h_out, m, 1)
-        )[:, 0]
+        perm = self.from_matrix(torch.arange(h_out * m, device=self.device).reshape(h_out, m, 1))[
+            :, 0
+        ]
         return block[perm][:, perm]
 
     # ------------------------------------------------------------ basis (section 8)
@@ -265,8 +279,10 @@ class LinearDerivatives(StageDerivatives):
     def DxY_T_Dz_T(self, w):
         """Both from ``s' * w`` (one pass over ``w``)."""
         S = self.s1_col * w
-        return (gather_rows(self.Zr, S).reshape(self.basis_size, w.shape[-1]),
-                left(self.WT, S, self.W))
+        return (
+            gather_rows(self.Zr, S).reshape(self.basis_size, w.shape[-1]),
+            left(self.WT, S, self.W),
+        )
 
     def Y_T_Dxx_Y(self):
         """From :func:`linear_front_terms` of this stage alone (one formula for both)."""
