@@ -216,7 +216,7 @@ def _add_machine_options(demo: argparse.ArgumentParser, d: DemoConfig) -> None:
         dest="progress",
         action="store_false",
         default=d.progress,
-        help="no progress bars (default: progress bars on stderr)",
+        help="no progress bars (default: bars on stderr when it is a terminal)",
     )
 
 

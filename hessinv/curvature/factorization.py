@@ -301,7 +301,7 @@ class Factorization:
 class RiccatiFactorization(Factorization):
     """The stage-wise factorization (docs/algorithm.md sections 5, 8, 10) under the contract."""
 
-    def __init__(self, curvature: CurvatureOperator, damping: float, progress: bool = True):
+    def __init__(self, curvature: CurvatureOperator, damping: float, progress: bool | None = None):
         super().__init__(curvature, damping, RiccatiSolver(curvature, damping, progress))
 
     @property

@@ -42,7 +42,8 @@ class ChainHessian(CurvatureOperator):
             constants.
         oracle: ``"auto"`` (structured ``Linear`` stages and closed-form losses where they
             apply, ``torch.func`` otherwise), ``"generic"`` or ``"analytic"``.
-        progress: progress bars on sweeps that take more than two seconds.
+        progress: ``None`` (default): progress bars on sweeps that take more than two
+            seconds, only when stderr is a terminal; ``True`` always; ``False`` never.
 
     Everything (parameters, constants, inputs, targets) is read at construction; build a
     new object after an update.

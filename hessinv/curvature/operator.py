@@ -63,7 +63,7 @@ class CurvatureOperator:
         data: Iterable[Any] | None = None,
         params: Sequence[str | torch.Tensor] | None = None,
         oracle: str = "auto",
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> None:
         check_loss_fn(loss_fn)
         check_oracle(oracle)

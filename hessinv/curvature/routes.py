@@ -91,7 +91,7 @@ def choose(curvature, damping: float, method: str, max_memory: int | None) -> st
     return min(fitting, key=lambda r: (costs[r], candidates.index(r)))
 
 
-def factorize(curvature, damping, method: str, max_memory, progress: bool) -> Factorization:
+def factorize(curvature, damping, method: str, max_memory, progress: bool | None) -> Factorization:
     """The factorization of ``curvature + damping I`` on the route :func:`choose` picks."""
     damping = finite(damping, "damping")
     max_memory = check_bytes(max_memory, "max_memory")

@@ -133,7 +133,7 @@ class RiccatiSolver(Solver):
     threshold test asks for them, enlarge the next front by their number.
     """
 
-    def __init__(self, curvature, damping: float, progress: bool = False, hard: bool = False):
+    def __init__(self, curvature, damping: float, progress: bool | None = None, hard: bool = False):
         self._curvature, self.damping, self._progress = curvature, damping, progress
         self._stages = curvature.stage_derivatives()
         self.hard = hard

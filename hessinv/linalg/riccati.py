@@ -211,7 +211,7 @@ def riccati_factorize(
     force_eigen: bool = False,
     check_every: int = 1,
     speculative: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> RiccatiFactors:
     """Backward sweep over the stages (last first); see the module docstring.
 
@@ -256,7 +256,7 @@ def riccati_factorize(
     n_delay = 0
     runs = check_every > 1 and not force_eigen
     optimistic, cholesky_run = runs, 0
-    bar = progress_bar(total=L, desc="factorization", disable=not progress)
+    bar = progress_bar(L, "factorization", progress)
     l = L - 1
     while l >= 0:
         if optimistic and n_delay == 0 and l > 0:

@@ -35,13 +35,13 @@ def _cat(items, what: str):
     return tree_unflatten(leaves, spec)
 
 
-def concatenate_batches(data: Iterable, progress: bool = True):
+def concatenate_batches(data: Iterable, progress: bool | None = None):
     """``(inputs, targets)`` of the union of an iterable of ``(inputs, targets)`` batches."""
     from hessinv.progress import progress_bar
 
     inputs, targets = [], []
     total = len(data) if hasattr(data, "__len__") else None
-    bar = progress_bar(total=total, desc="batches", disable=not progress)
+    bar = progress_bar(total, "batches", progress)
     for batch in data:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
@@ -57,7 +57,7 @@ def concatenate_batches(data: Iterable, progress: bool = True):
     return _cat(inputs, "inputs"), _cat(targets, "targets")
 
 
-def resolve_batch(inputs, targets, data, progress: bool = True):
+def resolve_batch(inputs, targets, data, progress: bool | None = None):
     """Either ``(inputs, targets)`` or ``data=``, not both; returns one batch."""
     if data is not None:
         if inputs is not None or targets is not None:

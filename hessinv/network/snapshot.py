@@ -69,7 +69,15 @@ def gc_paused():
 
 
 def read_chain(
-    model, loss_fn, inputs, targets, params, *, second_order: bool, oracle: str, progress: bool
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    params,
+    *,
+    second_order: bool,
+    oracle: str,
+    progress: bool | None,
 ) -> ChainSnapshot:
     """Split ``model`` into stages, check and copy the batch, run the derivative sweep."""
     with gc_paused():

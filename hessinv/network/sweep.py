@@ -102,7 +102,7 @@ def compute_derivatives(
     *,
     second_order: bool = True,
     oracle: str = "auto",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> ChainDerivatives:
     """Run the forward pass and the backward derivative sweep.
 
@@ -145,7 +145,7 @@ def compute_derivatives(
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     b = head.grad
     forwards = structured_forwards(chain.stages, params, zs, oracle)  # batched over stages
-    bar = progress_bar(total=L, desc="derivatives", disable=not progress)
+    bar = progress_bar(L, "derivatives", progress)
     for l in range(L - 1, -1, -1):
         d = stage_derivatives(
             chain.stages[l],

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.progress import progress_bar
 from hessinv.tools.problems import mlp
 from hessinv.tools.reference import conjugate_gradient, dense_hessian
 
@@ -80,7 +81,7 @@ class DemoConfig:
     dense_limit: int = 6000
     tridiagonal: bool = False
     seed: int = 0
-    progress: bool = True
+    progress: bool | None = None
 
     @property
     def target(self) -> float:
@@ -418,7 +419,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoReport:
     _warm_up(cfg)
     problem = make_problem(cfg)
     steps = _step_count(cfg, problem)
-    with tqdm(total=steps, desc="demo", disable=not cfg.progress, leave=False) as bar:
+    with progress_bar(steps, "demo", cfg.progress) as bar:
         indefinite, n = _indefinite_part(problem, cfg, bar)
         positive_definite = _positive_definite_part(problem, cfg, bar)
     return DemoReport(cfg, n, torch.get_num_threads(), [indefinite, positive_definite])
