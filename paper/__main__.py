@@ -22,6 +22,7 @@ _MODULES = {
     "E4": "paper.e4_pearlmutter",
     "E5": "paper.e5_training",
     "E6": "paper.e6_deep_training",
+    "E7": "paper.e7_least_squares",
 }
 _TITLES = {
     "E1": "cost against depth",
@@ -30,6 +31,7 @@ _TITLES = {
     "E4": "Hessian-vector products vs Pearlmutter",
     "E5": "training",
     "E6": "deep training: the paper's hope, tested",
+    "E7": "full-batch least squares: where exact curvature wins",
 }
 
 
@@ -47,6 +49,7 @@ _SUMMARIES = {
     "E4": "our Hessian-vector products vs Pearlmutter's (torch.func): agreement, cost",
     "E5": "training a tall-skinny tanh MLP: exact Newton vs SGD, Adam, Hessian-free",
     "E6": "training tall-skinny nets: exact curvature vs SGD/Adam",
+    "E7": "full-batch least squares: exact-GGN Levenberg-Marquardt vs L-BFGS, Adam",
 }
 
 _EPILOG = """\
