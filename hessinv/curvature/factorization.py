@@ -142,8 +142,9 @@ class Factorization:
         """``(r, beta)``: the residual blocks and an upper bound on the backward error.
 
         ``||C + eps I||`` enters through a lower bound, so ``beta`` is never reported low:
-        first the free one, ``||(C + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``; only when
-        that does not already prove ``beta <= bound`` the Lanczos estimate (cached per operator).
+        first the free one, ``||(C + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``, then the
+        route's own (:meth:`Solver.norm_lower_bound`); only when those do not already prove
+        ``beta <= bound`` the Lanczos estimate (cached per operator).
         """
         hx = flat(hessian_vector_product(self._stages, self._S, x))
         X, Gm = flat(x), flat(g)
@@ -161,6 +162,11 @@ class Factorization:
             return float(ratio.max()) if ratio.numel() else 0.0
 
         beta = worst(free)
+        if beta > accuracy_bound(R.dtype):
+            known = self._solver.norm_lower_bound()  # free for some routes
+            if known is not None:
+                free = max(free, known)
+                beta = worst(free)
         if beta > accuracy_bound(R.dtype):
             beta = worst(max(free, self._norm()))
         return r, beta

@@ -105,6 +105,11 @@ class Solver(ABC):
     def harden(self) -> Solver | None:
         return None
 
+    def norm_lower_bound(self) -> float | None:
+        """A lower bound on ``||C + damping I||`` that the route knows without work, or
+        ``None`` (then the contract estimates it by Lanczos)."""
+        return None
+
     def certified_error(self) -> float | None:
         """A bound ``beta`` such that ``logdet`` and ``inertia`` are those of ``C + eps I + E``
         with ``||E|| <= beta ||C + eps I||``, when the route knows one without measuring;
@@ -333,6 +338,21 @@ class OutputSpaceSolver(Solver):
                 stacklevel=3,
             )
         return [(1 - ql) / self.damping for ql in q]
+
+    def norm_lower_bound(self):
+        """``||G + lam I|| >= max(e_max + lam, |lam|)`` with ``e_max`` the largest eigenvalue of
+        ``U U^T`` when it is kept, else its largest diagonal entry (``<= e_max``); ``|lam|``
+        counts when ``G`` has a zero eigenvalue (``n > B r``). Free: no Lanczos."""
+        lam = self.damping
+        if self.space.has_eigh:
+            top = float(self.space.eigh()[0][-1]) if self.space.rows else 0.0
+        else:
+            A = self.space.gram()
+            top = float(A.diagonal().max()) if A.numel() else 0.0
+        bound = abs(top + lam)
+        if self.space.num_params > self.space.rows:
+            bound = max(bound, abs(lam))
+        return bound
 
     def certified_error(self):
         """With an exact loss factor, ``K`` is formed from the Gram matrix ``A`` with an
