@@ -139,12 +139,12 @@ class Factorization:
     def _residual(
         self, g: list[torch.Tensor], x: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], float]:
-        """``(r, beta)``: the residual blocks and an upper bound on the backward error.
+        """``(r, berr)``: the residual blocks and an upper bound on the backward error.
 
-        ``||C + eps I||`` enters through a lower bound, so ``beta`` is never reported low:
+        ``||C + eps I||`` enters through a lower bound, so ``berr`` is never reported low:
         first the free one, ``||(C + eps I) x_j|| / ||x_j|| = ||g_j - r_j|| / ||x_j||``, then the
         route's own (:meth:`Solver.norm_lower_bound`); only when those do not already prove
-        ``beta <= bound`` the Lanczos estimate (cached per operator).
+        ``berr <= bound`` the Lanczos estimate (cached per operator).
         """
         hx = flat(hessian_vector_product(self._stages, self._S, x))
         X, Gm = flat(x), flat(g)
@@ -161,15 +161,15 @@ class Factorization:
             ratio = torch.where(den > 0, num / den.clamp_min(tiny), 0.0)
             return float(ratio.max()) if ratio.numel() else 0.0
 
-        beta = worst(free)
-        if beta > accuracy_bound(R.dtype):
+        berr = worst(free)
+        if berr > accuracy_bound(R.dtype):
             known = self._solver.norm_lower_bound()  # free for some routes
             if known is not None:
                 free = max(free, known)
-                beta = worst(free)
-        if beta > accuracy_bound(R.dtype):
-            beta = worst(max(free, self._norm()))
-        return r, beta
+                berr = worst(free)
+        if berr > accuracy_bound(R.dtype):
+            berr = worst(max(free, self._norm()))
+        return r, berr
 
     def _refined(
         self, g: list[torch.Tensor], refine: str | int

@@ -37,19 +37,19 @@ class LinearHvp(HvpHooks):
         out: list = [None] * len(stages)
         for idx in _groups(stages):
             d = stages[idx[0]]
-            V = stack([v[i] for i in idx])  # (G, p, k)
-            G, k, h, nw = V.shape[0], V.shape[-1], d.out_size, d.n_weight_cols
+            V = stack([v[i] for i in idx])  # (ng, p, k)
+            ng, k, h, nw = V.shape[0], V.shape[-1], d.out_size, d.n_weight_cols
             P0 = EV = None
             if d.weight_selected:
-                VW = V[:, : h * nw].reshape(G, h, nw, k)
+                VW = V[:, : h * nw].reshape(ng, h, nw, k)
                 Z = stack([stages[i].Zt for i in idx])[:, :, :nw]
-                P0 = bmm_k(Z, VW.transpose(1, 2))  # (G, B, h_out, k)
+                P0 = bmm_k(Z, VW.transpose(1, 2))  # (ng, B, h_out, k)
                 if d.has_input:
                     gammas = stack([stages[i].gamma for i in idx])
-                    EV = bmm_k(gammas, VW)  # (G, B, h_in, k)
+                    EV = bmm_k(gammas, VW)  # (ng, B, h_in, k)
             if d.bias_selected:
-                vb = V[:, h * nw :][:, None]  # (G, 1, h_out, k)
-                P0 = vb.expand(G, d.batch, h, k) if P0 is None else P0 + vb
+                vb = V[:, h * nw :][:, None]  # (ng, 1, h_out, k)
+                P0 = vb.expand(ng, d.batch, h, k) if P0 is None else P0 + vb
             for j, i in enumerate(idx):
                 out[i] = (P0[j], None if EV is None else EV[j])
         return out
@@ -75,20 +75,20 @@ class LinearHvp(HvpHooks):
         out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
         for idx in _groups(stages):
             d = stages[idx[0]]
-            R = stack([partial[i] for i in idx])  # (G, B, h_out, k)
-            G, k, h, nw = R.shape[0], R.shape[-1], d.out_size, d.n_weight_cols
+            R = stack([partial[i] for i in idx])  # (ng, B, h_out, k)
+            ng, k, h, nw = R.shape[0], R.shape[-1], d.out_size, d.n_weight_cols
             parts = []
             if d.weight_selected:
                 Z = stack([stages[i].Zt for i in idx])[:, :, :nw]
-                if k == 1:  # (G, h_out, nw, k): sum over the samples of R_i Z_i^T
+                if k == 1:  # (ng, h_out, nw, k): sum over the samples of R_i Z_i^T
                     HW = bmm(R[..., 0].transpose(1, 2), Z)[..., None]
                 else:
                     HW = torch.einsum("gbok,gbm->gomk", R, Z)
                 if d.has_input:  # E t_prev: the gamma term of Dzx on the weight columns
                     gammas = stack([stages[i].gamma for i in idx])
-                    T = stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
+                    T = stack([t_prev[i] for i in idx])  # (ng, B, h_in, k)
                     HW = HW + bmm_k(gammas.transpose(1, 2), T)
-                parts.append(HW.reshape(G, h * nw, k))
+                parts.append(HW.reshape(ng, h * nw, k))
             if d.bias_selected:
                 parts.append(R.sum(1))
             hv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

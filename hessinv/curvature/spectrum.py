@@ -64,9 +64,9 @@ class EigenvalueBracket(NamedTuple):
     lanczos_steps: int
 
 
-def _count_below(curvature, sigma: float) -> int:
-    """``#{eigenvalues of H < sigma}`` from the inertia of ``H - sigma I``."""
-    return curvature.factorize(-sigma, progress=False).inertia()[1]
+def _count_below(curvature, value: float) -> int:
+    """``#{eigenvalues of C < value}`` from the inertia of ``C - value I`` (damping ``-value``)."""
+    return curvature.factorize(-value, progress=False).inertia()[1]
 
 
 def smallest_eigenvalue(curvature, rel_tol: float = 1e-3, steps: int = 60) -> EigenvalueBracket:

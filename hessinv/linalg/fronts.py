@@ -14,7 +14,7 @@ remedy used by multifrontal sparse ``LDL^T`` solvers is threshold pivoting with
 *delayed pivots*: eliminate only the directions that pass a threshold test and hand
 the others to the next front, where they meet the variables they are coupled to.
 
-The fronts share one interface (``half``, ``finish``, ``add_update_T``, ``W``,
+The fronts share one interface (``half``, ``finish``, ``add_update_T``, ``F_half``,
 ``rejected``, ``combine``, ``next_state``, ``inertia``, ``sign``, ``logabsdet``):
 
 * :class:`CholeskyFront` and :class:`LDLFront` (Bunch-Kaufman, when ``G`` is indefinite),
@@ -115,15 +115,19 @@ class Front(Protocol):
 
     def next_state(self, F: torch.Tensor, Q: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def F_half(self) -> torch.Tensor: ...
+
 
 class DirectFront:
     """All of ``G`` eliminated at once, ``G = P L D L^T P^T`` (the shared part of
     :class:`CholeskyFront` and :class:`LDLFront`).
 
-    Keeps ``W = L^-1 P^T F``; the update is ``F^T G^-1 F = W^T D^-1 W`` (one triangular solve
+    Keeps ``F_half = L^-1 P^T F`` (``W`` in docs/algorithm.md section 10; a different letter
+    here than the weight); the update is ``F^T G^-1 F = F_half^T D^-1 F_half`` (one triangular solve
     with the ``a`` columns of ``F`` and one product). A solve uses the same half-factored
     coordinates: backward ``h = half(k)`` and ``add_update_T(acc, h) = acc + F^T G^-1 k``,
-    forward ``finish(h + W t) = G^-1 (k + F t)`` -- one triangular solve each way.
+    forward ``finish(h + F_half t) = G^-1 (k + F t)`` -- one triangular solve each way.
     :class:`EigenFront` offers the same operations with ``L P^T = U_a^T``.
 
     Attributes: ``n`` (size of ``G``), ``n_accepted = n``, ``n_rejected = 0``, ``update``
@@ -145,20 +149,20 @@ class DirectFront:
 
     def half(self, kc: torch.Tensor) -> torch.Tensor:
         """``h = L^-1 P^T k`` for ``k`` ``(n, r)``: the right-hand side in the half-factored
-        coordinates where ``G^-1 = P L^-T D^-1 L^-1 P^T`` and ``G^-1 F = P L^-T D^-1 W``."""
+        coordinates where ``G^-1 = P L^-T D^-1 L^-1 P^T`` and ``G^-1 F = P L^-T D^-1 F_half``."""
         raise NotImplementedError
 
     def finish(self, h: torch.Tensor) -> torch.Tensor:
-        """``P L^-T D^-1 h``, so that ``finish(half(k) + W t) = G^-1 (k + F t)``."""
+        """``P L^-T D^-1 h``, so that ``finish(half(k) + F_half t) = G^-1 (k + F t)``."""
         raise NotImplementedError
 
     def add_update_T(self, acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``acc + F^T G^-1 k = acc + W^T D^-1 h`` for ``h = half(k)`` (one ``addmm``)."""
+        """``acc + F^T G^-1 k = acc + F_half^T D^-1 h`` for ``h = half(k)`` (one ``addmm``)."""
         return torch.addmm(acc, self._WT, self.d_solve(h))
 
     @property
-    def W(self) -> torch.Tensor:
-        """``L^-1 P^T F`` ``(n, a)``."""
+    def F_half(self) -> torch.Tensor:
+        """``L^-1 P^T F`` ``(n, a)``: the coupling in the half-factored coordinates."""
         return self._W
 
     def rejected(self, kc):
@@ -176,7 +180,7 @@ class DirectFront:
 
 
 class CholeskyFront(DirectFront):
-    """``G = L L^T`` (``P = I``, ``D = I``): the update is ``W^T W``; inertia ``(n, 0)``;
+    """``G = L L^T`` (``P = I``, ``D = I``): the update is ``F_half^T F_half``; inertia ``(n, 0)``;
     ``log|det G| = 2 sum log L_ii``, made when asked (a sweep sums the diagonals of all its
     Cholesky fronts at once: :func:`sign_logabsdet`)."""
 
@@ -257,7 +261,7 @@ class EigenFront:
         return torch.addmm(acc, self._UF_a.T, h / self.lam_a[:, None])
 
     @property
-    def W(self):
+    def F_half(self):
         """``U_a^T F`` ``(n_accepted, a)``."""
         return self._UF_a
 

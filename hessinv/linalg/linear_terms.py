@@ -46,22 +46,22 @@ class LinearTerms(StageTerms):
         out: list[RhsTerms] = [None] * len(stages)  # type: ignore[list-item]
         for idx in _groups(stages, closed):
             d = stages[idx[0]]
-            M = d.to_matrix(stack([g[i] for i in idx]))  # (G, h_out, m, k)
-            G, k = len(idx), M.shape[-1]
+            M = d.to_matrix(stack([g[i] for i in idx]))  # (ng, h_out, m, k)
+            ng, k = len(idx), M.shape[-1]
             P = coupling_T = None
             if d.Q is None:
                 A = M
             else:
-                Qs = stack([stages[i].Q for i in idx])  # (G, m, r)
+                Qs = stack([stages[i].Q for i in idx])  # (ng, m, r)
                 A = torch.einsum("gmr,gomk->gork", Qs, M)
                 if closed[idx[0]]:
                     P = M - torch.einsum("gmr,gork->gomk", Qs, A)
                     if d.complement.coupled_dim:
-                        gammas = stack([stages[i].gamma for i in idx])  # (G, B, h_out)
+                        gammas = stack([stages[i].gamma for i in idx])  # (ng, B, h_out)
                         coupling_T = torch.einsum(
                             "gbo,gomk->gbmk", gammas, P[:, :, : d.n_weight_cols]
                         )
-            Y_T_g = A.reshape(G, d.basis_size, k)
+            Y_T_g = A.reshape(ng, d.basis_size, k)
             for j, i in enumerate(idx):
                 out[i] = RhsTerms(
                     Y_T_g[j],
@@ -79,8 +79,8 @@ class LinearTerms(StageTerms):
         out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
         for idx in _groups(stages, closed):
             d = stages[idx[0]]
-            G, k = len(idx), alpha[idx[0]].shape[-1]
-            A = stack([alpha[i] for i in idx]).reshape(G, d.out_size, d.r, k)
+            ng, k = len(idx), alpha[idx[0]].shape[-1]
+            A = stack([alpha[i] for i in idx]).reshape(ng, d.out_size, d.r, k)
             if d.Q is None:
                 V = A
             else:
@@ -88,11 +88,11 @@ class LinearTerms(StageTerms):
                 P = stack([terms[i].projected for i in idx]) if closed[idx[0]] else None
                 if P is not None and d.complement.coupled_dim and d.has_input:
                     gammas = stack([stages[i].gamma for i in idx])
-                    ts = stack([t_prev[i] for i in idx])  # (G, B, h_in, k)
+                    ts = stack([t_prev[i] for i in idx])  # (ng, B, h_in, k)
                     X = torch.einsum("gbo,gbik->goik", gammas, ts)
                     pad = d.m - d.n_weight_cols
                     if pad:
-                        X = torch.cat([X, X.new_zeros(G, d.out_size, pad, k)], dim=2)
+                        X = torch.cat([X, X.new_zeros(ng, d.out_size, pad, k)], dim=2)
                     A = A + torch.einsum("gmr,gomk->gork", Qs, X) / damping
                     P = P - X
                 V = torch.einsum("gmr,gork->gomk", Qs, A)

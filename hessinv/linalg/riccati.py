@@ -379,7 +379,7 @@ def riccati_solve(
     for l in range(L):  # forward: the controls
         d, f = stages[l], rf.factors[l]
         # -(h + W t) in one product; the controls -G^-1 (k + F t) = finish(-(h + W t))
-        x = hn[l] if t is None else torch.addmm(hn[l], f.front.W, t.reshape(-1, k), alpha=-1)
+        x = hn[l] if t is None else torch.addmm(hn[l], f.front.F_half, t.reshape(-1, k), alpha=-1)
         c = f.front.combine(f.front.finish(x), delayed)
         N, n_w = f.n_alpha, f.complement.n_front
         alpha[l], delayed = c[:N], c[N + n_w :]

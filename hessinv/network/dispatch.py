@@ -1,7 +1,7 @@
 """Which derivative class a stage of a chain gets (docs/algorithm.md sections 2, 8).
 
 ``nn.Linear`` followed by elementwise activations on ``(B, features)`` input, without
-hooks, gets the structured :class:`~hessinv.derivatives.LinearDerivatives`; every other
+hooks, gets the Kronecker-form :class:`~hessinv.derivatives.LinearDerivatives`; every other
 stage the generic :class:`~hessinv.derivatives.GenericDerivatives` (``torch.func``).
 """
 
@@ -20,9 +20,9 @@ from hessinv.derivatives import (
 )
 from hessinv.network.chain import Stage
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "is_linear_stage", "structured_forwards", "stage_derivatives"]
+__all__ = ["ELEMENTWISE_ACTIVATIONS", "is_linear_stage", "linear_stage_forwards", "stage_derivatives"]
 
-#: activation modules the structured ``Linear`` path treats as elementwise.
+#: activation modules a ``Linear`` stage may end with (treated as elementwise).
 ELEMENTWISE_ACTIVATIONS = (
     nn.Identity,
     nn.Tanh,
@@ -58,8 +58,8 @@ def _linear_input(stage: Stage, x: torch.Tensor, z: torch.Tensor) -> LinearInput
     )
 
 
-def structured_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, LinearForward]:
-    """The forward-pass parts of every structured stage ``l`` (input ``zs[l]``), computed in
+def linear_stage_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, LinearForward]:
+    """The forward-pass parts of every ``Linear`` stage ``l`` (input ``zs[l]``), computed in
     batched calls (:func:`~hessinv.derivatives.linear.linear_forwards`); pass them to
     :func:`stage_derivatives` as ``forward``."""
     if oracle == "generic":
@@ -85,18 +85,18 @@ def stage_derivatives(
 ) -> StageDerivatives:
     """The derivatives of ``stage`` at parameters ``x`` ``(p,)``, input ``z`` and adjoint ``b``.
 
-    ``oracle``: ``"auto"`` (the structured class where it applies, else ``torch.func``),
-    ``"analytic"`` (structured or an error) or ``"generic"`` (always ``torch.func``).
-    ``forward``: the stage's parts from :func:`structured_forwards`, if already computed.
+    ``oracle``: ``"auto"`` (the ``Linear`` class where it applies, else ``torch.func``),
+    ``"analytic"`` (the ``Linear`` class or an error) or ``"generic"`` (always ``torch.func``).
+    ``forward``: the stage's parts from :func:`linear_stage_forwards`, if already computed.
     """
     b = b.reshape(b.shape[0], -1)
-    structured = oracle != "generic" and is_linear_stage(stage, z)
-    if oracle == "analytic" and not structured:
+    linear = oracle != "generic" and is_linear_stage(stage, z)
+    if oracle == "analytic" and not linear:
         raise ValueError(
             f"stage {stage.index} ({', '.join(stage.param_names)}) is not nn.Linear followed by "
             "elementwise activations on (B, features) input; use oracle='auto' or 'generic'"
         )
-    if structured:
+    if linear:
         if forward is None:
             forward = linear_forwards([_linear_input(stage, x, z)])[0]
         return LinearDerivatives.from_forward(

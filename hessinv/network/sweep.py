@@ -25,8 +25,8 @@ from hessinv.derivatives import (
     loss_head,
 )
 from hessinv.network.chain import Chain, Stage
-from hessinv.network.dispatch import is_linear_stage as is_structured
-from hessinv.network.dispatch import stage_derivatives, structured_forwards
+from hessinv.network.dispatch import is_linear_stage
+from hessinv.network.dispatch import stage_derivatives, linear_stage_forwards
 from hessinv.progress import progress_bar
 
 __all__ = ["ChainDerivatives", "compute_derivatives", "batch_size"]
@@ -121,10 +121,10 @@ def compute_derivatives(
         zs = [chain.apply_prefix(inputs)]
         for stage, x in zip(chain.stages, params, strict=True):
             z = zs[-1]
-            structured = is_structured(stage, z)
-            probe = z if structured else _copy(z)
+            linear = is_linear_stage(stage, z)
+            probe = z if linear else _copy(z)
             out = stage.apply(x, probe)
-            if not structured and not _equal(z, probe):
+            if not linear and not _equal(z, probe):
                 raise ValueError(
                     f"stage {stage.index} ({', '.join(stage.param_names)}) modifies its input in "
                     "place (e.g. z.add_(...)); the chain's derivatives need stages that leave "
@@ -137,14 +137,14 @@ def compute_derivatives(
                     f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
                     f"dimension ({B}) first"
                 )
-            if not structured:
+            if not linear:
                 _check_per_sample(stage, x, z, out)
             zs.append(out)
     head = loss_head(loss_fn, zs[-1], targets, oracle=oracle)
     derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     b = head.grad
-    forwards = structured_forwards(chain.stages, params, zs, oracle)  # batched over stages
+    forwards = linear_stage_forwards(chain.stages, params, zs, oracle)  # batched over stages
     bar = progress_bar(L, "derivatives", progress)
     for l in range(L - 1, -1, -1):
         d = stage_derivatives(

@@ -29,14 +29,14 @@ def linear_front_terms(stages) -> list[FrontTerms]:
     for idx in shape_groups(stages, [_front_key(d) for d in stages]):
         group = [stages[i] for i in idx]
         d0 = group[0]
-        G, B, h_out, r, h_in = len(idx), d0.batch, d0.out_size, d0.r, d0.in_size
+        ng, B, h_out, r, h_in = len(idx), d0.batch, d0.out_size, d0.r, d0.in_size
         N = h_out * r
         Zr, beta = stack([d.Zr for d in group]), stack([d.beta for d in group])
         blocks = torch.einsum("gbr,gbo,gbs->gors", Zr, beta, Zr)
-        Dxx = blocks.new_zeros(G, h_out, r, h_out, r)
+        Dxx = blocks.new_zeros(ng, h_out, r, h_out, r)
         torch.diagonal(Dxx, dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
-        Dxx = Dxx.view(G, N, N)
-        Dzx = Dzz = [None] * G
+        Dxx = Dxx.view(ng, N, N)
+        Dzx = Dzz = [None] * ng
         if d0.has_input:
             W = stack([d.W for d in group])
             Dzx = torch.einsum("gbo,goi,gbr->gorbi", beta, W, Zr)
@@ -45,12 +45,12 @@ def linear_front_terms(stages) -> list[FrontTerms]:
                     stack([d.Q for d in group])[:, :h_in]
                     if d0.Q is not None
                     else torch.eye(d0.m, dtype=d0.dtype, device=d0.device)[:h_in].expand(
-                        G, h_in, d0.m
+                        ng, h_in, d0.m
                     )
                 )
                 gamma = stack([d.gamma for d in group])
                 Dzx = Dzx + torch.einsum("gbo,gir->gorbi", gamma, Qh)
-            Dzx = Dzx.reshape(G, N, B * h_in)
+            Dzx = Dzx.reshape(ng, N, B * h_in)
             Dzz = torch.einsum("goi,gbo,goj->gbij", W, beta, W)
         for j, i in enumerate(idx):
             out[i] = FrontTerms(Dxx[j], Dzx[j], Dzz[j])

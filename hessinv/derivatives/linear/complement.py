@@ -25,7 +25,7 @@ class LinearComplement(Complement):
     """
 
     def __init__(self, stage: LinearDerivatives, gamma_svd, projector):
-        """``gamma_svd``: ``(S, Vh, rank)`` of ``stage.gamma``; ``projector``: ``(P, Pc,
+        """``gamma_svd``: ``(sv, Vh, rank)`` of ``stage.gamma``; ``projector``: ``(P, Pc,
         mu_max)`` of ``A = (I - Q Q^T) Pi`` (both from :func:`linear_complements`)."""
         self.stage = stage
         Q, h_out, m, r = stage.Q, stage.out_size, stage.m, stage.r
@@ -74,8 +74,8 @@ class LinearComplement(Complement):
         a_in = s.batch * s.in_size
         if self.coupled_dim == 0:
             return s.Zt.new_zeros(a_in, a_in)
-        G = torch.einsum("bo,co,ij->bicj", s.gamma, s.gamma, self.P)
-        return G.reshape(a_in, a_in)
+        ng = torch.einsum("bo,co,ij->bicj", s.gamma, s.gamma, self.P)
+        return ng.reshape(a_in, a_in)
 
     def subtract_gram_(self, Q, scale):
         """``E^T (I - Y Y^T) E = (gamma gamma^T) (x) P``: subtracted in one pass over ``Q``,
@@ -122,12 +122,12 @@ def linear_complements(stages: Sequence[LinearDerivatives]) -> list[LinearComple
             groups.setdefault(tuple(s.gamma.shape), []).append(i)
             bases.setdefault((s.m, s.r, s.n_weight_cols), []).append(i)
     for shape, idx in groups.items():
-        _, S, Vh = torch.linalg.svd(
+        _, sv, Vh = torch.linalg.svd(
             torch.stack([stages[i].gamma for i in idx]), full_matrices=False
         )
-        rank = ranks(S, shape).tolist() if S.shape[1] else [0] * len(idx)
+        rank = ranks(sv, shape).tolist() if sv.shape[1] else [0] * len(idx)
         for j, i in enumerate(idx):
-            svds[i] = (S[j], Vh[j], rank[j])
+            svds[i] = (sv[j], Vh[j], rank[j])
     for idx in bases.values():
         nw = stages[idx[0]].n_weight_cols
         for i, projector in zip(
@@ -147,12 +147,12 @@ def _complement_projectors(Qs: list[torch.Tensor], nw: int) -> list[tuple]:
     ``Pi = I`` and ``A`` is the projector onto the complement of ``span(Q)``; with one, every
     row of ``Zt`` ends in 1, so ``span(Q) + span(Pi) = R^m``. ``Pc`` is ``A``'s leading
     ``m - r`` left singular vectors (no rank tolerance involved), ``mu_max = ||A||^2``."""
-    Q = stack(Qs)  # (G, m, r)
+    Q = stack(Qs)  # (ng, m, r)
     m, r = Q.shape[1:]
     Pi = torch.eye(m, nw, dtype=Q.dtype, device=Q.device)
     A = Pi - torch.bmm(Q, Q[:, :nw].transpose(1, 2))
     P = torch.bmm(A.transpose(1, 2), A)
-    U, S, _ = torch.linalg.svd(A, full_matrices=False)
+    U, sv, _ = torch.linalg.svd(A, full_matrices=False)
     Pc = U[:, :, : m - r]
-    mu_max = S[:, 0] ** 2 if S.shape[1] else S.new_zeros(len(Qs))
+    mu_max = sv[:, 0] ** 2 if sv.shape[1] else sv.new_zeros(len(Qs))
     return [(P[j], Pc[j], mu_max[j]) for j in range(len(Qs))]

@@ -95,7 +95,7 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
     Zr: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
     for idx in shape_groups.values():
         group = [items[i] for i in idx]
-        z = torch.stack([it.z for it in group])  # (G, B, h_in)
+        z = torch.stack([it.z for it in group])  # (ng, B, h_in)
         u = z @ torch.stack([it.weight for it in group]).transpose(1, 2)
         if group[0].bias is not None:
             u = u + torch.stack([it.bias for it in group])[:, None, :]
@@ -128,12 +128,12 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
 
 def _row_space_bases(zt: torch.Tensor, idx: list[int], Q: list, Zr: list) -> None:
     """The bases ``Q`` ``(m, r)`` and ``Zr = Zt Q`` of the rank-deficient matrices of a stack
-    ``zt`` ``(G, B, m)`` (stages ``idx``), written into ``Q`` and ``Zr``: one batched SVD, its
+    ``zt`` ``(ng, B, m)`` (stages ``idx``), written into ``Q`` and ``Zr``: one batched SVD, its
     ranks read in one transfer, and one batched product per rank."""
-    _, S, Vh = torch.linalg.svd(zt, full_matrices=False)
+    _, sv, Vh = torch.linalg.svd(zt, full_matrices=False)
     m = zt.shape[2]
     by_rank: dict[int, list[int]] = {}
-    for j, r in enumerate(ranks(S, tuple(zt.shape[1:])).tolist()):
+    for j, r in enumerate(ranks(sv, tuple(zt.shape[1:])).tolist()):
         if r < m:
             by_rank.setdefault(r, []).append(j)
     for r, js in by_rank.items():

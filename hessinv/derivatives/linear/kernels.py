@@ -23,11 +23,11 @@ __all__ = [
 ]
 
 
-def ranks(S: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Ranks of a stack of matrices of ``shape`` from their singular values ``S`` ``(G, k)``
+def ranks(sv: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Ranks of a stack of matrices of ``shape`` from their singular values ``sv`` ``(ng, k)``
     (descending); a zero matrix has tolerance 0 and rank 0. Stays on the device."""
-    tol = max(shape) * torch.finfo(S.dtype).eps * S[:, :1]
-    return (S > tol).sum(1)
+    tol = max(shape) * torch.finfo(sv.dtype).eps * sv[:, :1]
+    return (sv > tol).sum(1)
 
 
 def apply_rows(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def gather_rows(Z: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``(G, ...)``: the tensors of one group of stages stacked; a view, not a copy, when they
+    """``(ng, ...)``: the tensors of one group of stages stacked; a view, not a copy, when they
     lie one after the other in one storage (blocks of consecutive stages split from one flat
     vector, parts of an earlier stack): on wide layers a copy costs as much as the products."""
     first = tensors[0]
@@ -103,14 +103,14 @@ def shape_groups(stages, keys) -> list[list[int]]:
 
 
 def bmm(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``A @ X`` for stacks ``(G, I, C)``, ``(G, C, J)`` (either may be a transposed view);
+    """``A @ X`` for stacks ``(ng, I, C)``, ``(ng, C, J)`` (either may be a transposed view);
     a plain product for a stack of one (faster than a batched one on transposed views)."""
     return (A[0] @ X[0])[None] if A.shape[0] == 1 else torch.bmm(A, X)
 
 
 def bmm_k(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``out[g, i, j, k] = sum_c A[g, i, c] X[g, c, j, k]`` for a stack of matrices ``A``
-    ``(G, I, C)`` and of ``k`` matrices ``X`` ``(G, C, J, k)`` (either may be a transposed
+    ``(ng, I, C)`` and of ``k`` matrices ``X`` ``(ng, C, J, k)`` (either may be a transposed
     view): one batched product for one vector, no copies; an ``einsum`` for several."""
     if X.shape[-1] == 1:
         return bmm(A, X[..., 0])[..., None]
