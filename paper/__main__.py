@@ -78,27 +78,59 @@ def _threads(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m paper", epilog=_EPILOG,
-                                 description=f"{_DESCRIPTION}\n\n{_experiment_lines()}",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m paper",
+        epilog=_EPILOG,
+        description=f"{_DESCRIPTION}\n\n{_experiment_lines()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="small sizes, a few minutes on 2 CPU cores (default: --quick)")
-    mode.add_argument("--full", dest="quick", action="store_false",
-                      help="the full sizes, tens of minutes to hours on a CPU")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="where to run (default: %(default)s)")
-    ap.add_argument("--only", nargs="+", metavar="E", type=str.upper, choices=EXPERIMENTS,
-                    help=f"run only these experiments, e.g. --only E1 E3 "
-                         f"(default: all of {' '.join(EXPERIMENTS)})")
-    ap.add_argument("--out", type=pathlib.Path, metavar="DIR",
-                    default=pathlib.Path(__file__).parent / "results",
-                    help="folder for the figures and tables (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="seed of the models and data (default: %(default)s)")
-    ap.add_argument("--threads", type=_threads, default=1, metavar="N",
-                    help="torch CPU threads; multi-threaded small kernels are erratic on a "
-                         "shared machine (default: %(default)s)")
+    mode.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=True,
+        help="small sizes, a few minutes on 2 CPU cores (default: --quick)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="quick",
+        action="store_false",
+        help="the full sizes, tens of minutes to hours on a CPU",
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where to run (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="E",
+        type=str.upper,
+        choices=EXPERIMENTS,
+        help=f"run only these experiments, e.g. --only E1 E3 "
+        f"(default: all of {' '.join(EXPERIMENTS)})",
+    )
+    ap.add_argument(
+        "--out",
+        type=pathlib.Path,
+        metavar="DIR",
+        default=pathlib.Path(__file__).parent / "results",
+        help="folder for the figures and tables (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the models and data (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        metavar="N",
+        help="torch CPU threads; multi-threaded small kernels are erratic on a "
+        "shared machine (default: %(default)s)",
+    )
     return ap
 
 
@@ -122,7 +154,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
     torch.set_num_threads(args.threads)
-    cfg = Config(quick=args.quick, device=torch.device(args.device), outdir=args.out, seed=args.seed)
+    cfg = Config(
+        quick=args.quick, device=torch.device(args.device), outdir=args.out, seed=args.seed
+    )
     cfg.outdir.mkdir(parents=True, exist_ok=True)
 
     selected = args.only or list(EXPERIMENTS)

@@ -55,6 +55,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- models, data
 
+
 def tall_skinny_mlp(
     depth: int,
     width: int,
@@ -75,14 +76,25 @@ def tall_skinny_mlp(
     ``N(0, 0.1^2)`` (the shared builder :func:`hessinv.tools.problems.mlp`, ``init="fan_in"``).
     So ``depth`` is the number of stages ``L`` of ``hessinv``.
     """
-    return problems.mlp(depth, width, d_in, n_classes, activation, init="fan_in", gain=gain,
-                        dtype=dtype, device=device, seed=seed)
+    return problems.mlp(
+        depth,
+        width,
+        d_in,
+        n_classes,
+        activation,
+        init="fan_in",
+        gain=gain,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
 
 
 def random_data(batch: int, d_in: int, n_classes: int, dtype=DTYPE, device="cpu", seed: int = 0):
     """Standard-normal inputs ``(batch, d_in)`` and uniform random class labels ``(batch,)``."""
-    X, y, _ = problems.random_batch(batch, d_in, n_classes, "ce", dtype=dtype, device=device,
-                                    data_seed=seed + 1)
+    X, y, _ = problems.random_batch(
+        batch, d_in, n_classes, "ce", dtype=dtype, device=device, data_seed=seed + 1
+    )
     return X, y
 
 
@@ -123,6 +135,7 @@ def make_problem(
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def synchronize(device) -> None:
     """Wait for queued kernels (CUDA); nothing on CPU."""
@@ -168,7 +181,8 @@ def median_time(
 
 
 class Budget:
-    """Stops measuring a method at larger sizes once one measurement took too long or too much memory.
+    """Stops measuring a method at larger sizes once one measurement took too long or too much
+    memory.
 
     ``allowed(name)`` is False after ``record(name, seconds)`` saw a time above ``max_s``
     (the next size would take at least as long again) or ``skip(name)`` was called.
@@ -193,6 +207,7 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -238,7 +253,10 @@ def memory_method(device) -> str:
     if torch.device(device).type == "cuda":
         return "torch.cuda.max_memory_allocated() growth"
     if hasattr(os, "fork") and os.path.exists("/proc/self/statm"):
-        return "peak-RSS growth (VmHWM after clear_refs) of a forked child running the whole computation"
+        return (
+            "peak-RSS growth (VmHWM after clear_refs) of a forked child running the whole "
+            "computation"
+        )
     return "unavailable"
 
 
@@ -250,7 +268,8 @@ def peak_memory(fn: Callable[[], object], device="cpu") -> float | None:
       mark (``/proc/self/clear_refs``, value 5); the result is the child's peak resident
       set (``VmHWM``) minus its resident set right before ``fn``. ``fn`` runs twice in
       the child and the second run is measured: the first maps in the code pages it
-      touches (a fresh child does not count the parent's file-backed pages). The child runs single-threaded (OpenMP pools do not survive fork) with
+      touches (a fresh child does not count the parent's file-backed pages). The child runs
+      single-threaded (OpenMP pools do not survive fork) with
       glibc's mmap threshold fixed at 4 KiB, so that freed big blocks are returned to
       the OS and every new one counts. This is the real working set, allocator slack
       included, so small problems show a floor of a few hundred KB. Run a small warm-up
@@ -311,6 +330,7 @@ def peak_memory(fn: Callable[[], object], device="cpu") -> float | None:
 
 # ----------------------------------------------------------------------------- output
 
+
 def fmt(value) -> str:
     """Table formatting: 3 significant digits for floats, ``-`` for missing values."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -359,7 +379,12 @@ def fit_loglog_slope(x: Iterable[float], y: Iterable[float], tail: int | None = 
     pairs = [
         (float(a), float(b))
         for a, b in zip(x, y, strict=True)
-        if a is not None and b is not None and a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)
+        if a is not None
+        and b is not None
+        and a > 0
+        and b > 0
+        and math.isfinite(a)
+        and math.isfinite(b)
     ]
     pairs.sort()
     if tail is not None:
@@ -382,8 +407,11 @@ _STYLE = {
 }
 
 
-def loglog_figure(ax, x, series: dict[str, Sequence], *, tail: int = 4, xlabel="", ylabel="", title=""):
-    """Log-log lines of ``series[name]`` (``None`` = not measured) against ``x``; slopes in the legend."""
+def loglog_figure(
+    ax, x, series: dict[str, Sequence], *, tail: int = 4, xlabel="", ylabel="", title=""
+):
+    """Log-log lines of ``series[name]`` (``None`` = not measured) against ``x``; slopes in the
+    legend."""
     for name, ys in series.items():
         pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None and b > 0]
         if not pts:
@@ -392,7 +420,12 @@ def loglog_figure(ax, x, series: dict[str, Sequence], *, tail: int = 4, xlabel="
         color, marker, ls = _STYLE.get(name.split(" ")[0], (None, "o", "-"))
         label = f"{name} (slope {slope:.2f})" if math.isfinite(slope) else name
         ax.loglog(
-            [p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=ls, color=color, label=label
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker=marker,
+            linestyle=ls,
+            color=color,
+            label=label,
         )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -433,6 +466,7 @@ def progress(items, desc: str, quiet: bool = False):
 
 
 # ----------------------------------------------------------------------------- spectrum
+
 
 def positive_definite_shift(H, margin: float = 1.25, rel_tol: float = 0.02):
     """A damping ``eps`` making ``H + eps I`` positive definite: ``margin * (-lambda_min)``.

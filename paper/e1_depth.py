@@ -42,12 +42,26 @@ METHODS = ("derivatives", "matvec", "riccati", "tridiagonal", "cg", "dense")
 def settings(cfg: Config) -> dict:
     if cfg.quick:
         return dict(
-            depths=[2, 4, 8, 16, 32, 64, 128], width=8, batch=8, n_classes=4,
-            dense_max_n=5000, max_s=3.0, mem_cap=1.5e9, cg_maxiter=2000, repeats=3,
+            depths=[2, 4, 8, 16, 32, 64, 128],
+            width=8,
+            batch=8,
+            n_classes=4,
+            dense_max_n=5000,
+            max_s=3.0,
+            mem_cap=1.5e9,
+            cg_maxiter=2000,
+            repeats=3,
         )
     return dict(
-        depths=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], width=16, batch=16, n_classes=10,
-        dense_max_n=6000, max_s=60.0, mem_cap=8e9, cg_maxiter=20000, repeats=5,
+        depths=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+        width=16,
+        batch=16,
+        n_classes=10,
+        dense_max_n=6000,
+        max_s=60.0,
+        mem_cap=8e9,
+        cg_maxiter=20000,
+        repeats=5,
     )
 
 
@@ -156,8 +170,13 @@ def run(cfg: Config, **overrides) -> str:
     rows = []
     for L in progress(st["depths"], "E1 depth"):
         prob = make_problem(
-            L, st["width"], st["batch"], n_classes=st["n_classes"], dtype=DTYPE,
-            device=cfg.device, seed=cfg.seed,
+            L,
+            st["width"],
+            st["batch"],
+            n_classes=st["n_classes"],
+            dtype=DTYPE,
+            device=cfg.device,
+            seed=cfg.seed,
         )
         row = {"L": L}
         row.update(measure_point(prob, st, budget, cfg.device))
@@ -166,14 +185,22 @@ def run(cfg: Config, **overrides) -> str:
     depths = [r["L"] for r in rows]
     fig, (ax_t, ax_m) = new_figure(2)
     loglog_figure(
-        ax_t, depths, {m: [r.get(f"t_{m}") for r in rows] for m in METHODS},
-        xlabel="depth L (stages)", ylabel="seconds (median)",
+        ax_t,
+        depths,
+        {m: [r.get(f"t_{m}") for r in rows] for m in METHODS},
+        xlabel="depth L (stages)",
+        ylabel="seconds (median)",
         title=f"time, width {st['width']}, batch {st['batch']}, float64",
     )
     loglog_figure(
-        ax_m, depths, {m: [r.get(f"mem_{m}") for r in rows] for m in METHODS},
-        xlabel="depth L (stages)", ylabel="peak extra memory (bytes)",
-        title="memory (" + ("forked-child peak RSS" if cfg.device.type == "cpu" else "CUDA peak") + ")",
+        ax_m,
+        depths,
+        {m: [r.get(f"mem_{m}") for r in rows] for m in METHODS},
+        xlabel="depth L (stages)",
+        ylabel="peak extra memory (bytes)",
+        title="memory ("
+        + ("forked-child peak RSS" if cfg.device.type == "cpu" else "CUDA peak")
+        + ")",
     )
     save_figure(fig, outdir / "e1_depth.png")
 
@@ -191,7 +218,9 @@ def run(cfg: Config, **overrides) -> str:
         t["err cg"] = r.get("err_cg")
         table_rows.append(t)
     md = write_table(
-        table_rows, outdir, "e1_depth",
+        table_rows,
+        outdir,
+        "e1_depth",
         f"E1: cost against depth (width {st['width']}, batch {st['batch']}, float64, {cfg.device})",
     )
     write_table(rows, outdir, "e1_depth_raw", "E1 raw measurements")
@@ -199,10 +228,12 @@ def run(cfg: Config, **overrides) -> str:
     for m in METHODS:
         ts = fit_loglog_slope(depths, [r.get(f"t_{m}") for r in rows], tail=4)
         ms = fit_loglog_slope(depths, [r.get(f"mem_{m}") for r in rows], tail=4)
-        slopes.append({"method": m, "time slope": ts, "memory slope": ms,
-                       "note": budget.notes().get(m, "")})
-    md += "\n" + write_table(slopes, outdir, "e1_slopes",
-                             "E1: fitted log-log slopes over the 4 largest measured depths")
+        slopes.append(
+            {"method": m, "time slope": ts, "memory slope": ms, "note": budget.notes().get(m, "")}
+        )
+    md += "\n" + write_table(
+        slopes, outdir, "e1_slopes", "E1: fitted log-log slopes over the 4 largest measured depths"
+    )
     md += (
         f"\nerrors are relative to the dense solve where it ran, else to the Riccati solve; "
         f"memory: {memory_method(cfg.device)}.\n"

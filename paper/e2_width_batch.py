@@ -31,14 +31,32 @@ from .e1_depth import METHODS, measure_point
 def settings(cfg: Config) -> dict:
     if cfg.quick:
         return dict(
-            depth=8, widths=[4, 8, 16, 32], width_batch=8, batches=[4, 8, 16, 32, 64],
-            batch_width=8, n_classes=4, dense_max_n=1200, max_s=3.0, mem_cap=1.5e9,
-            cg_maxiter=2000, repeats=3, memory=False,
+            depth=8,
+            widths=[4, 8, 16, 32],
+            width_batch=8,
+            batches=[4, 8, 16, 32, 64],
+            batch_width=8,
+            n_classes=4,
+            dense_max_n=1200,
+            max_s=3.0,
+            mem_cap=1.5e9,
+            cg_maxiter=2000,
+            repeats=3,
+            memory=False,
         )
     return dict(
-        depth=32, widths=[4, 8, 16, 32, 64], width_batch=16, batches=[4, 8, 16, 32, 64, 128],
-        batch_width=16, n_classes=10, dense_max_n=6000, max_s=60.0, mem_cap=8e9,
-        cg_maxiter=20000, repeats=5, memory=True,
+        depth=32,
+        widths=[4, 8, 16, 32, 64],
+        width_batch=16,
+        batches=[4, 8, 16, 32, 64, 128],
+        batch_width=16,
+        n_classes=10,
+        dense_max_n=6000,
+        max_s=60.0,
+        mem_cap=8e9,
+        cg_maxiter=20000,
+        repeats=5,
+        memory=True,
     )
 
 
@@ -47,7 +65,12 @@ def _sweep(cfg, st, sizes, label):
     rows = []
     for h, B in progress(sizes, f"E2 {label}"):
         prob = make_problem(
-            st["depth"], h, B, n_classes=st["n_classes"], dtype=DTYPE, device=cfg.device,
+            st["depth"],
+            h,
+            B,
+            n_classes=st["n_classes"],
+            dtype=DTYPE,
+            device=cfg.device,
             seed=cfg.seed,
         )
         r = measure_point(prob, st, budget, cfg.device, memory=st["memory"])
@@ -73,22 +96,36 @@ def run(cfg: Config, **overrides) -> str:
 
     fig, axes = new_figure(3, width=16.0)
     loglog_figure(
-        axes[0], [r["h"] for r in w_rows], {m: per_layer(w_rows, m) for m in METHODS},
-        tail=3, xlabel="width h", ylabel="seconds per stage",
+        axes[0],
+        [r["h"] for r in w_rows],
+        {m: per_layer(w_rows, m) for m in METHODS},
+        tail=3,
+        xlabel="width h",
+        ylabel="seconds per stage",
         title=f"vs width (B={st['width_batch']}, L={L})",
     )
     loglog_figure(
-        axes[1], [r["B"] for r in b_rows], {m: per_layer(b_rows, m) for m in METHODS},
-        tail=3, xlabel="batch B", ylabel="seconds per stage",
+        axes[1],
+        [r["B"] for r in b_rows],
+        {m: per_layer(b_rows, m) for m in METHODS},
+        tail=3,
+        xlabel="batch B",
+        ylabel="seconds per stage",
         title=f"vs batch (h={st['batch_width']}, L={L})",
     )
     both = w_rows + b_rows
     order = sorted(range(len(both)), key=lambda i: both[i]["p+2a"])
     xs = [both[i]["p+2a"] for i in order]
     loglog_figure(
-        axes[2], xs,
-        {f"{m} (both sweeps)": [per_layer(both, m)[i] for i in order] for m in ("tridiagonal", "riccati")},
-        tail=4, xlabel="block size p + 2a of the augmented system", ylabel="seconds per stage",
+        axes[2],
+        xs,
+        {
+            f"{m} (both sweeps)": [per_layer(both, m)[i] for i in order]
+            for m in ("tridiagonal", "riccati")
+        },
+        tail=4,
+        xlabel="block size p + 2a of the augmented system",
+        ylabel="seconds per stage",
         title="per-stage cost against the augmented block size",
     )
     save_figure(fig, outdir / "e2_width_batch.png")
@@ -108,23 +145,42 @@ def run(cfg: Config, **overrides) -> str:
         t["err riccati"] = r.get("err_riccati")
         t["err tridiag"] = r.get("err_tridiagonal")
         table.append(t)
-    md = write_table(table, outdir, "e2_width_batch",
-                     f"E2: cost per stage against width and batch (L={L}, float64, {cfg.device})")
+    md = write_table(
+        table,
+        outdir,
+        "e2_width_batch",
+        f"E2: cost per stage against width and batch (L={L}, float64, {cfg.device})",
+    )
     write_table(both, outdir, "e2_width_batch_raw", "E2 raw measurements")
     slopes = []
-    for label, rows, key, notes in (("width h", w_rows, "h", w_notes), ("batch B", b_rows, "B", b_notes)):
+    for label, rows, key, notes in (
+        ("width h", w_rows, "h", w_notes),
+        ("batch B", b_rows, "B", b_notes),
+    ):
         for m in ("matvec", "riccati", "tridiagonal"):
-            slopes.append({
-                "against": label, "method": m,
-                "slope": fit_loglog_slope([r[key] for r in rows], per_layer(rows, m), tail=3),
-                "note": notes.get(m, ""),
-            })
+            slopes.append(
+                {
+                    "against": label,
+                    "method": m,
+                    "slope": fit_loglog_slope([r[key] for r in rows], per_layer(rows, m), tail=3),
+                    "note": notes.get(m, ""),
+                }
+            )
     for m in ("riccati", "tridiagonal"):
-        slopes.append({"against": "p+2a (both)", "method": m,
-                       "slope": fit_loglog_slope(xs, [per_layer(both, m)[i] for i in order], tail=4),
-                       "note": ""})
-    md += "\n" + write_table(slopes, outdir, "e2_slopes",
-                             "E2: fitted log-log slopes (3 largest sizes per sweep, 4 largest blocks)")
+        slopes.append(
+            {
+                "against": "p+2a (both)",
+                "method": m,
+                "slope": fit_loglog_slope(xs, [per_layer(both, m)[i] for i in order], tail=4),
+                "note": "",
+            }
+        )
+    md += "\n" + write_table(
+        slopes,
+        outdir,
+        "e2_slopes",
+        "E2: fitted log-log slopes (3 largest sizes per sweep, 4 largest blocks)",
+    )
     if st["memory"]:
         md += f"\nmemory: {memory_method(cfg.device)}.\n"
     return md

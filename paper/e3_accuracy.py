@@ -23,12 +23,24 @@ from .common import Config, make_problem, new_figure, progress, save_figure, wri
 
 def settings(cfg: Config) -> dict:
     if cfg.quick:
-        return dict(depth=6, width=6, batch=8, n_classes=3,
-                    eps=[1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0], cg_factor=3,
-                    activations=["tanh", "relu"])
-    return dict(depth=12, width=8, batch=16, n_classes=4,
-                eps=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], cg_factor=10,
-                activations=["tanh", "relu"])
+        return dict(
+            depth=6,
+            width=6,
+            batch=8,
+            n_classes=3,
+            eps=[1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0],
+            cg_factor=3,
+            activations=["tanh", "relu"],
+        )
+    return dict(
+        depth=12,
+        width=8,
+        batch=16,
+        n_classes=4,
+        eps=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0],
+        cg_factor=10,
+        activations=["tanh", "relu"],
+    )
 
 
 def _rel(x, ref) -> float:
@@ -80,16 +92,30 @@ def _solve(H, g, eps, method):
 
 
 def measure(cfg: Config, st: dict, activation: str) -> list[dict]:
-    prob = make_problem(st["depth"], st["width"], st["batch"], n_classes=st["n_classes"],
-                        activation=activation, device=cfg.device, seed=cfg.seed)
+    prob = make_problem(
+        st["depth"],
+        st["width"],
+        st["batch"],
+        n_classes=st["n_classes"],
+        activation=activation,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
     H = prob.hessian()
     n = H.num_params
     D = hessinv.dense_hessian(prob.model, prob.loss_fn, prob.X, prob.y)
     evals = torch.linalg.eigvalsh(D)
     g = H.gradient()
-    prob32 = make_problem(st["depth"], st["width"], st["batch"], n_classes=st["n_classes"],
-                          activation=activation, device=cfg.device, seed=cfg.seed,
-                          dtype=torch.float32)
+    prob32 = make_problem(
+        st["depth"],
+        st["width"],
+        st["batch"],
+        n_classes=st["n_classes"],
+        activation=activation,
+        device=cfg.device,
+        seed=cfg.seed,
+        dtype=torch.float32,
+    )
     H32 = prob32.hessian()
     g32 = g.float()
     rows = []
@@ -103,8 +129,13 @@ def measure(cfg: Config, st: dict, activation: str) -> list[dict]:
         cond = float(shifted.abs().max() / shifted.abs().min())
         A = D + eps * torch.eye(n, dtype=D.dtype, device=D.device)
         x_ref = torch.linalg.solve(A, g)
-        row = {"net": activation, "n": n, "eps": eps, "cond": cond,
-               "neg eigs (eigvalsh)": counts[1]}
+        row = {
+            "net": activation,
+            "n": n,
+            "eps": eps,
+            "cond": cond,
+            "neg eigs (eigvalsh)": counts[1],
+        }
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -152,15 +183,31 @@ def run(cfg: Config, **overrides) -> str:
             "cg best float64": [r["cg best err"] for r in rs],
             "1e-16 x cond": [1e-16 * r["cond"] for r in rs],
         }
-        styles = {"riccati float64": ("tab:green", "s", "-"), "tridiagonal float64": ("tab:orange", "^", "-"),
-                  "riccati float32": ("tab:green", "s", ":"), "tridiagonal float32": ("tab:orange", "^", ":"),
-                  "cg best float64": ("tab:purple", "v", "--"), "1e-16 x cond": ("gray", "", "-")}
+        styles = {
+            "riccati float64": ("tab:green", "s", "-"),
+            "tridiagonal float64": ("tab:orange", "^", "-"),
+            "riccati float32": ("tab:green", "s", ":"),
+            "tridiagonal float32": ("tab:orange", "^", ":"),
+            "cg best float64": ("tab:purple", "v", "--"),
+            "1e-16 x cond": ("gray", "", "-"),
+        }
         for name, ys in series.items():
-            pts = [(e, y) for e, y in zip(eps, ys, strict=True) if y is not None and y > 0 and math.isfinite(y)]
+            pts = [
+                (e, y)
+                for e, y in zip(eps, ys, strict=True)
+                if y is not None and y > 0 and math.isfinite(y)
+            ]
             if pts:
                 c, m, ls = styles[name]
-                ax.loglog([p[0] for p in pts], [p[1] for p in pts], color=c, marker=m or None,
-                          linestyle=ls, label=name, alpha=0.4 if name.startswith("1e-16") else 1.0)
+                ax.loglog(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    color=c,
+                    marker=m or None,
+                    linestyle=ls,
+                    label=name,
+                    alpha=0.4 if name.startswith("1e-16") else 1.0,
+                )
         n, L = rs[0]["n"], st["depth"]
         ax.set_title(f"{act} MLP, L={L}, n={n}: error vs float64 dense solve", fontsize=10)
         ax.set_xlabel("damping eps")
@@ -168,7 +215,11 @@ def run(cfg: Config, **overrides) -> str:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, outdir / "e3_accuracy.png")
-    md = write_table(rows, outdir, "e3_accuracy",
-                     f"E3: relative error vs a float64 dense solve (L={st['depth']}, width "
-                     f"{st['width']}, batch {st['batch']}, rhs = gradient)")
+    md = write_table(
+        rows,
+        outdir,
+        "e3_accuracy",
+        f"E3: relative error vs a float64 dense solve (L={st['depth']}, width "
+        f"{st['width']}, batch {st['batch']}, rhs = gradient)",
+    )
     return md

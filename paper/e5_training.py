@@ -118,16 +118,25 @@ class _HessianFree:
 
 def _make_method(name: str, model, loss_fn, lr: float | None):
     if name == "SGD":
-        return TorchOptimizerStep(model, loss_fn,
-                                  torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        return TorchOptimizerStep(
+            model, loss_fn, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        )
     if name == "Adam":
         return TorchOptimizerStep(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
     if name == "DampedNewton":
-        return DampedNewton(model, loss_fn, damping=3.0, damping_up=4.0, damping_down=0.5,
-                            min_damping=1e-4, max_tries=4)
+        return DampedNewton(
+            model,
+            loss_fn,
+            damping=3.0,
+            damping_up=4.0,
+            damping_down=0.5,
+            min_damping=1e-4,
+            max_tries=4,
+        )
     if name == "TrustRegionNewton":
-        return TrustRegionNewton(model, loss_fn, radius=0.5, max_radius=10.0, max_tries=2,
-                                 rtol=1e-3, hard_tol=1e-6)
+        return TrustRegionNewton(
+            model, loss_fn, radius=0.5, max_radius=10.0, max_tries=2, rtol=1e-3, hard_tol=1e-6
+        )
     if name == "HF-CG":
         return _HessianFree(model, loss_fn, damping=1.0, cg_iters=50)
     raise ValueError(name)
@@ -218,8 +227,9 @@ def _run(cfg, quick: bool) -> str:
     for name, grid in grids.items():
         best = (math.inf, grid[0])
         for lr in grid:
-            log = _run_method(name, lr, cfg, p, data, math.inf, p["tune_steps"],
-                              p["tune_steps"], bar)
+            log = _run_method(
+                name, lr, cfg, p, data, math.inf, p["tune_steps"], p["tune_steps"], bar
+            )
             final = log[-1][2] if math.isfinite(log[-1][2]) else math.inf
             best = min(best, (final, lr))
             bar.update()
@@ -227,9 +237,15 @@ def _run(cfg, quick: bool) -> str:
     for name in methods:
         first = name in grids
         logs[name] = _run_method(
-            name, chosen.get(name), cfg, p, data, p["budget_s"],
+            name,
+            chosen.get(name),
+            cfg,
+            p,
+            data,
+            p["budget_s"],
             p["first_order_steps"] if first else p["second_order_steps"],
-            20 if first else 1, bar,
+            20 if first else 1,
+            bar,
         )
         bar.update()
     bar.close()

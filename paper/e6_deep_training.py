@@ -109,11 +109,22 @@ def settings(cfg: Config) -> dict:
         n_log=40,
     )
     if cfg.quick:
-        return dict(common, configs=[(32, 8), (64, 8)], seeds=[cfg.seed],
-                    first_order_budget_s=3.0, budget_s=8.0, cg_iters=20)
-    return dict(common, configs=[(32, 8), (64, 8), (128, 8), (32, 16)],
-                seeds=[cfg.seed, cfg.seed + 1], first_order_budget_s=10.0, budget_s=25.0,
-                cg_iters=50)
+        return dict(
+            common,
+            configs=[(32, 8), (64, 8)],
+            seeds=[cfg.seed],
+            first_order_budget_s=3.0,
+            budget_s=8.0,
+            cg_iters=20,
+        )
+    return dict(
+        common,
+        configs=[(32, 8), (64, 8), (128, 8), (32, 16)],
+        seeds=[cfg.seed, cfg.seed + 1],
+        first_order_budget_s=10.0,
+        budget_s=25.0,
+        cg_iters=50,
+    )
 
 
 # ---------------------------------------------------------------------------- data, model
@@ -123,8 +134,7 @@ def load_data(device, split_seed: int = 0):
     from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=split_seed,
-                                          stratify=y)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=split_seed, stratify=y)
     mean, std = Xtr.mean(axis=0), Xtr.std(axis=0)
     std[std == 0] = 1.0  # constant pixels (always 0 in the training split) stay 0
     Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
@@ -177,7 +187,8 @@ def _ggn(model, loss_fn, X, y):
 
 
 class LibraryOptimizer:
-    """``hessinv.DampedNewton`` / ``TrustRegionNewton``: counts accepted steps and factorizations."""
+    """``hessinv.DampedNewton`` / ``TrustRegionNewton``: counts accepted steps and
+    factorizations."""
 
     def __init__(self, opt):
         self.opt, self.accepted, self.factorizations = opt, 0, 0
@@ -221,12 +232,14 @@ class HessianFree:
 
         x0 = torch.zeros_like(g) if self.prev is None else self.decay * self.prev
         # CG from x0 on (G + lam I) p = -g, as CG from 0 on the residual system
-        res = hessinv.conjugate_gradient(G.matvec, -g - A(x0), damping=lam, rtol=1e-10,
-                                         maxiter=self.cg_iters)
+        res = hessinv.conjugate_gradient(
+            G.matvec, -g - A(x0), damping=lam, rtol=1e-10, maxiter=self.cg_iters
+        )
         p = x0 + res.x
         if not bool(g @ p < 0):  # not a descent direction (can only come from x0): restart
-            p = hessinv.conjugate_gradient(G.matvec, -g, damping=lam, rtol=1e-10,
-                                           maxiter=self.cg_iters).x
+            p = hessinv.conjugate_gradient(
+                G.matvec, -g, damping=lam, rtol=1e-10, maxiter=self.cg_iters
+            ).x
         self.prev = p
         predicted = -float(g @ p + 0.5 * (p @ G.matvec(p)))
         x = _flat_params(self.params).clone()
@@ -249,8 +262,16 @@ class HessianFree:
 class PreconditionedSGD:
     """Mini-batch SGD with a stale exact Gauss-Newton preconditioner (see the module docstring)."""
 
-    def __init__(self, model, loss_fn, lr: float, damping_rel: float, refresh_every: int,
-                 big_batches: Batches, data):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        lr: float,
+        damping_rel: float,
+        refresh_every: int,
+        big_batches: Batches,
+        data,
+    ):
         self.model, self.loss_fn = model, loss_fn
         self.params = list(model.parameters())
         self.lr, self.damping_rel, self.refresh_every = lr, damping_rel, refresh_every
@@ -280,26 +301,43 @@ class PreconditionedSGD:
 
 def make_method(name: str, model, loss_fn, st: dict, lr, big_batches, data):
     if name == "SGD":
-        return TorchOptimizerStep(model, loss_fn,
-                                  torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        return TorchOptimizerStep(
+            model, loss_fn, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        )
     if name == "Adam":
         return TorchOptimizerStep(model, loss_fn, torch.optim.Adam(model.parameters(), lr=lr))
     if name in ("Newton-H", "LM-GGN"):
-        return LibraryOptimizer(hessinv.DampedNewton(
-            model, loss_fn, lr=1.0, damping=st["newton_damping"], damping_up=4.0,
-            damping_down=0.5, min_damping=1e-6, max_tries=3,
-            curvature=_hessian if name == "Newton-H" else _ggn,
-        ))
+        return LibraryOptimizer(
+            hessinv.DampedNewton(
+                model,
+                loss_fn,
+                lr=1.0,
+                damping=st["newton_damping"],
+                damping_up=4.0,
+                damping_down=0.5,
+                min_damping=1e-6,
+                max_tries=3,
+                curvature=_hessian if name == "Newton-H" else _ggn,
+            )
+        )
     if name == "TrustRegion":
-        return LibraryOptimizer(hessinv.TrustRegionNewton(
-            model, loss_fn, radius=st["tr_radius"], max_radius=10.0, max_tries=2, rtol=1e-3,
-            curvature=_hessian,
-        ))
+        return LibraryOptimizer(
+            hessinv.TrustRegionNewton(
+                model,
+                loss_fn,
+                radius=st["tr_radius"],
+                max_radius=10.0,
+                max_tries=2,
+                rtol=1e-3,
+                curvature=_hessian,
+            )
+        )
     if name == "HF-GGN":
         return HessianFree(model, loss_fn, st["hf_damping"], st["cg_iters"])
     if name == "PSGD-GGN":
-        return PreconditionedSGD(model, loss_fn, lr, st["psgd_damping_rel"], st["refresh_every"],
-                                 big_batches, data)
+        return PreconditionedSGD(
+            model, loss_fn, lr, st["psgd_damping_rel"], st["refresh_every"], big_batches, data
+        )
     raise ValueError(name)
 
 
@@ -308,14 +346,14 @@ def describe(name: str, st: dict) -> str:
         "SGD": "momentum 0.9",
         "Adam": "default betas",
         "Newton-H": f"DampedNewton(H), lr 1, eps0 {st['newton_damping']:g}, x4 up / x0.5 down, "
-                    "<=3 tries",
+        "<=3 tries",
         "LM-GGN": f"DampedNewton(GGN), lr 1, eps0 {st['newton_damping']:g}, x4 up / x0.5 down, "
-                  "<=3 tries",
+        "<=3 tries",
         "TrustRegion": f"TrustRegionNewton(H), radius0 {st['tr_radius']:g}, max 10, <=2 tries",
         "HF-GGN": f"{st['cg_iters']} CG its on GGN + lam I, lam0 {st['hf_damping']:g}, "
-                  "warm start 0.95, LM x1.5 / x2/3",
+        "warm start 0.95, LM x1.5 / x2/3",
         "PSGD-GGN": f"refresh every {st['refresh_every']} steps on {st['precond_batch']} samples, "
-                    f"eps = {st['psgd_damping_rel']:g} tr(G)/n",
+        f"eps = {st['psgd_damping_rel']:g} tr(G)/n",
     }[name]
 
 
@@ -326,8 +364,10 @@ def evaluate(model, loss_fn, data) -> tuple[float, float, float, float]:
     with torch.no_grad():
         out_tr, out_te = model(Xtr), model(Xte)
         return (
-            float(loss_fn(out_tr, ytr)), float((out_tr.argmax(1) == ytr).double().mean()),
-            float(loss_fn(out_te, yte)), float((out_te.argmax(1) == yte).double().mean()),
+            float(loss_fn(out_tr, ytr)),
+            float((out_tr.argmax(1) == ytr).double().mean()),
+            float(loss_fn(out_te, yte)),
+            float((out_te.argmax(1) == yte).double().mean()),
         )
 
 
@@ -343,8 +383,9 @@ def _log_steps(max_steps: int = 10**7) -> set[int]:
 _LOG_STEPS = _log_steps()
 
 
-def run_one(name: str, lr, *, depth: int, width: int, activation: str, seed: int, st: dict,
-            data, device) -> dict:
+def run_one(
+    name: str, lr, *, depth: int, width: int, activation: str, seed: int, st: dict, data, device
+) -> dict:
     """Train one model with one method; returns the log and a status.
 
     The log has rows ``(step, wall_s, train_loss, train_acc, test_loss, test_acc)``, taken
@@ -374,8 +415,7 @@ def run_one(name: str, lr, *, depth: int, width: int, activation: str, seed: int
         synchronize(device)
         wall += time.perf_counter() - t0
         step += 1
-        if (step in _LOG_STEPS or wall >= next_log or wall >= budget
-                or step >= st["max_steps"]):
+        if step in _LOG_STEPS or wall >= next_log or wall >= budget or step >= st["max_steps"]:
             log.append((step, wall, *evaluate(model, loss_fn, data)))
             if wall >= next_log:
                 next_log = wall + budget / st["n_log"]
@@ -392,8 +432,17 @@ def run_one(name: str, lr, *, depth: int, width: int, activation: str, seed: int
         extra = f"{method.accepted}/{step} accepted, lam final {method.damping:.2g}"
     elif isinstance(method, PreconditionedSGD):
         extra = f"{method.refreshes} refreshes, last eps {method.eps:.2g}"
-    return dict(method=name, lr=lr, log=log, steps=step, wall=wall, status=status, extra=extra,
-                budget=budget, n_params=sum(p.numel() for p in model.parameters()))
+    return dict(
+        method=name,
+        lr=lr,
+        log=log,
+        steps=step,
+        wall=wall,
+        status=status,
+        extra=extra,
+        budget=budget,
+        n_params=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def init_diagnostics(depth, width, activation, seed, st, data, device) -> dict:
@@ -410,7 +459,11 @@ def init_diagnostics(depth, width, activation, seed, st, data, device) -> dict:
     X, y = data[0][idx], data[1][idx]
     H = _hessian(model, loss_fn, X, y)
     row = {
-        "depth": depth, "width": width, "act": activation, "seed": seed, "n": H.num_params,
+        "depth": depth,
+        "width": width,
+        "act": activation,
+        "seed": seed,
+        "n": H.num_params,
         "train loss": float(loss_fn(h, data[1])),
         "logit std over inputs": float(h.std(0).mean()),
         "min live units per layer": min_alive if activation == "relu" else None,
@@ -453,7 +506,8 @@ def _at_step(r: dict, k: int):
 
 # ---------------------------------------------------------------------------- entry point
 def run(cfg: Config, **overrides) -> str:
-    """Run E6; ``overrides`` replace entries of :func:`settings`. Writes ``e6_*`` into ``cfg.outdir``."""
+    """Run E6; ``overrides`` replace entries of :func:`settings`. Writes ``e6_*`` into
+    ``cfg.outdir``."""
     unknown = set(overrides) - set(settings(cfg))
     if unknown:
         raise TypeError(f"unknown E6 settings {sorted(unknown)}")
@@ -467,7 +521,9 @@ def run(cfg: Config, **overrides) -> str:
 
 
 def _grid(name: str, st: dict):
-    return {"SGD": st["sgd_lrs"], "Adam": st["adam_lrs"], "PSGD-GGN": st["psgd_lrs"]}.get(name, [None])
+    return {"SGD": st["sgd_lrs"], "Adam": st["adam_lrs"], "PSGD-GGN": st["psgd_lrs"]}.get(
+        name, [None]
+    )
 
 
 def _run(cfg: Config, st: dict) -> str:
@@ -475,21 +531,37 @@ def _run(cfg: Config, st: dict) -> str:
     device = cfg.device
     data = load_data(device)
     configs = [(d, w, a) for d, w in st["configs"] for a in st["activations"]]
-    jobs = [(c, s, m, lr) for c in configs for s in st["seeds"] for m in st["methods"]
-            for lr in _grid(m, st)]
+    jobs = [
+        (c, s, m, lr)
+        for c in configs
+        for s in st["seeds"]
+        for m in st["methods"]
+        for lr in _grid(m, st)
+    ]
     results: dict = {}  # ((depth, width, act), seed) -> list of run dicts
     bar = progress(jobs, "E6")
     for (depth, width, act), seed, name, lr in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"L={depth} {act} seed {seed} {name} lr={lr}")
-        r = run_one(name, lr, depth=depth, width=width, activation=act, seed=seed, st=st,
-                    data=data, device=device)
+        r = run_one(
+            name,
+            lr,
+            depth=depth,
+            width=width,
+            activation=act,
+            seed=seed,
+            st=st,
+            data=data,
+            device=device,
+        )
         results.setdefault(((depth, width, act), seed), []).append(r)
 
-    diag_rows = [init_diagnostics(d, w, a, s, st, data, device)
-                 for (d, w, a) in configs for s in st["seeds"]]
-    diag_md = write_table(diag_rows, cfg.outdir, "e6_init",
-                          "E6: the networks at initialisation (before any step)")
+    diag_rows = [
+        init_diagnostics(d, w, a, s, st, data, device) for (d, w, a) in configs for s in st["seeds"]
+    ]
+    diag_md = write_table(
+        diag_rows, cfg.outdir, "e6_init", "E6: the networks at initialisation (before any step)"
+    )
 
     # the grid point with the lowest final training loss, per (config, seed, method)
     best: dict = {}
@@ -506,11 +578,24 @@ def _run(cfg: Config, st: dict) -> str:
         for r in runs:
             chosen = best[((depth, width, act), seed, r["method"])] is r
             for step, wall, trl, tra, tel, tea in r["log"]:
-                curve_rows.append(dict(
-                    depth=depth, width=width, activation=act, seed=seed, method=r["method"],
-                    lr=r["lr"], chosen=chosen, status=r["status"], step=step, wall_s=wall,
-                    train_loss=trl, train_acc=tra, test_loss=tel, test_acc=tea,
-                ))
+                curve_rows.append(
+                    dict(
+                        depth=depth,
+                        width=width,
+                        activation=act,
+                        seed=seed,
+                        method=r["method"],
+                        lr=r["lr"],
+                        chosen=chosen,
+                        status=r["status"],
+                        step=step,
+                        wall_s=wall,
+                        train_loss=trl,
+                        train_acc=tra,
+                        test_loss=tel,
+                        test_acc=tea,
+                    )
+                )
     write_curves(curve_rows, out)
 
     rows = []
@@ -521,39 +606,68 @@ def _run(cfg: Config, st: dict) -> str:
             step, wall, trl, tra, tel, tea = r["log"][-1]
             eq = _at_time(r, t_eq)
             row = {
-                "depth": depth, "act": act, "seed": seed, "method": name, "lr": r["lr"],
-                "steps": step, "wall s": wall, "s/step": wall / max(step, 1),
-                "train loss": trl, "train acc": tra, "test loss": tel, "test acc": tea,
-                f"train loss @{t_eq:g}s": eq[2], f"test acc @{t_eq:g}s": eq[5],
+                "depth": depth,
+                "act": act,
+                "seed": seed,
+                "method": name,
+                "lr": r["lr"],
+                "steps": step,
+                "wall s": wall,
+                "s/step": wall / max(step, 1),
+                "train loss": trl,
+                "train acc": tra,
+                "test loss": tel,
+                "test acc": tea,
+                f"train loss @{t_eq:g}s": eq[2],
+                f"test acc @{t_eq:g}s": eq[5],
                 "best 1st-order train loss @same steps": None,
             }
             if name not in FIRST_ORDER and first:
                 vals = [_at_step(f, step)[2] for f in first]
                 vals = [v for v in vals if math.isfinite(v)]
                 row["best 1st-order train loss @same steps"] = min(vals) if vals else None
-            row.update({"status": r["status"], "note": r["extra"], "width": width,
-                        "n": r["n_params"], "init train loss": r["log"][0][2]})
+            row.update(
+                {
+                    "status": r["status"],
+                    "note": r["extra"],
+                    "width": width,
+                    "n": r["n_params"],
+                    "init train loss": r["log"][0][2],
+                }
+            )
             rows.append(row)
     mode = "quick" if cfg.quick else "full"
-    title = (f"E6: final and equal-time ({t_eq:g} s) train/test loss and accuracy; batch "
-             f"{st['batch']}, {st['init']} init, float64, {device} ({mode})")
+    title = (
+        f"E6: final and equal-time ({t_eq:g} s) train/test loss and accuracy; batch "
+        f"{st['batch']}, {st['init']} init, float64, {device} ({mode})"
+    )
     table_md = write_table(rows, out, "e6_deep_training", title)
 
     win_md, agg_md = summarize(rows, t_eq, out)
 
     n_params = {c: results[(c, st["seeds"][0])][0]["n_params"] for c in configs}
-    figures(curve_rows, out, seed=st["seeds"][0], batch=st["batch"], budget_s=st["budget_s"],
-            first_order_budget_s=st["first_order_budget_s"], n_params=n_params,
-            title=(f"E6: digits, deep tall-skinny MLPs, {st['init']} init, float64, {device}, "
-                   f"{st['first_order_budget_s']:g} s (SGD, Adam) / {st['budget_s']:g} s "
-                   f"(others) of steps per run ({mode})"))
+    figures(
+        curve_rows,
+        out,
+        seed=st["seeds"][0],
+        batch=st["batch"],
+        budget_s=st["budget_s"],
+        first_order_budget_s=st["first_order_budget_s"],
+        n_params=n_params,
+        title=(
+            f"E6: digits, deep tall-skinny MLPs, {st['init']} init, float64, {device}, "
+            f"{st['first_order_budget_s']:g} s (SGD, Adam) / {st['budget_s']:g} s "
+            f"(others) of steps per run ({mode})"
+        ),
+    )
     elapsed = time.perf_counter() - t_start
     lines = [
         f"E6 ({mode}): digits ({data[0].shape[0]} train / {data[2].shape[0]} test, 64 standardised "
         f"features), MLPs (depth, width) {[tuple(c) for c in st['configs']]}, "
         f"{', '.join(st['activations'])}, "
         f"{st['init']} init, float64 on {device}, seeds {st['seeds']}; mini-batches of "
-        f"{st['batch']}; step-time budget per run {st['first_order_budget_s']:g} s (SGD, Adam: every "
+        f"{st['batch']}; step-time budget per run {st['first_order_budget_s']:g} s (SGD, Adam: "
+        "every "
         f"grid point) and {st['budget_s']:g} s (exact-curvature methods), evaluation excluded; "
         f"grids: SGD {st['sgd_lrs']}, Adam {st['adam_lrs']}, PSGD-GGN {st['psgd_lrs']}; "
         f"1 torch thread; E6 took {elapsed:.0f} s.",
@@ -587,8 +701,9 @@ def write_curves(curve_rows: list[dict], out) -> None:
     last: dict = {}
     for r in curve_rows:
         last[(r["depth"], r["width"], r["activation"], r["seed"], r["method"], r["lr"])] = r
-    write_table(list(last.values()), out, "e6_runs",
-                "E6: every run (all grid points), last logged point")
+    write_table(
+        list(last.values()), out, "e6_runs", "E6: every run (all grid points), last logged point"
+    )
 
 
 def _winner(first: float, exact: float) -> str:
@@ -598,7 +713,8 @@ def _winner(first: float, exact: float) -> str:
 
 
 def summarize(rows: list[dict], t_eq: float, out) -> tuple[str, str]:
-    """From the rows of ``e6_deep_training``: ``e6_winners`` and ``e6_by_method`` (medians over seeds)."""
+    """From the rows of ``e6_deep_training``: ``e6_winners`` and ``e6_by_method`` (medians over
+    seeds)."""
     lt, la = f"train loss @{t_eq:g}s", f"test acc @{t_eq:g}s"
     groups: dict = {}
     for r in rows:
@@ -612,16 +728,28 @@ def summarize(rows: list[dict], t_eq: float, out) -> tuple[str, str]:
             if not fo or not ex:
                 continue
             bfo, bex = min(fo, key=lambda r: r[key]), min(ex, key=lambda r: r[key])
-            win_rows.append({
-                "depth": depth, "width": width, "act": act, "seed": seed, "when": label,
-                "best first-order": bfo["method"], "its train loss": bfo[key],
-                "its test acc": bfo[acc],
-                "best exact-curvature": bex["method"], "its train loss ": bex[key],
-                "its test acc ": bex[acc],
-                "winner (train loss)": _winner(bfo[key], bex[key]),
-            })
-    win_md = write_table(win_rows, out, "e6_winners",
-                         "E6: best first-order vs best exact-curvature method (train loss)")
+            win_rows.append(
+                {
+                    "depth": depth,
+                    "width": width,
+                    "act": act,
+                    "seed": seed,
+                    "when": label,
+                    "best first-order": bfo["method"],
+                    "its train loss": bfo[key],
+                    "its test acc": bfo[acc],
+                    "best exact-curvature": bex["method"],
+                    "its train loss ": bex[key],
+                    "its test acc ": bex[acc],
+                    "winner (train loss)": _winner(bfo[key], bex[key]),
+                }
+            )
+    win_md = write_table(
+        win_rows,
+        out,
+        "e6_winners",
+        "E6: best first-order vs best exact-curvature method (train loss)",
+    )
 
     by: dict = {}
     for r in rows:
@@ -634,16 +762,30 @@ def summarize(rows: list[dict], t_eq: float, out) -> tuple[str, str]:
 
     agg = []
     for (depth, width, act, name), rs in by.items():
-        agg.append({
-            "depth": depth, "width": width, "act": act, "method": name, "seeds": len(rs),
-            "lr per seed": "/".join(f"{r['lr']:g}" for r in rs if r["lr"] is not None) or None,
-            "steps": int(round(med(rs, "steps"))), "s/step": med(rs, "s/step"),
-            "train loss": med(rs, "train loss"), "test acc": med(rs, "test acc"),
-            lt: med(rs, lt), la: med(rs, la), fo_key: med(rs, fo_key),
-            "not ok": sum(r["status"] != "ok" for r in rs),
-        })
-    agg_md = write_table(agg, out, "e6_by_method",
-                         "E6: per method, medians over seeds (lr: the chosen grid point per seed)")
+        agg.append(
+            {
+                "depth": depth,
+                "width": width,
+                "act": act,
+                "method": name,
+                "seeds": len(rs),
+                "lr per seed": "/".join(f"{r['lr']:g}" for r in rs if r["lr"] is not None) or None,
+                "steps": int(round(med(rs, "steps"))),
+                "s/step": med(rs, "s/step"),
+                "train loss": med(rs, "train loss"),
+                "test acc": med(rs, "test acc"),
+                lt: med(rs, lt),
+                la: med(rs, la),
+                fo_key: med(rs, fo_key),
+                "not ok": sum(r["status"] != "ok" for r in rs),
+            }
+        )
+    agg_md = write_table(
+        agg,
+        out,
+        "e6_by_method",
+        "E6: per method, medians over seeds (lr: the chosen grid point per seed)",
+    )
     return win_md, agg_md
 
 
@@ -658,8 +800,9 @@ def resummarize(outdir, t_eq: float) -> tuple[str, str]:
     text = ("act", "method", "status", "note")
     rows = []
     for r in raw:
-        rows.append({k: (v if k in text else (None if v == "" else float(v)))
-                     for k, v in r.items()})
+        rows.append(
+            {k: (v if k in text else (None if v == "" else float(v))) for k, v in r.items()}
+        )
         for k in ("depth", "width", "seed", "steps", "n"):
             rows[-1][k] = int(rows[-1][k])
     return summarize(rows, t_eq, outdir)
@@ -671,23 +814,35 @@ def _n_params(depth: int, width: int) -> int:
 
 
 def _chosen_logs(curve_rows: list[dict], seed: int) -> dict:
-    """``{(depth, width, act): {method: (lr, status, log array)}}`` of the chosen runs of ``seed``."""
+    """``{(depth, width, act): {method: (lr, status, log array)}}`` of the chosen runs of
+    ``seed``."""
     panels: dict = {}
     for r in curve_rows:
         if not r["chosen"] or r["seed"] != seed:
             continue
         entry = panels.setdefault((r["depth"], r["width"], r["activation"]), {}).setdefault(
-            r["method"], [r["lr"], r["status"], []])
-        entry[2].append([r[k] for k in ("step", "wall_s", "train_loss", "train_acc",
-                                        "test_loss", "test_acc")])
+            r["method"], [r["lr"], r["status"], []]
+        )
+        entry[2].append(
+            [r[k] for k in ("step", "wall_s", "train_loss", "train_acc", "test_loss", "test_acc")]
+        )
     for methods in panels.values():
         for entry in methods.values():
             entry[2] = np.array(entry[2], dtype=float)
     return panels
 
 
-def figures(curve_rows: list[dict], out, *, seed: int, batch: int, budget_s: float,
-            first_order_budget_s: float, title: str, n_params: dict | None = None) -> None:
+def figures(
+    curve_rows: list[dict],
+    out,
+    *,
+    seed: int,
+    batch: int,
+    budget_s: float,
+    first_order_budget_s: float,
+    title: str,
+    n_params: dict | None = None,
+) -> None:
     """``e6_deep_training.png`` (loss) and ``e6_accuracy.png`` of the chosen runs of ``seed``.
 
     One panel per (depth, width, activation), at most 4 across; under each, the same
@@ -707,8 +862,9 @@ def figures(curve_rows: list[dict], out, *, seed: int, batch: int, budget_s: flo
         ("e6_deep_training", 2, 4, "cross-entropy (solid: train, dashed: test)", True),
         ("e6_accuracy", 3, 5, "accuracy (solid: train, dashed: test)", False),
     ):
-        fig, axes = plt.subplots(2 * nblock, ncol, figsize=(4.3 * ncol, 3.6 * 2 * nblock),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            2 * nblock, ncol, figsize=(4.3 * ncol, 3.6 * 2 * nblock), squeeze=False
+        )
         for k, key in enumerate(keys):
             depth, width, act = key
             ax_s, ax_t = axes[2 * (k // ncol), k % ncol], axes[2 * (k // ncol) + 1, k % ncol]
@@ -723,8 +879,14 @@ def figures(curve_rows: list[dict], out, *, seed: int, batch: int, budget_s: flo
                 if status != "ok":
                     lab += f" [{status.split(':')[0]}]"
                 for ax, x in ((ax_s, np.maximum(arr[:, 0], 1)), (ax_t, arr[:, 1])):
-                    ax.plot(x, arr[:, col_tr], color=color, ls="-", lw=1.4,
-                            label=lab if ax is ax_s else None)
+                    ax.plot(
+                        x,
+                        arr[:, col_tr],
+                        color=color,
+                        ls="-",
+                        lw=1.4,
+                        label=lab if ax is ax_s else None,
+                    )
                     ax.plot(x, arr[:, col_te], color=color, ls="--", lw=1.0)
             n_par = (n_params or {}).get(key, _n_params(depth, width))
             n = f" (n = {n_par})"
@@ -751,8 +913,9 @@ def figures(curve_rows: list[dict], out, *, seed: int, batch: int, budget_s: flo
         save_figure(fig, pathlib.Path(out) / f"{stem}.png")
 
 
-def refigure(outdir, *, seed: int, batch: int, budget_s: float, first_order_budget_s: float,
-             title: str) -> None:
+def refigure(
+    outdir, *, seed: int, batch: int, budget_s: float, first_order_budget_s: float, title: str
+) -> None:
     """Redraw the figures from an existing ``e6_curves.csv``."""
     import csv
 
@@ -768,8 +931,15 @@ def refigure(outdir, *, seed: int, batch: int, budget_s: float, first_order_budg
         row["lr"] = None if r["lr"] == "" else float(r["lr"])
         row["chosen"] = r["chosen"] == "True"
         rows.append(row)
-    figures(rows, outdir, seed=seed, batch=batch, budget_s=budget_s,
-            first_order_budget_s=first_order_budget_s, title=title)
+    figures(
+        rows,
+        outdir,
+        seed=seed,
+        batch=batch,
+        budget_s=budget_s,
+        first_order_budget_s=first_order_budget_s,
+        title=title,
+    )
 
 
 __all__ = ["run", "settings", "load_data", "make_model", "METHODS", "resummarize", "refigure"]

@@ -98,10 +98,28 @@ def settings(cfg: Config) -> dict:
         return dict(
             common,
             tasks=[
-                dict(name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=256,
-                     n_test=1024, freq=1.0, depth=16, width=32),
-                dict(name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=256,
-                     n_test=1024, freq=1.0, depth=64, width=16),
+                dict(
+                    name="sines2d",
+                    kind="synthetic",
+                    d_in=2,
+                    d_out=2,
+                    n_train=256,
+                    n_test=1024,
+                    freq=1.0,
+                    depth=16,
+                    width=32,
+                ),
+                dict(
+                    name="sines2d",
+                    kind="synthetic",
+                    d_in=2,
+                    d_out=2,
+                    n_train=256,
+                    n_test=1024,
+                    freq=1.0,
+                    depth=64,
+                    width=16,
+                ),
                 dict(name="diabetes", kind="diabetes", depth=8, width=16),
             ],
             budget_s=8.0,
@@ -113,19 +131,45 @@ def settings(cfg: Config) -> dict:
     return dict(
         common,
         tasks=[
-            dict(name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=256,
-                 n_test=1024, freq=1.0, depth=16, width=32),
-            dict(name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=256,
-                 n_test=1024, freq=1.0, depth=64, width=16),
-            dict(name="sines6d", kind="synthetic", d_in=6, d_out=3, n_train=600,
-                 n_test=2000, freq=0.5, depth=32, width=64),
+            dict(
+                name="sines2d",
+                kind="synthetic",
+                d_in=2,
+                d_out=2,
+                n_train=256,
+                n_test=1024,
+                freq=1.0,
+                depth=16,
+                width=32,
+            ),
+            dict(
+                name="sines2d",
+                kind="synthetic",
+                d_in=2,
+                d_out=2,
+                n_train=256,
+                n_test=1024,
+                freq=1.0,
+                depth=64,
+                width=16,
+            ),
+            dict(
+                name="sines6d",
+                kind="synthetic",
+                d_in=6,
+                d_out=3,
+                n_train=600,
+                n_test=2000,
+                freq=0.5,
+                depth=32,
+                width=64,
+            ),
             dict(name="diabetes", kind="diabetes", depth=8, width=16),
             dict(name="diabetes", kind="diabetes", depth=32, width=32),
         ],
         budget_s=30.0,
         adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-        sweep=[(8, 16), (16, 16), (32, 16), (16, 32), (64, 32), (16, 64), (16, 128),
-               (64, 128)],
+        sweep=[(8, 16), (16, 16), (32, 16), (16, 32), (64, 32), (16, 64), (16, 128), (64, 128)],
         sweep_budget_s=15.0,
         dense_max_gb=8.0,
     )
@@ -197,8 +241,13 @@ class LMExact:
 
     def __init__(self, model, st: dict):
         self.opt = hessinv.DampedNewton(
-            model, nn.MSELoss(), damping=st["lm_damping"], damping_down=st["lm_damping_down"],
-            damping_up=st["lm_damping_up"], max_tries=st["lm_max_tries"], curvature="ggn",
+            model,
+            nn.MSELoss(),
+            damping=st["lm_damping"],
+            damping_down=st["lm_damping_down"],
+            damping_up=st["lm_damping_up"],
+            max_tries=st["lm_max_tries"],
+            curvature="ggn",
         )
         self.steps, self.accepted, self.tries, self.factorizations = 0, 0, 0, 0
         self.gradient_fallbacks, self.eps = 0, []
@@ -216,12 +265,13 @@ class LMExact:
         return self.steps, float(last["new_loss"]), True
 
     def note(self) -> str:
-        return (f"{self.accepted}/{self.steps} accepted, {self.tries} loss evaluations, "
-                f"{self.factorizations} factorizations, eps median "
-                f"{np.median(self.eps) if self.eps else float('nan'):.2g} last "
-                f"{self.eps[-1] if self.eps else float('nan'):.2g}"
-                + (f", {self.gradient_fallbacks} gradient fallbacks" if self.gradient_fallbacks
-                   else ""))
+        return (
+            f"{self.accepted}/{self.steps} accepted, {self.tries} loss evaluations, "
+            f"{self.factorizations} factorizations, eps median "
+            f"{np.median(self.eps) if self.eps else float('nan'):.2g} last "
+            f"{self.eps[-1] if self.eps else float('nan'):.2g}"
+            + (f", {self.gradient_fallbacks} gradient fallbacks" if self.gradient_fallbacks else "")
+        )
 
 
 class DenseLM:
@@ -246,8 +296,14 @@ class DenseLM:
     ``O(N n)`` memory (no refinement: its relative error is about ``u cond(K)``).
     """
 
-    def __init__(self, model, st: dict, mode: str = "normal", min_damping: float = 1e-8,
-                 max_damping: float = 1e8):
+    def __init__(
+        self,
+        model,
+        st: dict,
+        mode: str = "normal",
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
+    ):
         from torch.func import functional_call, jacrev, vmap
 
         if mode not in ("normal", "woodbury"):
@@ -349,8 +405,10 @@ class DenseLM:
         return self.steps, new_loss, True
 
     def note(self) -> str:
-        return (f"{self.accepted}/{self.steps} accepted, {self.tries} loss evaluations, "
-                f"{self.factorizations} Cholesky, eps last {self.damping:.2g}")
+        return (
+            f"{self.accepted}/{self.steps} accepted, {self.tries} loss evaluations, "
+            f"{self.factorizations} Cholesky, eps last {self.damping:.2g}"
+        )
 
 
 class LBFGS:
@@ -360,8 +418,12 @@ class LBFGS:
         self.model = model
         self.first = next(iter(model.parameters()))
         self.opt = torch.optim.LBFGS(
-            model.parameters(), line_search_fn="strong_wolfe", max_iter=st["lbfgs_iters_per_call"],
-            history_size=st["lbfgs_history"], tolerance_grad=0.0, tolerance_change=0.0,
+            model.parameters(),
+            line_search_fn="strong_wolfe",
+            max_iter=st["lbfgs_iters_per_call"],
+            history_size=st["lbfgs_history"],
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
         )
         self.loss_fn = nn.MSELoss()
 
@@ -385,7 +447,10 @@ class LBFGS:
         return self._state("n_iter")
 
     def note(self) -> str:
-        return f"{self._state('n_iter')} iterations, {self._state('func_evals')} loss+gradient evaluations"
+        return (
+            f"{self._state('n_iter')} iterations, {self._state('func_evals')} loss+gradient "
+            "evaluations"
+        )
 
 
 class Adam:
@@ -407,15 +472,23 @@ class Adam:
 
 def describe(name: str, st: dict) -> str:
     return {
-        "LM-exact": (f"hessinv.DampedNewton(curvature='ggn'), eps0 {st['lm_damping']:g}, "
-                     f"x{st['lm_damping_up']:g} on reject / x{st['lm_damping_down']:.3g} on accept, "
-                     f"<= {st['lm_max_tries']} loss evaluations per step"),
-        "LM-dense": ("the same rule on G = (2/(B r)) J^T J formed from the torch.func.jacrev "
-                     "Jacobian J, dense n x n Cholesky"),
-        "LM-dense-JJt": ("the same rule and the same J, the step by Woodbury from the "
-                         "(B r) x (B r) matrix eps I + (2/(B r)) J J^T (Cholesky)"),
-        "L-BFGS": (f"torch.optim.LBFGS, strong Wolfe, history {st['lbfgs_history']}, lr 1, "
-                   f"{st['lbfgs_iters_per_call']} iterations per call, tolerances 0"),
+        "LM-exact": (
+            f"hessinv.DampedNewton(curvature='ggn'), eps0 {st['lm_damping']:g}, "
+            f"x{st['lm_damping_up']:g} on reject / x{st['lm_damping_down']:.3g} on accept, "
+            f"<= {st['lm_max_tries']} loss evaluations per step"
+        ),
+        "LM-dense": (
+            "the same rule on G = (2/(B r)) J^T J formed from the torch.func.jacrev "
+            "Jacobian J, dense n x n Cholesky"
+        ),
+        "LM-dense-JJt": (
+            "the same rule and the same J, the step by Woodbury from the "
+            "(B r) x (B r) matrix eps I + (2/(B r)) J J^T (Cholesky)"
+        ),
+        "L-BFGS": (
+            f"torch.optim.LBFGS, strong Wolfe, history {st['lbfgs_history']}, lr 1, "
+            f"{st['lbfgs_iters_per_call']} iterations per call, tolerances 0"
+        ),
         "Adam": "torch.optim.Adam, default betas, constant lr from the grid",
     }[name]
 
@@ -455,7 +528,9 @@ def dense_prediction(name: str, n: int, rows: int, device) -> tuple[float, float
     r_mm, r_ch = _flop_rates(device)
     if name == "LM-dense":
         return 2.0 * rows * n * n / r_mm + n**3 / 3.0 / r_ch, 8.0 * (2.0 * rows * n + 3.0 * n * n)
-    return 2.0 * rows * rows * n / r_mm + rows**3 / 3.0 / r_ch, 8.0 * (2.0 * rows * n + 3.0 * rows**2)
+    return 2.0 * rows * rows * n / r_mm + rows**3 / 3.0 / r_ch, 8.0 * (
+        2.0 * rows * n + 3.0 * rows**2
+    )
 
 
 def dense_skip_reason(name: str, n: int, rows: int, budget: float, st: dict, device) -> str | None:
@@ -463,8 +538,10 @@ def dense_skip_reason(name: str, n: int, rows: int, budget: float, st: dict, dev
     memory is above ``dense_max_gb`` or one step is predicted to take more than the budget."""
     seconds, nbytes = dense_prediction(name, n, rows, device)
     if nbytes > st["dense_max_gb"] * 1e9 or seconds > budget:
-        return (f"skipped: one step predicted {seconds:.3g} s (budget {budget:g} s) and "
-                f"{nbytes / 1e9:.3g} GB (cap {st['dense_max_gb']:g} GB)")
+        return (
+            f"skipped: one step predicted {seconds:.3g} s (budget {budget:g} s) and "
+            f"{nbytes / 1e9:.3g} GB (cap {st['dense_max_gb']:g} GB)"
+        )
     return None
 
 
@@ -491,8 +568,18 @@ def _mse(model, X, y) -> float:
         return float(nn.functional.mse_loss(model(X), y))
 
 
-def run_one(task: dict, name: str, lr, *, st: dict, data, budget: float, seed: int,
-            device, verbose: bool = True) -> dict:
+def run_one(
+    task: dict,
+    name: str,
+    lr,
+    *,
+    st: dict,
+    data,
+    budget: float,
+    seed: int,
+    device,
+    verbose: bool = True,
+) -> dict:
     """Train one model with one method for ``budget`` seconds of step time.
 
     Returns the per-step training curve ``points`` (step, wall, train loss; every step),
@@ -502,16 +589,33 @@ def run_one(task: dict, name: str, lr, *, st: dict, data, budget: float, seed: i
     model = make_model(Xtr.shape[1], task["depth"], task["width"], ytr.shape[1], seed, device)
     n = sum(p.numel() for p in model.parameters())
     rows = ytr.numel()
-    base = dict(task=task_label(task), depth=task["depth"], width=task["width"], n=n, rows=rows,
-                method=name, lr=lr, budget=budget)
+    base = dict(
+        task=task_label(task),
+        depth=task["depth"],
+        width=task["width"],
+        n=n,
+        rows=rows,
+        method=name,
+        lr=lr,
+        budget=budget,
+    )
     init_train = _mse(model, Xtr, ytr)
     evals = [(0, 0.0, init_train, _mse(model, Xte, yte))]
     points = [(0, 0.0, init_train)]
     if name in ("LM-dense", "LM-dense-JJt"):
         why = dense_skip_reason(name, n, rows, budget, st, device)
         if why is not None:
-            return dict(base, status=why, points=points, evals=evals, steps=0, wall=0.0,
-                        step_times=[], note="", warnings=0)
+            return dict(
+                base,
+                status=why,
+                points=points,
+                evals=evals,
+                steps=0,
+                wall=0.0,
+                step_times=[],
+                note="",
+                warnings=0,
+            )
     makers = {
         "LM-exact": lambda: LMExact(model, st),
         "LM-dense": lambda: DenseLM(model, st, "normal"),
@@ -554,8 +658,10 @@ def run_one(task: dict, name: str, lr, *, st: dict, data, budget: float, seed: i
         if not math.isfinite(f) or f > st["diverge_loss"]:
             status = "diverged"
             break
-        if any(s in _EVAL_STEPS for s in range(last_eval_step + 1, method.steps + 1)) \
-                or wall >= next_eval:
+        if (
+            any(s in _EVAL_STEPS for s in range(last_eval_step + 1, method.steps + 1))
+            or wall >= next_eval
+        ):
             evals.append((method.steps, wall, _mse(model, Xtr, ytr), _mse(model, Xte, yte)))
             last_eval_step = method.steps
             if wall >= next_eval:
@@ -571,8 +677,17 @@ def run_one(task: dict, name: str, lr, *, st: dict, data, budget: float, seed: i
     note = method.note()
     if name == "LM-exact" and status == "ok":
         note += f", route {_route(model, Xtr, ytr, method.opt.damping)}"
-    return dict(base, status=status, points=points, evals=evals, steps=steps, wall=wall,
-                step_times=step_times, note=note, warnings=n_warn)
+    return dict(
+        base,
+        status=status,
+        points=points,
+        evals=evals,
+        steps=steps,
+        wall=wall,
+        step_times=step_times,
+        note=note,
+        warnings=n_warn,
+    )
 
 
 def _route(model, X, y, damping: float) -> str:
@@ -622,7 +737,8 @@ def median_step(r: dict) -> float | None:
 
 # ---------------------------------------------------------------------------- entry point
 def run(cfg: Config, **overrides) -> str:
-    """Run E7; ``overrides`` replace entries of :func:`settings`. Writes ``e7_*`` into ``cfg.outdir``."""
+    """Run E7; ``overrides`` replace entries of :func:`settings`. Writes ``e7_*`` into
+    ``cfg.outdir``."""
     unknown = set(overrides) - set(settings(cfg))
     if unknown:
         raise TypeError(f"unknown E7 settings {sorted(unknown)}")
@@ -649,14 +765,32 @@ def _best(runs: list[dict], name: str) -> dict | None:
 def warm_up(st: dict, device) -> None:
     """A few untimed steps of every method on a tiny problem: one-time initialisations
     (``torch.func`` transforms, forward-mode AD's decompositions, ...) stay out of the clock."""
-    task = dict(name="warm-up", kind="synthetic", d_in=2, d_out=2, n_train=16, n_test=16,
-                freq=1.0, depth=3, width=4)
+    task = dict(
+        name="warm-up",
+        kind="synthetic",
+        d_in=2,
+        d_out=2,
+        n_train=16,
+        n_test=16,
+        freq=1.0,
+        depth=3,
+        width=4,
+    )
     data = load_task(task, 0, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in st["methods"]:
-            run_one(task, name, st["adam_lrs"][0], st=dict(st, max_steps=2), data=data,
-                    budget=10.0, seed=0, device=device, verbose=False)
+            run_one(
+                task,
+                name,
+                st["adam_lrs"][0],
+                st=dict(st, max_steps=2),
+                data=data,
+                budget=10.0,
+                seed=0,
+                device=device,
+                verbose=False,
+            )
 
 
 def _run(cfg: Config, st: dict) -> str:
@@ -675,8 +809,16 @@ def _run(cfg: Config, st: dict) -> str:
     for task, name, lr in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{task_label(task)} {name}" + (f" lr={lr:g}" if lr else ""))
-        r = run_one(task, name, lr, st=st, data=datas[task_label(task)], budget=st["budget_s"],
-                    seed=cfg.seed, device=device)
+        r = run_one(
+            task,
+            name,
+            lr,
+            st=st,
+            data=datas[task_label(task)],
+            budget=st["budget_s"],
+            seed=cfg.seed,
+            device=device,
+        )
         results.setdefault(task_label(task), []).append(r)
 
     # ---- the n-sweep on the first synthetic task's data
@@ -691,8 +833,16 @@ def _run(cfg: Config, st: dict) -> str:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"L={depth} w={width} {name}")
         task = dict(sweep_task, depth=depth, width=width)
-        r = run_one(task, name, sweep_lr if name == "Adam" else None, st=st, data=sweep_data,
-                    budget=st["sweep_budget_s"], seed=cfg.seed, device=device)
+        r = run_one(
+            task,
+            name,
+            sweep_lr if name == "Adam" else None,
+            st=st,
+            data=sweep_data,
+            budget=st["sweep_budget_s"],
+            seed=cfg.seed,
+            device=device,
+        )
         sweep_runs.append(r)
 
     md_parts = _tables(results, sweep_runs, st, out, mode, device, sweep_task, sweep_lr)
@@ -713,10 +863,12 @@ def _run(cfg: Config, st: dict) -> str:
         "Settings: " + "; ".join(f"{m}: {describe(m, st)}" for m in st["methods"]) + ".",
         "",
     ]
-    files = ("Files: `e7_least_squares.png` (loss against steps and seconds), `e7_sweep.png`, "
-             "`e7_least_squares.{csv,md}`, `e7_verdict.{csv,md}`, `e7_thresholds.{csv,md}`, "
-             "`e7_runs.{csv,md}` (every run, all Adam learning rates), `e7_sweep.{csv,md}`, "
-             "`e7_sweep_summary.{csv,md}`, `e7_curves.csv` (training curves, thinned).")
+    files = (
+        "Files: `e7_least_squares.png` (loss against steps and seconds), `e7_sweep.png`, "
+        "`e7_least_squares.{csv,md}`, `e7_verdict.{csv,md}`, `e7_thresholds.{csv,md}`, "
+        "`e7_runs.{csv,md}` (every run, all Adam learning rates), `e7_sweep.{csv,md}`, "
+        "`e7_sweep_summary.{csv,md}`, `e7_curves.csv` (training curves, thinned)."
+    )
     md = "\n".join(head + md_parts + [files]) + "\n"
     (out / "e7_summary.md").write_text(md)
     return md
@@ -737,8 +889,13 @@ def _tables(results, sweep_runs, st, out, mode, device, sweep_task, sweep_lr) ->
             if r is None:
                 continue
             row = {
-                "task": label, "n": r["n"], "rows B*r": r["rows"], "method": name,
-                "lr": r["lr"], "steps": r["steps"], "s/step": median_step(r),
+                "task": label,
+                "n": r["n"],
+                "rows B*r": r["rows"],
+                "method": name,
+                "lr": r["lr"],
+                "steps": r["steps"],
+                "s/step": median_step(r),
                 "init train loss": r["evals"][0][2],
                 "train loss": r["evals"][-1][2] if r["steps"] else None,
                 "test loss": r["evals"][-1][3] if r["steps"] else None,
@@ -754,46 +911,79 @@ def _tables(results, sweep_runs, st, out, mode, device, sweep_task, sweep_lr) ->
             if name in LM_METHODS[1:] and chosen.get("LM-exact") is not None:
                 agree = agreement(chosen["LM-exact"], r)
                 if agree is not None:
-                    row["note"] += (f"; training losses agree with LM-exact's to {agree[0]:.1g} "
-                                    f"(max relative difference over steps 1-{agree[1]}, "
-                                    f"losses >= {AGREE_FLOOR:g})")
+                    row["note"] += (
+                        f"; training losses agree with LM-exact's to {agree[0]:.1g} "
+                        f"(max relative difference over steps 1-{agree[1]}, "
+                        f"losses >= {AGREE_FLOOR:g})"
+                    )
             main_rows.append(row)
             for t in thr:
                 s, k = time_to(r, t)
-                thr_rows.append({"task": label, "method": name, "threshold": t, "seconds": s,
-                                 "steps": k})
+                thr_rows.append(
+                    {"task": label, "method": name, "threshold": t, "seconds": s, "steps": k}
+                )
         for r in runs:
-            run_rows.append({
-                "task": label, "n": r["n"], "method": r["method"], "lr": r["lr"],
-                "steps": r["steps"], "wall s": r["wall"], "s/step": median_step(r),
-                "train loss": r["evals"][-1][2] if r["steps"] else None,
-                "test loss": r["evals"][-1][3] if r["steps"] else None,
-                "status": r["status"], "warnings": r["warnings"],
-            })
+            run_rows.append(
+                {
+                    "task": label,
+                    "n": r["n"],
+                    "method": r["method"],
+                    "lr": r["lr"],
+                    "steps": r["steps"],
+                    "wall s": r["wall"],
+                    "s/step": median_step(r),
+                    "train loss": r["evals"][-1][2] if r["steps"] else None,
+                    "test loss": r["evals"][-1][3] if r["steps"] else None,
+                    "status": r["status"],
+                    "warnings": r["warnings"],
+                }
+            )
         verdict_rows.append(_verdict(label, chosen, st))
-    title = (f"E7: full-batch least squares, final losses after {T:g} s of steps and seconds "
-             f"to reach training-loss thresholds (float64, {device}, {mode}; Adam: the best lr)")
+    title = (
+        f"E7: full-batch least squares, final losses after {T:g} s of steps and seconds "
+        f"to reach training-loss thresholds (float64, {device}, {mode}; Adam: the best lr)"
+    )
     parts = [write_table(main_rows, out, "e7_least_squares", title)]
-    parts.append(write_table(verdict_rows, out, "e7_verdict",
-                             "E7: who wins, per second and per step (training loss)"))
-    write_table(thr_rows, out, "e7_thresholds",
-                "E7: seconds and steps to reach each training-loss threshold")
+    parts.append(
+        write_table(
+            verdict_rows, out, "e7_verdict", "E7: who wins, per second and per step (training loss)"
+        )
+    )
+    write_table(
+        thr_rows,
+        out,
+        "e7_thresholds",
+        "E7: seconds and steps to reach each training-loss threshold",
+    )
     write_table(run_rows, out, "e7_runs", "E7: every run (all Adam learning rates)")
 
     # ---- the sweep
     sweep_rows = []
     thr_s = st["sweep_threshold"]
     for r in sweep_runs:
-        sweep_rows.append({
-            "depth": r["depth"], "width": r["width"], "n": r["n"], "rows B*r": r["rows"],
-            "method": r["method"], "steps": r["steps"], "s/step": median_step(r),
-            "train loss": r["evals"][-1][2] if r["steps"] else None,
-            f"s to {_fmt_thr(thr_s)}": time_to(r, thr_s)[0], "status": r["status"],
-        })
-    parts.append(write_table(
-        sweep_rows, out, "e7_sweep",
-        f"E7: n-sweep on {sweep_task['name']} ({sweep_task.get('n_train', '')} samples, "
-        f"{st['sweep_budget_s']:g} s per run; Adam lr {sweep_lr:g})"))
+        sweep_rows.append(
+            {
+                "depth": r["depth"],
+                "width": r["width"],
+                "n": r["n"],
+                "rows B*r": r["rows"],
+                "method": r["method"],
+                "steps": r["steps"],
+                "s/step": median_step(r),
+                "train loss": r["evals"][-1][2] if r["steps"] else None,
+                f"s to {_fmt_thr(thr_s)}": time_to(r, thr_s)[0],
+                "status": r["status"],
+            }
+        )
+    parts.append(
+        write_table(
+            sweep_rows,
+            out,
+            "e7_sweep",
+            f"E7: n-sweep on {sweep_task['name']} ({sweep_task.get('n_train', '')} samples, "
+            f"{st['sweep_budget_s']:g} s per run; Adam lr {sweep_lr:g})",
+        )
+    )
     summ = []
     for name in st["methods"]:
         rs = [r for r in sweep_runs if r["method"] == name]
@@ -801,18 +991,28 @@ def _tables(results, sweep_runs, st, out, mode, device, sweep_task, sweep_lr) ->
         hit = [r for r in ran if time_to(r, thr_s)[0] is not None]
         big = max(ran, key=lambda r: r["n"]) if ran else None
         skipped = [r for r in rs if r["status"].startswith("skipped")]
-        summ.append({
-            "method": name,
-            "largest n with a step": big["n"] if big else None,
-            f"largest n reaching {_fmt_thr(thr_s)}": max(r["n"] for r in hit) if hit else None,
-            "s/step at largest n": median_step(big) if big else None,
-            "train loss at largest n": big["evals"][-1][2] if big else None,
-            "beyond": (f"n = {min(r['n'] for r in skipped)}: {skipped[0]['status']}"
-                       if skipped else "-"),
-        })
-    parts.append(write_table(
-        summ, out, "e7_sweep_summary",
-        f"E7: the largest n each method handles within {st['sweep_budget_s']:g} s"))
+        summ.append(
+            {
+                "method": name,
+                "largest n with a step": big["n"] if big else None,
+                f"largest n reaching {_fmt_thr(thr_s)}": max(r["n"] for r in hit) if hit else None,
+                "s/step at largest n": median_step(big) if big else None,
+                "train loss at largest n": big["evals"][-1][2] if big else None,
+                "beyond": (
+                    f"n = {min(r['n'] for r in skipped)}: {skipped[0]['status']}"
+                    if skipped
+                    else "-"
+                ),
+            }
+        )
+    parts.append(
+        write_table(
+            summ,
+            out,
+            "e7_sweep_summary",
+            f"E7: the largest n each method handles within {st['sweep_budget_s']:g} s",
+        )
+    )
     return parts
 
 
@@ -834,7 +1034,9 @@ def agreement(a: dict, b: dict) -> tuple[float, int] | None:
 
 def _verdict(label: str, chosen: dict, st: dict) -> dict:
     T = st["budget_s"]
-    ok = {m: r for m, r in chosen.items() if r is not None and r["steps"] > 0 and r["status"] == "ok"}
+    ok = {
+        m: r for m, r in chosen.items() if r is not None and r["steps"] > 0 and r["status"] == "ok"
+    }
 
     def best_at(fn):
         vals = {m: fn(r) for m, r in ok.items()}
@@ -851,14 +1053,20 @@ def _verdict(label: str, chosen: dict, st: dict) -> dict:
     best_other = min(others, key=others.get) if others else None
     k = lm["steps"] if lm else None
     row = {
-        "task": label, "n": next(iter(ok.values()))["n"] if ok else None,
-        f"best @{T / 10:g}s": early_m, f"its loss @{T / 10:g}s": early_v,
-        f"best @{T:g}s": final_m, f"its loss @{T:g}s": final_v,
+        "task": label,
+        "n": next(iter(ok.values()))["n"] if ok else None,
+        f"best @{T / 10:g}s": early_m,
+        f"its loss @{T / 10:g}s": early_v,
+        f"best @{T:g}s": final_m,
+        f"its loss @{T:g}s": final_v,
         "LM-exact final": final_loss(lm) if lm else None,
         "best first-order / quasi-Newton": best_other,
         "its final": others.get(best_other) if best_other else None,
-        "ratio (other / LM-exact)": (others[best_other] / final_loss(lm)
-                                     if lm and best_other and final_loss(lm) > 0 else None),
+        "ratio (other / LM-exact)": (
+            others[best_other] / final_loss(lm)
+            if lm and best_other and final_loss(lm) > 0
+            else None
+        ),
     }
     thr = st["thresholds"]
     lowest = None
@@ -869,8 +1077,9 @@ def _verdict(label: str, chosen: dict, st: dict) -> dict:
         times = {m: time_to(r, lowest)[0] for m, r in ok.items()}
         times = {m: v for m, v in times.items() if v is not None}
         row["lowest threshold reached"] = lowest
-        row["first there (s)"] = ", ".join(f"{m} {v:.3g}" for m, v in sorted(times.items(),
-                                                                               key=lambda x: x[1]))
+        row["first there (s)"] = ", ".join(
+            f"{m} {v:.3g}" for m, v in sorted(times.items(), key=lambda x: x[1])
+        )
     row["K = LM-exact steps"] = k
     for m in METHODS:
         if m in st["methods"]:
@@ -886,13 +1095,35 @@ def write_curves(results, sweep_runs, out) -> None:
     for part, runs in (("task", [r for rs in results.values() for r in rs]), ("sweep", sweep_runs)):
         for r in runs:
             for step, wall, f in thin(r["points"]):
-                rows.append(dict(part=part, task=r["task"], n=r["n"], method=r["method"],
-                                 lr=r["lr"], kind="train (per step)", step=step, wall_s=wall,
-                                 train_loss=f, test_loss=""))
+                rows.append(
+                    dict(
+                        part=part,
+                        task=r["task"],
+                        n=r["n"],
+                        method=r["method"],
+                        lr=r["lr"],
+                        kind="train (per step)",
+                        step=step,
+                        wall_s=wall,
+                        train_loss=f,
+                        test_loss="",
+                    )
+                )
             for step, wall, f, te in r["evals"]:
-                rows.append(dict(part=part, task=r["task"], n=r["n"], method=r["method"],
-                                 lr=r["lr"], kind="evaluation", step=step, wall_s=wall,
-                                 train_loss=f, test_loss=te))
+                rows.append(
+                    dict(
+                        part=part,
+                        task=r["task"],
+                        n=r["n"],
+                        method=r["method"],
+                        lr=r["lr"],
+                        kind="evaluation",
+                        step=step,
+                        wall_s=wall,
+                        train_loss=f,
+                        test_loss=te,
+                    )
+                )
     if not rows:
         return
     with open(pathlib.Path(out) / "e7_curves.csv", "w", newline="") as f:
@@ -953,8 +1184,11 @@ def _figure(results, st, out, mode, device) -> None:
             ax_s.set_ylabel("MSE (solid: train, dotted: test)", fontsize=8)
             ax_t.set_ylabel("MSE (solid: train, dotted: test)", fontsize=8)
         ax_s.legend(fontsize=6)
-    fig.suptitle(f"E7: full-batch least squares, deep tanh MLPs, float64, {device}, "
-                 f"{st['budget_s']:g} s of steps per run ({mode})", fontsize=10)
+    fig.suptitle(
+        f"E7: full-batch least squares, deep tanh MLPs, float64, {device}, "
+        f"{st['budget_s']:g} s of steps per run ({mode})",
+        fontsize=10,
+    )
     save_figure(fig, out / "e7_least_squares.png")
 
 
@@ -966,16 +1200,29 @@ def _sweep_figure(sweep_runs, st, out, sweep_task, sweep_lr) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in st["methods"]:
-        rs = sorted([r for r in sweep_runs if r["method"] == name and r["steps"] > 0],
-                    key=lambda r: r["n"])
+        rs = sorted(
+            [r for r in sweep_runs if r["method"] == name and r["steps"] > 0], key=lambda r: r["n"]
+        )
         if not rs:
             continue
         color, ls = _STYLE[name]
         lab = name + (f" (lr {sweep_lr:g})" if name == "Adam" else "")
-        ax1.loglog([r["n"] for r in rs], [median_step(r) for r in rs], marker="o", color=color,
-                   ls=ls, label=lab)
-        ax2.loglog([r["n"] for r in rs], [max(r["evals"][-1][2], 1e-16) for r in rs], marker="o",
-                   color=color, ls=ls, label=lab)
+        ax1.loglog(
+            [r["n"] for r in rs],
+            [median_step(r) for r in rs],
+            marker="o",
+            color=color,
+            ls=ls,
+            label=lab,
+        )
+        ax2.loglog(
+            [r["n"] for r in rs],
+            [max(r["evals"][-1][2], 1e-16) for r in rs],
+            marker="o",
+            color=color,
+            ls=ls,
+            label=lab,
+        )
     ax1.set_ylabel("seconds per step (median)")
     ax2.set_ylabel(f"training MSE after {st['sweep_budget_s']:g} s")
     ax2.axhline(st["sweep_threshold"], color="gray", lw=0.8, ls=":")
@@ -983,8 +1230,11 @@ def _sweep_figure(sweep_runs, st, out, sweep_task, sweep_lr) -> None:
         ax.set_xlabel("n (parameters)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"E7 n-sweep on {sweep_task['name']} ({sweep_task.get('n_train', '')} samples), "
-                 f"(depth, width) in {st['sweep']}", fontsize=9)
+    fig.suptitle(
+        f"E7 n-sweep on {sweep_task['name']} ({sweep_task.get('n_train', '')} samples), "
+        f"(depth, width) in {st['sweep']}",
+        fontsize=9,
+    )
     save_figure(fig, out / "e7_sweep.png")
 
 
