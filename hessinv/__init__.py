@@ -22,7 +22,8 @@ from hessinv.optim import DampedNewton, TrustRegionNewton, trust_region_subprobl
 from hessinv.tools.reference import conjugate_gradient, dense_hessian
 from hessinv.vectors import flatten, unflatten
 
-__version__ = "0.2.0"
+#: the one place the version is written (pyproject.toml reads it from here)
+__version__ = "0.3.0"
 
 __all__ = [
     "ChainHessian",
