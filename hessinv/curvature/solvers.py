@@ -197,7 +197,7 @@ class TridiagonalSolver(Solver):
         return self._solver.solve(blocks)
 
     def logdet(self):
-        return self._solver.lu.slogdet()
+        return self._solver.slogdet()
 
 
 # ---------------------------------------------------------------------- output space

@@ -32,6 +32,7 @@ from block_partitioned_matrices import (
     Tridiagonal,
     UpperBidiagonal,
     Zero,
+    BlockVector,
     blockwise_transpose,
 )
 from hessinv.derivatives import StageDerivatives, block_diagonal
@@ -88,23 +89,25 @@ def augmented_tridiagonal(
 
 
 class AugmentedSolver:
-    """Factorized augmented system: :meth:`solve` maps per-stage ``g`` blocks to ``v`` blocks."""
+    """The factorized augmented system (the pivoted block LU of its blockwise transpose,
+    :meth:`BlockGrid.factorize <block_partitioned_matrices.BlockGrid.factorize>`):
+    :meth:`solve` maps per-stage ``g`` blocks to ``v`` blocks."""
 
     def __init__(self, stages: Sequence[StageDerivatives], S: torch.Tensor, damping: float):
-        self.system = augmented_tridiagonal(stages, S, damping)
-        self.lu = self.system.factorize()
-        self._p = [d.num_params for d in stages]
-        self._sizes = list(self.system.block_sizes)
+        self.lu = augmented_grid(stages, S, damping).factorize()
+        self._L = len(stages)
+        self._a = [d.batch * d.out_size for d in stages]
+
+    def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sign, log|det|)`` of the augmented system, equal to those of ``H + eps I``
+        (eliminating ``(t, u)`` has unit determinant; the blockwise transpose is a symmetric
+        permutation)."""
+        return self.lu.tridiagonal_lu.slogdet()
 
     def solve(self, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` ``(p_l, k)``."""
+        """``(H + eps I)^-1 g`` for per-stage blocks ``g[l]`` ``(p_l, k)``: the right-hand side
+        ``(g; 0; 0)`` over ``(v; t; u)`` in grid order, the ``v`` blocks of the solution."""
         k = g[0].shape[1]
-        rhs = []
-        for gl, p, m in zip(g, self._p, self._sizes, strict=True):
-            rhs += [gl, gl.new_zeros(m - p, k)]
-        sol = self.lu.solve(torch.cat(rhs))
-        out, offset = [], 0
-        for p, m in zip(self._p, self._sizes, strict=True):
-            out.append(sol[offset : offset + p])
-            offset += m
-        return out
+        zeros = [g[0].new_zeros(a, k) for a in self._a]
+        sol = self.lu.solve(BlockVector(list(g) + zeros + zeros))
+        return list(sol.blocks[: self._L])
