@@ -137,8 +137,9 @@ def hvp_times(prob, H, products, device) -> dict:
     hvp = torch_func_hvp(*prob)
     hvp(v)  # one-off set-up of the transform
     out["hvp_torch_func"], theirs = median_time(lambda: hvp(v), products, device)
-    out["hvp_difference"] = float(torch.linalg.vector_norm(ours - theirs)
-                                  / torch.linalg.vector_norm(theirs))
+    out["hvp_difference"] = float(
+        torch.linalg.vector_norm(ours - theirs) / torch.linalg.vector_norm(theirs)
+    )
     return out
 
 
@@ -148,10 +149,12 @@ def read_modes(prob, H, device) -> dict:
     ``RUN_LENGTH`` stages per read; the Hessian's with each front's two tests read apart
     against speculative fronts (both tests in one read)."""
     G = hessinv.ChainGGN(*prob, progress=False)
-    modes = (("ggn_stagewise", G, {"check_every": 1}),
-             ("ggn_runs", G, {"check_every": RUN_LENGTH}),
-             ("h_apart", H, {"speculative": False}),
-             ("h_speculative", H, {"speculative": True}))
+    modes = (
+        ("ggn_stagewise", G, {"check_every": 1}),
+        ("ggn_runs", G, {"check_every": RUN_LENGTH}),
+        ("h_apart", H, {"speculative": False}),
+        ("h_speculative", H, {"speculative": True}),
+    )
     out = {}
     for key, curvature, kwargs in modes:
         stages, S = curvature.stage_derivatives(), curvature.loss_hessian_blocks()
@@ -200,8 +203,9 @@ def measure(spec: dict) -> dict:
     out["n"] = H.num_params
     try:
         out |= solve_times(H, spec["repeats"], device)
-        out["total"] = (out["derivatives"] + out["factorization"] + out["norm_estimate"]
-                        + out["solve"])
+        out["total"] = (
+            out["derivatives"] + out["factorization"] + out["norm_estimate"] + out["solve"]
+        )
     except SingularMatrixError as err:  # reported in the table, the products still measured
         out["error"] = f"SingularMatrixError after derivatives {out['derivatives']:.3g} s: {err}"
     out["peak_memory"] = peak_memory_bytes(device, baseline)
@@ -241,11 +245,23 @@ def run_config(spec: dict, budget: Budget, cap: float | None = None) -> dict:
 
 def run_wide(args, budget: Budget) -> dict:
     depth, width, batch = SMALL_WIDE if args.small else WIDE
-    return {dtype: run_config(dict(depth=depth, width=width, batch=batch, dtype=dtype,
-                                   device=args.device, threads=args.threads, repeats=1,
-                                   products=args.products),
-                              budget, cap=args.wide_timeout)
-            for dtype in DTYPES}
+    return {
+        dtype: run_config(
+            dict(
+                depth=depth,
+                width=width,
+                batch=batch,
+                dtype=dtype,
+                device=args.device,
+                threads=args.threads,
+                repeats=1,
+                products=args.products,
+            ),
+            budget,
+            cap=args.wide_timeout,
+        )
+        for dtype in DTYPES
+    }
 
 
 def run_depth_sweep(args, budget: Budget) -> dict:
@@ -260,9 +276,16 @@ def run_depth_sweep(args, budget: Budget) -> dict:
                     results[dtype][depth] = {"skipped": "predicted time exceeds the budget left"}
                     continue
             repeats = 1 if depth >= args.single_from else args.repeats
-            spec = dict(depth=depth, width=SWEEP_WIDTH, batch=SWEEP_BATCH, dtype=dtype,
-                        device=args.device, threads=args.threads, repeats=repeats,
-                        products=args.products)
+            spec = dict(
+                depth=depth,
+                width=SWEEP_WIDTH,
+                batch=SWEEP_BATCH,
+                dtype=dtype,
+                device=args.device,
+                threads=args.threads,
+                repeats=repeats,
+                products=args.products,
+            )
             results[dtype][depth] = run_config(spec, budget) | {"repeats": repeats}
             r = results[dtype][depth]
             if "busy" in r:
@@ -274,10 +297,22 @@ def run_floor(args, budget: Budget) -> dict:
     """The per-stage floor: width 4, batch 4, where the arithmetic is negligible and what is
     timed is the dispatch of the operators (and on a GPU their launches and the host reads)."""
     depth = SMALL_FLOOR_DEPTH if args.small else FLOOR_DEPTH
-    return {dtype: run_config(dict(depth=depth, width=FLOOR_WIDTH, batch=FLOOR_BATCH,
-                                   dtype=dtype, device=args.device, threads=args.threads,
-                                   repeats=args.repeats, products=args.products), budget)
-            for dtype in DTYPES}
+    return {
+        dtype: run_config(
+            dict(
+                depth=depth,
+                width=FLOOR_WIDTH,
+                batch=FLOOR_BATCH,
+                dtype=dtype,
+                device=args.device,
+                threads=args.threads,
+                repeats=args.repeats,
+                products=args.products,
+            ),
+            budget,
+        )
+        for dtype in DTYPES
+    }
 
 
 def floor_table(results: dict, args) -> str:
@@ -296,8 +331,10 @@ def floor_table(results: dict, args) -> str:
         if "total" not in r:
             lines.append(f"| {dtype} | {note(r)} |")
             continue
-        per = [f"{r[k] / depth * 1e6:.0f}" for k in
-               ("derivatives", "factorization", "solve", "extra_rhs", "hvp_ours")]
+        per = [
+            f"{r[k] / depth * 1e6:.0f}"
+            for k in ("derivatives", "factorization", "solve", "extra_rhs", "hvp_ours")
+        ]
         lines.append(f"| {dtype} | " + " | ".join(per) + f" | {reads(r)} | {kernels(r, depth)} |")
     return "\n".join(lines)
 
@@ -316,8 +353,7 @@ def reads(r: dict) -> str:
 def kernels(r: dict, depth: int) -> str:
     """Operators per stage of the three phases (their count over the depth)."""
     keys = ("kernels_derivatives", "kernels_factorization", "kernels_solve")
-    return (" / ".join(f"{r[k] / depth:.0f}" for k in keys) if all(k in r for k in keys)
-            else "-")
+    return " / ".join(f"{r[k] / depth:.0f}" for k in keys) if all(k in r for k in keys) else "-"
 
 
 def ggn(r: dict, key: str) -> str:
@@ -340,7 +376,8 @@ def sweep_table(results: dict, args) -> str:
         "| HVP torch.func (s) | torch.func / ours | backward error | residual | method "
         "| host reads: derivatives / factorization / solve "
         "| operators per stage: derivatives / factorization / solve "
-        f"| GGN factorization stage by stage (s, reads) | GGN factorization in runs of {RUN_LENGTH} "
+        "| GGN factorization stage by stage (s, reads) | GGN factorization in runs of "
+        f"{RUN_LENGTH} "
         "(s, reads) | H factorization, tests read apart (s, reads) "
         "| H factorization, speculative fronts (s, reads) | repeats |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"
@@ -358,25 +395,37 @@ def sweep_table(results: dict, args) -> str:
                 f"| {fmt_mb(r['peak_memory'])} | {fmt_s(r['hvp_ours'])} "
                 f"| {fmt_s(r['hvp_torch_func'])} | {r['hvp_torch_func'] / r['hvp_ours']:.2f}x "
                 f"| {fmt_e(r['backward_error'])} | {fmt_e(r['residual'])} | {r['method']} "
-                f"| {reads(r)} | {kernels(r, depth)} | {ggn(r, 'ggn_stagewise')} | {ggn(r, 'ggn_runs')} "
+                f"| {reads(r)} | {kernels(r, depth)} | {ggn(r, 'ggn_stagewise')} | "
+                f"{ggn(r, 'ggn_runs')} "
                 f"| {ggn(r, 'h_apart')} | {ggn(r, 'h_speculative')} | {r['repeats']} |"
             )
     return "\n".join(lines)
 
 
 def sweep_exponents(results: dict) -> str:
-    fields = ("total", "derivatives", "factorization", "solve", "extra_rhs", "peak_memory",
-              "hvp_ours", "hvp_torch_func")
-    lines = ["\nFitted exponents in depth (log-log least squares over the depths that ran):\n",
-             "| dtype | depths | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
-             "|---|---|" + "---:|" * len(fields)]
+    fields = (
+        "total",
+        "derivatives",
+        "factorization",
+        "solve",
+        "extra_rhs",
+        "peak_memory",
+        "hvp_ours",
+        "hvp_torch_func",
+    )
+    lines = [
+        "\nFitted exponents in depth (log-log least squares over the depths that ran):\n",
+        "| dtype | depths | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
+        "|---|---|" + "---:|" * len(fields),
+    ]
     for dtype, rows in results.items():
         ran = {d: r for d, r in rows.items() if "total" in r}
         if not ran:
             continue
         slopes = [loglog_slope(list(ran), [r[f] for r in ran.values()]) for f in fields]
-        lines.append(f"| {dtype} | {min(ran)}..{max(ran)} | "
-                     + " | ".join(f"{s:.2f}" for s in slopes) + " |")
+        lines.append(
+            f"| {dtype} | {min(ran)}..{max(ran)} | " + " | ".join(f"{s:.2f}" for s in slopes) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -403,12 +452,17 @@ def wide_table(results: dict, args) -> str:
 
 def header(args) -> str:
     device = torch.device(args.device)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
+    )
     tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else False
-    return (f"# bench_gpu ({time.strftime('%Y-%m-%d %H:%M')}): {name}, torch {torch.__version__}"
-            f"{', CUDA ' + torch.version.cuda if torch.version.cuda else ''}, TF32 matmul "
-            f"{tf32}{', --small' if args.small else ''}, budget {args.budget:.0f} s\n")
+    return (
+        f"# bench_gpu ({time.strftime('%Y-%m-%d %H:%M')}): {name}, torch {torch.__version__}"
+        f"{', CUDA ' + torch.version.cuda if torch.version.cuda else ''}, TF32 matmul "
+        f"{tf32}{', --small' if args.small else ''}, budget {args.budget:.0f} s\n"
+    )
 
 
 def parse_args(argv):
@@ -422,8 +476,12 @@ def parse_args(argv):
     p.add_argument("--products", type=int, default=20, help="products per HVP median")
     p.add_argument("--budget", type=float, default=420.0, help="wall-clock limit of the run (s)")
     p.add_argument("--wide-timeout", type=float, default=120.0, help="per wide case (s)")
-    p.add_argument("--out", nargs="?", const="",
-                   help="also write the markdown (default results/bench_gpu[_cpu_small].md)")
+    p.add_argument(
+        "--out",
+        nargs="?",
+        const="",
+        help="also write the markdown (default results/bench_gpu[_cpu_small].md)",
+    )
     return p.parse_args(argv)
 
 
@@ -444,8 +502,15 @@ def main(argv=None) -> int:
     wide = run_wide(args, budget)
     floor = run_floor(args, budget)
     sweep = run_depth_sweep(args, budget)
-    report = "\n".join([header(args), sweep_table(sweep, args), sweep_exponents(sweep),
-                        wide_table(wide, args), floor_table(floor, args)])
+    report = "\n".join(
+        [
+            header(args),
+            sweep_table(sweep, args),
+            sweep_exponents(sweep),
+            wide_table(wide, args),
+            floor_table(floor, args),
+        ]
+    )
     print(report)
     if args.out is not None:
         path = Path(args.out) if args.out else default_out(args)

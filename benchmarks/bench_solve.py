@@ -126,14 +126,17 @@ def worker(spec: dict) -> dict:
         if method == "riccati":
             v = torch.randn_like(g)
             out["matvec"], _ = _median_time(lambda: H @ v, repeats, device)
-            out["factorize"], F = _median_time(lambda: H.factorize(DAMPING, progress=False),
-                                               repeats, device)
+            out["factorize"], F = _median_time(
+                lambda: H.factorize(DAMPING, progress=False), repeats, device
+            )
             out["solve"], x = _median_time(lambda: F.solve(g), repeats, device)
             out["extra_rhs"], _ = _median_time(lambda: F.solve(v), repeats, device)
-            out["extra_rhs_norefine"], _ = _median_time(lambda: F.solve(v, refine=0), repeats,
-                                                        device)
-            out["total"] = (out["derivatives"] + out["norm_estimate"] + out["factorize"]
-                            + out["solve"])
+            out["extra_rhs_norefine"], _ = _median_time(
+                lambda: F.solve(v, refine=0), repeats, device
+            )
+            out["total"] = (
+                out["derivatives"] + out["norm_estimate"] + out["factorize"] + out["solve"]
+            )
         else:
             reps = 1 if spec["depth"] > 16 else repeats
             out["solve"], x = _median_time(
@@ -153,7 +156,9 @@ def worker(spec: dict) -> dict:
         out["total"], _ = _median_time(dense_solve, 1, device)
     elif method == "cg":
         g = H.gradient()
-        first = hessinv.conjugate_gradient(H.matvec, g, DAMPING, rtol=1e-8, maxiter=5 * H.num_params)
+        first = hessinv.conjugate_gradient(
+            H.matvec, g, DAMPING, rtol=1e-8, maxiter=5 * H.num_params
+        )
         out["cg_breakdown_iter"] = first.iterations if not first.converged else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -182,11 +187,16 @@ def worker(spec: dict) -> dict:
 
 
 def run_child(spec: dict, timeout: float) -> dict | None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    )
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout {timeout:.0f}s"}
@@ -237,8 +247,15 @@ def measure(configs, methods, args, limits):
         p = width * width + width
         if (width, batch, method) in stopped or not limits[method](depth, n_est, p, a):
             continue
-        spec = dict(depth=depth, width=width, batch=batch, method=method, device=args.device,
-                    threads=args.threads, repeats=args.repeats)
+        spec = dict(
+            depth=depth,
+            width=width,
+            batch=batch,
+            method=method,
+            device=args.device,
+            threads=args.threads,
+            repeats=args.repeats,
+        )
         res = run_child(spec, args.timeout)
         results[key][method] = res
         if "error" in res:
@@ -249,7 +266,8 @@ def measure(configs, methods, args, limits):
 
 def core_table(results) -> str:
     lines = [
-        "| depth | n | derivatives (s) | matvec (s) | riccati factor+solve (s) | tridiagonal solve (s) "
+        "| depth | n | derivatives (s) | matvec (s) | riccati factor+solve (s) | tridiagonal solve "
+        "(s) "
         "| dense hessian+solve (s) | CG to 1e-8 (s) | CG iters (shift) | CG at eps=1e-2 |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -259,10 +277,13 @@ def core_table(results) -> str:
         fs = ric["factorize"] + ric["solve"] if "factorize" in ric else None
         cg_iters = (
             f"{cg['cg_iterations']}{'' if cg.get('cg_converged') else ' (no conv.)'} "
-            f"(+{cg['shift']:.2f})" if "cg_iterations" in cg else "-"
+            f"(+{cg['shift']:.2f})"
+            if "cg_iterations" in cg
+            else "-"
         )
         breakdown = (
-            f"breakdown at it. {cg['cg_breakdown_iter']}" if cg.get("cg_breakdown_iter")
+            f"breakdown at it. {cg['cg_breakdown_iter']}"
+            if cg.get("cg_breakdown_iter")
             else ("converged" if "total" in cg else "-")
         )
         lines.append(
@@ -280,7 +301,8 @@ def scaling_tables(results, shapes) -> str:
         out.append(f"\n### width {width}, batch {batch}\n")
         out.append(
             "| depth | n | riccati total (s) | riccati peak MB | derivatives share | extra RHS (s) "
-            "| factor+solve / extra RHS | same, refine=0 | tridiagonal total (s) | tridiagonal peak MB "
+            "| factor+solve / extra RHS | same, refine=0 | tridiagonal total (s) | tridiagonal "
+            "peak MB "
             "| tri / riccati | dense (s) | dense peak MB | CG (s) | CG iters |"
         )
         out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -294,25 +316,40 @@ def scaling_tables(results, shapes) -> str:
             out.append(
                 f"| {depth} | {ric.get('n', '-')} | {_fmt_t(ric.get('total'))} | "
                 f"{_fmt_mb(ric.get('peak_bytes'))} | {'-' if share is None else f'{share:.0%}'} | "
-                f"{_fmt_t(ric.get('extra_rhs'))} | {'-' if ratio_rhs is None else f'{ratio_rhs:.0f}x'} | "
+                f"{_fmt_t(ric.get('extra_rhs'))} | "
+                f"{'-' if ratio_rhs is None else f'{ratio_rhs:.0f}x'} | "
                 f"{'-' if ratio_rhs0 is None else f'{ratio_rhs0:.0f}x'} | "
                 f"{_fmt_t(tri.get('total'))} | {_fmt_mb(tri.get('peak_bytes'))} | "
-                f"{'-' if tri_ratio is None else f'{tri_ratio:.1f}x'} | {_fmt_t(den.get('total'))} | "
+                f"{'-' if tri_ratio is None else f'{tri_ratio:.1f}x'} | {_fmt_t(den.get('total'))} "
+                "| "
                 f"{_fmt_mb(den.get('peak_bytes'))} | {_fmt_t(cg.get('total'))} | "
                 f"{cg.get('cg_iterations', '-')} |"
             )
         fits = []
-        for method, field in (("riccati", "total"), ("riccati", "peak_bytes"),
-                              ("tridiagonal", "total"), ("tridiagonal", "peak_bytes"),
-                              ("dense", "total"), ("dense", "peak_bytes")):
-            pts = [(k[0], v[method][field]) for k, v in rows
-                   if field in v.get(method, {}) and k[0] >= 16]
+        for method, field in (
+            ("riccati", "total"),
+            ("riccati", "peak_bytes"),
+            ("tridiagonal", "total"),
+            ("tridiagonal", "peak_bytes"),
+            ("dense", "total"),
+            ("dense", "peak_bytes"),
+        ):
+            pts = [
+                (k[0], v[method][field])
+                for k, v in rows
+                if field in v.get(method, {}) and k[0] >= 16
+            ]
             if len(pts) >= 2:
                 xs, ys = zip(*pts, strict=True)
-                fits.append(f"{method} {'time' if field == 'total' else 'peak memory'}: "
-                            f"{slope(xs, ys):.2f} (depth {min(xs)}..{max(xs)})")
-        out.append("\nFitted exponents in depth (log-log least squares, depth >= 16): "
-                   + "; ".join(fits) + ".")
+                fits.append(
+                    f"{method} {'time' if field == 'total' else 'peak memory'}: "
+                    f"{slope(xs, ys):.2f} (depth {min(xs)}..{max(xs)})"
+                )
+        out.append(
+            "\nFitted exponents in depth (log-log least squares, depth >= 16): "
+            + "; ".join(fits)
+            + "."
+        )
     return "\n".join(out)
 
 
@@ -327,11 +364,19 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=600.0, help="per measurement (s)")
     parser.add_argument("--max-depth", type=int, default=512)
     parser.add_argument("--dense-limit", type=int, default=6000, help="max n for dense")
-    parser.add_argument("--tri-bytes", type=float, default=6e9,
-                        help="skip tridiagonal when its estimated storage exceeds this")
+    parser.add_argument(
+        "--tri-bytes",
+        type=float,
+        default=6e9,
+        help="skip tridiagonal when its estimated storage exceeds this",
+    )
     parser.add_argument("--cg-max-depth", type=int, default=128)
-    parser.add_argument("--shapes", nargs="+", default=["16x16", "16x32", "32x8"],
-                        help="scaling suite: WIDTHxBATCH pairs")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["16x16", "16x32", "32x8"],
+        help="scaling suite: WIDTHxBATCH pairs",
+    )
     parser.add_argument("--out", help="also write the markdown here")
     args = parser.parse_args(argv)
     if args.worker:
@@ -345,8 +390,10 @@ def main(argv=None):
         "cg": lambda L, n, p, a: L <= args.cg_max_depth,
     }
     methods = ["riccati", "tridiagonal", "dense", "cg"]
-    header = (f"device {args.device}, {args.threads} threads, float64, damping {DAMPING}, "
-              f"median of {args.repeats}\n")
+    header = (
+        f"device {args.device}, {args.threads} threads, float64, damping {DAMPING}, "
+        f"median of {args.repeats}\n"
+    )
     text = [header]
     if args.suite in ("core", "all"):
         depths = [4, 8, 16, 32] if args.quick else [4, 8, 16, 32, 64, 128]
@@ -363,8 +410,9 @@ def main(argv=None):
         key = (32, 16, 32)
         if "total" in res.get(key, {}).get("tridiagonal", {}):
             ratio = res[key]["tridiagonal"]["total"] / res[key]["riccati"]["total"]
-            text.append(f"\nriccati speed-up over tridiagonal at depth 32, width 16, batch 32: "
-                        f"{ratio:.1f}x")
+            text.append(
+                f"\nriccati speed-up over tridiagonal at depth 32, width 16, batch 32: {ratio:.1f}x"
+            )
     report = "\n".join(text)
     print(report)
     if args.out:

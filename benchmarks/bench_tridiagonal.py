@@ -33,7 +33,8 @@ STAT = statistics.median
 
 
 def measure(fn, budget_s: float, max_repeats: int) -> float:
-    """Median (or --stat) wall time of fn(); the first call is a warm-up unless it alone exceeds the budget."""
+    """Median (or --stat) wall time of fn(); the first call is a warm-up unless it alone exceeds
+    the budget."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -93,7 +94,8 @@ def main(argv=None) -> None:
     )
     print()
     print(
-        "| m | n | N | tri factor+solve (ms) | tri solve only (ms) | dense solve (ms) | dense / tri "
+        "| m | n | N | tri factor+solve (ms) | tri solve only (ms) | dense solve (ms) | dense / "
+        "tri "
         "| n x lu_factor(m) (ms) | tri / (n x lu) | factor MB | dense MB | rel. residual |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -127,8 +129,10 @@ def main(argv=None) -> None:
             over = t_tri / (n * t_lu)
             overheads.setdefault(m, []).append(over)
             print(
-                f"| {m} | {n} | {N} | {1e3 * t_tri:.2f} | {1e3 * t_solve:.2f} | {dense_s} | {ratio_s} "
-                f"| {1e3 * n * t_lu:.2f} | {over:.1f} | {F.nbytes / 2**20:.2f} | {8 * N * N / 2**20:.1f} "
+                f"| {m} | {n} | {N} | {1e3 * t_tri:.2f} | {1e3 * t_solve:.2f} | {dense_s} | "
+                f"{ratio_s} "
+                f"| {1e3 * n * t_lu:.2f} | {over:.1f} | {F.nbytes / 2**20:.2f} | "
+                f"{8 * N * N / 2**20:.1f} "
                 f"| {res:.1e} |",
                 flush=True,
             )

@@ -61,15 +61,26 @@ TARGET_SECONDS, TARGET_BYTES, TARGET_EXPONENT, TARGET_WIDTH = 60.0, 6e9, 3.2, 25
 def tanh_mlp(depth, width, *, bias=True, dtype=torch.float64, device="cpu", seed=0):
     """``depth`` Linear layers (input ``D_IN``, output ``CLASSES``) with tanh between them,
     PyTorch's initialisation (the shared builder)."""
-    return problems.mlp(depth, width, D_IN, CLASSES, "tanh", bias=bias, init="default",
-                        dtype=dtype, device=device, seed=seed)
+    return problems.mlp(
+        depth,
+        width,
+        D_IN,
+        CLASSES,
+        "tanh",
+        bias=bias,
+        init="default",
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
 
 
 def problem(depth, width, batch, *, bias=True, dtype=torch.float64, device="cpu", seed=0):
     """``(model, loss_fn, X, y)``: a tanh MLP, cross-entropy and a seeded random batch."""
     model = tanh_mlp(depth, width, bias=bias, dtype=dtype, device=device, seed=seed)
-    X, y, loss_fn = problems.random_batch(batch, D_IN, CLASSES, "ce", dtype=dtype,
-                                          device=device, data_seed=seed + 1)
+    X, y, loss_fn = problems.random_batch(
+        batch, D_IN, CLASSES, "ce", dtype=dtype, device=device, data_seed=seed + 1
+    )
     return model, loss_fn, X, y
 
 
@@ -196,8 +207,9 @@ def measure_hvp(spec: dict) -> dict:
     hvp = torch_func_hvp(*prob)
     hvp(v)  # the first call of a torch.func transform pays a one-off set-up
     out["torch_func"], theirs = median_time(lambda: hvp(v), products)
-    out["agreement"] = float(torch.linalg.vector_norm(ours - theirs)
-                             / torch.linalg.vector_norm(theirs))
+    out["agreement"] = float(
+        torch.linalg.vector_norm(ours - theirs) / torch.linalg.vector_norm(theirs)
+    )
     return out
 
 
@@ -216,7 +228,8 @@ def measure_reference(spec: dict) -> dict:
     for method in ("riccati", "tridiagonal"):
         row: dict = {"estimate": estimates[method]}
         row["factorization"], F = median_time(
-            lambda m=method: H.factorize(EPS, method=m, progress=False), repeats)
+            lambda m=method: H.factorize(EPS, method=m, progress=False), repeats
+        )
         row["solve"], solutions[method] = median_time(lambda F=F: F.solve(g), repeats)
         row["backward_error"] = F.backward_error
         row["refinement_steps"] = F.refinement_steps
@@ -224,15 +237,19 @@ def measure_reference(spec: dict) -> dict:
         out[method] = row
         F = None  # free this factorization before the next one is built
     x_ric, x_tri = solutions["riccati"], solutions["tridiagonal"]
-    out["difference"] = float(torch.linalg.vector_norm(x_ric - x_tri)
-                              / torch.linalg.vector_norm(x_ric))
+    out["difference"] = float(
+        torch.linalg.vector_norm(x_ric - x_tri) / torch.linalg.vector_norm(x_ric)
+    )
     return out
 
 
 MEASUREMENTS = {"width": measure_width, "hvp": measure_hvp, "reference": measure_reference}
 # the first words of each part's markdown heading (how ``--out`` finds a section to replace)
-HEADINGS = {"width": "## Width sweep", "hvp": "## One Hessian-vector product",
-            "reference": "## Reference shape"}
+HEADINGS = {
+    "width": "## Width sweep",
+    "hvp": "## One Hessian-vector product",
+    "reference": "## Reference shape",
+}
 
 
 def worker(kind: str, spec: dict) -> dict:
@@ -246,7 +263,9 @@ def worker(kind: str, spec: dict) -> dict:
 
 def run_child(kind: str, spec: dict, timeout: float, script: str = __file__) -> dict:
     """Run ``script --worker kind spec`` in a fresh interpreter; ``{"error": ...}`` if it fails."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     command = [sys.executable, script, "--worker", kind, json.dumps(spec)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -265,8 +284,7 @@ def loglog_slope(xs, ys) -> float:
         return float("nan")
     mx = statistics.fmean(p for p, _ in pts)
     my = statistics.fmean(q for _, q in pts)
-    return (sum((p - mx) * (q - my) for p, q in pts)
-            / sum((p - mx) ** 2 for p, _ in pts))
+    return sum((p - mx) * (q - my) for p, q in pts) / sum((p - mx) ** 2 for p, _ in pts)
 
 
 def fmt_s(v) -> str:
@@ -304,8 +322,9 @@ def width_table(results: dict, threads: int) -> str:
     ]
     for width, r in results.items():
         if "error" in r or "skipped" in r:
-            note = r.get("error") or (f"skipped: estimate {fmt_gb(r['estimate'])} GB > free "
-                                      f"{fmt_gb(r['free'])} GB")
+            note = r.get("error") or (
+                f"skipped: estimate {fmt_gb(r['estimate'])} GB > free {fmt_gb(r['free'])} GB"
+            )
             lines.append(f"| {width} | {r.get('n', '-')} | | | | | | | | | | | {note} | |")
             continue
         lines.append(
@@ -323,7 +342,8 @@ def width_exponents(results: dict) -> dict:
     ran = {w: r for w, r in results.items() if "total" in r}
     fields = ("total", "derivatives", "factorization", "norm_estimate", "solve", "peak_rss")
     return {f: loglog_slope(list(ran), [r[f] for r in ran.values()]) for f in fields} | {
-        "widths": sorted(ran)}
+        "widths": sorted(ran)
+    }
 
 
 def verdict(value: float, limit: float) -> str:
@@ -336,8 +356,11 @@ def width_summary(results: dict) -> str:
     fit = width_exponents(results)
     widths = fit.pop("widths")
     span = f"widths {widths[0]}..{widths[-1]}" if widths else "no widths"
-    lines = [f"\nFitted exponents in width (log-log least squares, {span}): "
-             + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in fit.items()) + "."]
+    lines = [
+        f"\nFitted exponents in width (log-log least squares, {span}): "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in fit.items())
+        + "."
+    ]
     target = results.get(TARGET_WIDTH, {})
     seconds, peak = target.get("total", math.nan), target.get("peak_rss", math.nan)
     lines.append(
@@ -352,8 +375,14 @@ def width_summary(results: dict) -> str:
 def run_hvp(args) -> dict:
     results = {}
     for depth, width, batch in HVP_SHAPES:
-        spec = dict(depth=depth, width=width, batch=batch, products=args.products,
-                    repeats=args.repeats, threads=args.hvp_threads)
+        spec = dict(
+            depth=depth,
+            width=width,
+            batch=batch,
+            products=args.products,
+            repeats=args.repeats,
+            threads=args.hvp_threads,
+        )
         print(f"hvp {depth}x{width}x{batch} ...", file=sys.stderr, flush=True)
         results[(depth, width, batch)] = run_child("hvp", spec, args.timeout)
     return results
@@ -386,8 +415,10 @@ def hvp_table(results: dict, args) -> str:
 
 def reference_table(r: dict, args) -> str:
     depth, width, batch = REFERENCE_SHAPE
-    head = (f"\n## Reference shape: bias-free tanh MLP depth {depth}, width {width}, batch "
-            f"{batch}, float64, eps = {EPS:g}, {args.threads} thread(s), median of {args.repeats}\n")
+    head = (
+        f"\n## Reference shape: bias-free tanh MLP depth {depth}, width {width}, batch "
+        f"{batch}, float64, eps = {EPS:g}, {args.threads} thread(s), median of {args.repeats}\n"
+    )
     if "error" in r:
         return head + f"\nerror: {r['error']}"
     lines = [
@@ -408,8 +439,10 @@ def reference_table(r: dict, args) -> str:
         )
     ric, tri = (r[m]["factorization"] + r[m]["solve"] for m in ("riccati", "tridiagonal"))
     shared = r["derivatives"] + r["norm_estimate"]
-    lines.append(f"\ntridiagonal / riccati: {tri / ric:.1f}x (factorization + solve), "
-                 f"{(tri + shared) / (ric + shared):.1f}x (with derivatives and norm estimate).")
+    lines.append(
+        f"\ntridiagonal / riccati: {tri / ric:.1f}x (factorization + solve), "
+        f"{(tri + shared) / (ric + shared):.1f}x (with derivatives and norm estimate)."
+    )
     return "\n".join(lines)
 
 
@@ -418,16 +451,20 @@ def load_average() -> str:
 
 
 def header() -> str:
-    return (f"# bench_width: torch {torch.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    return (
+        f"# bench_width: torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n"
+    )
 
 
 def measured(section) -> str:
     """Run one part (``section()`` returns its markdown) and stamp it with date and load."""
     start, when = load_average(), time.strftime("%Y-%m-%d %H:%M")
     text = section()
-    return (f"{text}\n\nMeasured {when}; load average {start} at the start, "
-            f"{load_average()} at the end.")
+    return (
+        f"{text}\n\nMeasured {when}; load average {start} at the start, "
+        f"{load_average()} at the end."
+    )
 
 
 def splice(old: str, sections: dict[str, str]) -> str:
@@ -454,15 +491,24 @@ def parse_args(argv):
     p.add_argument("--parts", nargs="+", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
     p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--single-from", type=int, default=256,
-                   help="widths from this one on are timed once")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads of the width sweep and the reference comparison")
+    p.add_argument(
+        "--single-from", type=int, default=256, help="widths from this one on are timed once"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of the width sweep and the reference comparison",
+    )
     p.add_argument("--hvp-threads", type=int, default=1)
     p.add_argument("--products", type=int, default=50, help="products per HVP median")
     p.add_argument("--timeout", type=float, default=3600.0, help="per child process (s)")
-    p.add_argument("--out", nargs="?", const=str(DEFAULT_OUT),
-                   help=f"also write the markdown (default path {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument(
+        "--out",
+        nargs="?",
+        const=str(DEFAULT_OUT),
+        help=f"also write the markdown (default path {DEFAULT_OUT.relative_to(ROOT)})",
+    )
     return p.parse_args(argv)
 
 
@@ -474,9 +520,11 @@ def main(argv=None) -> int:
         return 0
     sections: dict[str, str] = {}
     if "width" in args.parts:
+
         def width_section():
             results = run_width_sweep(args)
             return width_table(results, args.threads) + "\n" + width_summary(results)
+
         sections["width"] = measured(width_section)
     if "hvp" in args.parts:
         sections["hvp"] = measured(lambda: hvp_table(run_hvp(args), args))
@@ -484,7 +532,8 @@ def main(argv=None) -> int:
         print("reference shape ...", file=sys.stderr, flush=True)
         spec = dict(repeats=args.repeats, threads=args.threads)
         sections["reference"] = measured(
-            lambda: reference_table(run_child("reference", spec, args.timeout), args))
+            lambda: reference_table(run_child("reference", spec, args.timeout), args)
+        )
     report = splice(header(), sections)
     print(report)
     if args.out:

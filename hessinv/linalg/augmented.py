@@ -27,12 +27,12 @@ import torch
 
 from block_partitioned_matrices import (
     BlockGrid,
+    BlockVector,
     Diagonal,
     LowerBidiagonal,
     Tridiagonal,
     UpperBidiagonal,
     Zero,
-    BlockVector,
     blockwise_transpose,
 )
 from hessinv.derivatives import StageDerivatives, block_diagonal

@@ -20,7 +20,12 @@ from hessinv.derivatives import (
 )
 from hessinv.network.chain import Stage
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "is_linear_stage", "linear_stage_forwards", "stage_derivatives"]
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "is_linear_stage",
+    "linear_stage_forwards",
+    "stage_derivatives",
+]
 
 #: activation modules a ``Linear`` stage may end with (treated as elementwise).
 ELEMENTWISE_ACTIVATIONS = (

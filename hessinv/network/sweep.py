@@ -25,8 +25,7 @@ from hessinv.derivatives import (
     loss_head,
 )
 from hessinv.network.chain import Chain, Stage
-from hessinv.network.dispatch import is_linear_stage
-from hessinv.network.dispatch import stage_derivatives, linear_stage_forwards
+from hessinv.network.dispatch import is_linear_stage, linear_stage_forwards, stage_derivatives
 from hessinv.progress import progress_bar
 
 __all__ = ["ChainDerivatives", "compute_derivatives", "batch_size"]

@@ -275,8 +275,11 @@ def test_inplace_on_input_module_refused_at_construction():
     ).to(f64)
     X, y = _batch(109)
     X_before = X.clone()
-    with pytest.raises(ValueError, match=r"stage 1 \(shift\.shift.*modifies its input in place.*"
-                       r"z = z \+"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage 1 \(shift\.shift.*modifies its input in place.*"
+        r"z = z \+",
+    ):
         hessinv.ChainHessian(model, nn.CrossEntropyLoss(), X, y)
     assert torch.equal(X, X_before)  # the caller's data untouched
 

@@ -114,15 +114,36 @@ def test_e7_tiny(cfg):
 
     md = e7.run(
         cfg,
-        tasks=[dict(name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=12, n_test=8,
-                    freq=1.0, depth=3, width=4),
-               dict(name="diabetes", kind="diabetes", depth=2, width=3)],
-        budget_s=5.0, sweep_budget_s=5.0, max_steps=3, adam_lrs=[0.01], sweep=[(2, 3), (3, 4)],
+        tasks=[
+            dict(
+                name="sines2d",
+                kind="synthetic",
+                d_in=2,
+                d_out=2,
+                n_train=12,
+                n_test=8,
+                freq=1.0,
+                depth=3,
+                width=4,
+            ),
+            dict(name="diabetes", kind="diabetes", depth=2, width=3),
+        ],
+        budget_s=5.0,
+        sweep_budget_s=5.0,
+        max_steps=3,
+        adam_lrs=[0.01],
+        sweep=[(2, 3), (3, 4)],
         lbfgs_iters_per_call=1,
     )
     assert "E7" in md
-    for stem in ("e7_least_squares", "e7_verdict", "e7_thresholds", "e7_runs", "e7_sweep",
-                 "e7_sweep_summary"):
+    for stem in (
+        "e7_least_squares",
+        "e7_verdict",
+        "e7_thresholds",
+        "e7_runs",
+        "e7_sweep",
+        "e7_sweep_summary",
+    ):
         assert (cfg.outdir / f"{stem}.csv").exists() and (cfg.outdir / f"{stem}.md").exists()
     assert (cfg.outdir / "e7_curves.csv").exists()
     for png in ("e7_least_squares.png", "e7_sweep.png"):
@@ -135,8 +156,11 @@ def test_e7_tiny(cfg):
         assert _num(r["train loss"]) < _num(r["init train loss"])
         if r["method"] in ("LM-dense", "LM-dense-JJt"):  # the same iterates as LM-exact
             assert "agree with LM-exact's" in r["note"]
-    lm = {(r["task"], r["method"]): _num(r["train loss"]) for r in rows
-          if r["method"] in e7.LM_METHODS}
+    lm = {
+        (r["task"], r["method"]): _num(r["train loss"])
+        for r in rows
+        if r["method"] in e7.LM_METHODS
+    }
     for task in {t for t, _ in lm}:
         ref = lm[(task, "LM-exact")]
         for m in ("LM-dense", "LM-dense-JJt"):
@@ -155,9 +179,15 @@ def test_e7_dense_lm_matches_hessinv_step(cfg):
     X, y, _, _ = e7.load_task(task, 0, "cpu")
     st = e7.settings(cfg)
     ref = e7.make_model(2, 3, 4, 2, 0, "cpu")
-    hessinv.DampedNewton(ref, nn.MSELoss(), damping=st["lm_damping"],
-                         damping_down=st["lm_damping_down"], damping_up=st["lm_damping_up"],
-                         max_tries=st["lm_max_tries"], curvature="ggn").step(X, y)
+    hessinv.DampedNewton(
+        ref,
+        nn.MSELoss(),
+        damping=st["lm_damping"],
+        damping_down=st["lm_damping_down"],
+        damping_up=st["lm_damping_up"],
+        max_tries=st["lm_max_tries"],
+        curvature="ggn",
+    ).step(X, y)
     for mode in ("normal", "woodbury"):
         model = e7.make_model(2, 3, 4, 2, 0, "cpu")
         e7.DenseLM(model, st, mode).step(X, y)
