@@ -155,8 +155,9 @@ def warm_up_hessinv():
 
 def measure_route(spec: dict) -> dict:
     """One configuration and route from the model: construction, factorization, one solve."""
-    prob = problem(spec["depth"], spec["width"], spec["batch"], spec["classes"],
-                   d_in=spec.get("d_in", D_IN))
+    prob = problem(
+        spec["depth"], spec["width"], spec["batch"], spec["classes"], d_in=spec.get("d_in", D_IN)
+    )
     out: dict = {"baseline_rss": rss_bytes()}
     t0 = now()
     G = ggn(prob)
@@ -167,9 +168,16 @@ def measure_route(spec: dict) -> dict:
     x = F.solve(g)
     t3 = now()
     out["peak_rss"] = peak_rss_bytes()
-    out |= {"construction": t1 - t0, "factorization": t2 - t1, "solve": t3 - t2,
-            "total": t3 - t0, "n": G.num_params, "method": F.method,
-            "backward_error": F.backward_error, "refinement_steps": F.refinement_steps}
+    out |= {
+        "construction": t1 - t0,
+        "factorization": t2 - t1,
+        "solve": t3 - t2,
+        "total": t3 - t0,
+        "n": G.num_params,
+        "method": F.method,
+        "backward_error": F.backward_error,
+        "refinement_steps": F.refinement_steps,
+    }
     out["residual"] = float(relative_residuals(G, x, g).max())
     return out
 
@@ -209,8 +217,9 @@ def curvlinops_tools():
     def make_operator(prob):
         """``(A + lam I, flat gradient)``: what a curvlinops user builds from the model."""
         model, loss_fn, X, y = prob
-        A = GGNLinearOperator(model, loss_fn, list(model.parameters()), [(X, y)],
-                              check_deterministic=False)
+        A = GGNLinearOperator(
+            model, loss_fn, list(model.parameters()), [(X, y)], check_deterministic=False
+        )
         grad, _ = A.gradient_and_loss()
         return Damped(A, LAM), torch.cat([t.reshape(-1) for t in grad])
 
@@ -272,8 +281,11 @@ def measure_cg(spec: dict) -> dict:
     g = ref.gradient()
     out: dict = {"n": ref.num_params}
     e = ref.spectrum()  # the top B r eigenvalues of G (the others are 0): what CG sees
-    out |= {"rows": e.numel(), "above_lam": int((e > LAM).sum()),
-            "condition": float((e[-1] + LAM) / LAM)}
+    out |= {
+        "rows": e.numel(),
+        "above_lam": int((e > LAM).sum()),
+        "condition": float((e[-1] + LAM) / LAM),
+    }
 
     def ours():
         G = ggn(prob)
@@ -283,13 +295,20 @@ def measure_cg(spec: dict) -> dict:
 
     x, F = ours()
     target = float(relative_residuals(ref, x, g).max())
-    out |= {"target": target, "method": F.method, "backward_error": F.backward_error,
-            "refinement_steps": F.refinement_steps}
+    out |= {
+        "target": target,
+        "method": F.method,
+        "backward_error": F.backward_error,
+        "refinement_steps": F.refinement_steps,
+    }
     D, gc = make_operator(prob)
     v = torch.randn(ref.num_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out["gradient_difference"] = float(torch.linalg.vector_norm(gc - g) / torch.linalg.vector_norm(g))
-    out["product_difference"] = float(torch.linalg.vector_norm(D @ v - ref @ v - LAM * v)
-                                      / torch.linalg.vector_norm(D @ v))
+    out["gradient_difference"] = float(
+        torch.linalg.vector_norm(gc - g) / torch.linalg.vector_norm(g)
+    )
+    out["product_difference"] = float(
+        torch.linalg.vector_norm(D @ v - ref @ v - LAM * v) / torch.linalg.vector_norm(D @ v)
+    )
 
     def linear_cg(tol, options=FAIR_CG, iters=max_iter):
         start = now()
@@ -317,8 +336,12 @@ def measure_cg(spec: dict) -> dict:
     out["search"] = found
     if spec["default_max_iter"] > 0:  # linear_cg with its defaults (eps, stop_updating_after)
         seconds, residual, products = linear_cg(target, options={}, iters=spec["default_max_iter"])
-        out["default"] = {"seconds": seconds, "residual": residual, "products": products,
-                          "max_iter": spec["default_max_iter"]}
+        out["default"] = {
+            "seconds": seconds,
+            "residual": residual,
+            "products": products,
+            "max_iter": spec["default_max_iter"],
+        }
     # timed: interleaved rounds, each method from the model with the tolerance found above
     times: dict[str, list[float]] = {"ours": [], **{name: [] for name in methods}}
     for _ in range(repeats):
@@ -421,7 +444,8 @@ def worker(kind: str, spec: dict) -> dict:
 
 
 def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    """Run ``this script --worker kind spec`` in a fresh interpreter; ``{"error": ...}`` if it fails."""
+    """Run ``this script --worker kind spec`` in a fresh interpreter; ``{"error": ...}`` if it
+    fails."""
     command = [sys.executable, __file__, "--worker", kind, json.dumps(spec)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -455,8 +479,12 @@ def plan(config: tuple, d_in: int, threads: int) -> dict:
     the cheapest by the cost model that fits, so it is affordable here)."""
     torch.set_num_threads(threads)
     G = ggn(problem(*config, d_in=d_in))
-    info = {"n": G.num_params, "memory": G.memory_estimate(), "cost": G.cost_estimate(),
-            "free": free_ram_bytes()}
+    info = {
+        "n": G.num_params,
+        "memory": G.memory_estimate(),
+        "cost": G.cost_estimate(),
+        "free": free_ram_bytes(),
+    }
     info["auto"] = G.factorize(LAM).method
     return info
 
@@ -472,8 +500,16 @@ def decide(info: dict, route: str, rates: dict, budget: float) -> str | None:
     return None
 
 
-def measure_config(config: tuple, routes, args, rates: dict, *, d_in: int = D_IN,
-                   force: tuple = (), rounds: int | None = None) -> dict:
+def measure_config(
+    config: tuple,
+    routes,
+    args,
+    rates: dict,
+    *,
+    d_in: int = D_IN,
+    force: tuple = (),
+    rounds: int | None = None,
+) -> dict:
     """Plan one configuration, then run its routes in interleaved rounds of fresh children."""
     depth, width, batch, classes = config
     info = plan(config, d_in, args.threads)
@@ -482,8 +518,11 @@ def measure_config(config: tuple, routes, args, rates: dict, *, d_in: int = D_IN
     for route in routes:
         why = None if route in force else decide(info, route, rates, args.cell_budget)
         est = info["cost"][route] / rates.get(route, FALLBACK_RATE)
-        rows[route] = {"estimate_s": est, "memory_estimate": info["memory"][route],
-                       "cost": info["cost"][route]}
+        rows[route] = {
+            "estimate_s": est,
+            "memory_estimate": info["memory"][route],
+            "cost": info["cost"][route],
+        }
         if why:
             rows[route]["skipped"] = why
         else:
@@ -493,11 +532,18 @@ def measure_config(config: tuple, routes, args, rates: dict, *, d_in: int = D_IN
         rounds = args.repeats if cheap else 1
     runs: dict[str, list[dict]] = {r: [] for r in running}
     for i in range(rounds):
-        order = running[i % len(running):] + running[:i % len(running)] if running else []
+        order = running[i % len(running) :] + running[: i % len(running)] if running else []
         for route in order:
             progress(f"  {config} input {d_in}: {route}, round {i + 1}/{rounds}")
-            spec = dict(depth=depth, width=width, batch=batch, classes=classes, d_in=d_in,
-                        route=route, threads=args.threads)
+            spec = dict(
+                depth=depth,
+                width=width,
+                batch=batch,
+                classes=classes,
+                d_in=d_in,
+                route=route,
+                threads=args.threads,
+            )
             runs[route].append(run_child("route", spec, args.timeout))
     for route, results in runs.items():
         errors = [r["error"] for r in results if "error" in r]
@@ -515,8 +561,14 @@ def measure_config(config: tuple, routes, args, rates: dict, *, d_in: int = D_IN
         row["peak_rss"] = max(r["peak_rss"] for r in results)
         row["fastest_work"] = min(r["factorization"] + r["solve"] for r in results)
         row["rounds"] = len(results)
-    return {"config": config, "d_in": d_in, "n": info["n"], "auto": info["auto"],
-            "free": info["free"], "routes": rows}
+    return {
+        "config": config,
+        "d_in": d_in,
+        "n": info["n"],
+        "auto": info["auto"],
+        "free": info["free"],
+        "routes": rows,
+    }
 
 
 def calibrate(result: dict) -> dict:
@@ -532,8 +584,7 @@ def calibrate(result: dict) -> dict:
 
 def run_routes(args) -> dict:
     progress("routes: reference configuration (calibration) ...")
-    reference = measure_config(REFERENCE, ROUTES, args, {}, force=ROUTES,
-                               rounds=args.repeats)
+    reference = measure_config(REFERENCE, ROUTES, args, {}, force=ROUTES, rounds=args.repeats)
     rates = calibrate(reference)
     configs = [(DEPTH, w, b, c) for w in args.widths for b in BATCHES for c in CLASSES]
     results = [reference]
@@ -544,8 +595,9 @@ def run_routes(args) -> dict:
     largest = [r for r in results if r["config"] == LARGEST]
     if largest:
         progress(f"routes: {LARGEST} with input {LARGEST[1]} ...")
-        largest.append(measure_config(LARGEST, ("output",), args, rates, d_in=LARGEST[1],
-                                      force=("output",)))
+        largest.append(
+            measure_config(LARGEST, ("output",), args, rates, d_in=LARGEST[1], force=("output",))
+        )
     return {"results": results, "rates": rates, "largest": largest}
 
 
@@ -575,7 +627,7 @@ def routes_section(data: dict, args) -> str:
         f"{REFERENCE[3]} classes) as cost estimate / (factorization + solve) of its fastest "
         f"round: {rate_text}. The last column of the detail table gives the same ratio "
         "(medians) for every cell that ran: the cost model's accuracy.\n",
-        "### Side by side: total time (s) per route, and the route `method=\"auto\"` takes\n",
+        '### Side by side: total time (s) per route, and the route `method="auto"` takes\n',
         "| width | batch | classes | n | output space | riccati | dense | riccati / output "
         "| dense / output | auto picks |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -600,7 +652,8 @@ def routes_section(data: dict, args) -> str:
         lines.append(
             f"| {width} | {batch} | {classes} | {res['n']:,} | {cell(r['output'])} "
             f"| {cell(r['riccati'])} | {cell(r['dense'])} | {ratio(r['riccati'], out)} "
-            f"| {ratio(r['dense'], out)} | {res['auto']} |")
+            f"| {ratio(r['dense'], out)} | {res['auto']} |"
+        )
     lines += [
         "\n### Detail\n",
         "| width | batch | classes | route | construction (s) | factorization (s) | solve (s) "
@@ -615,8 +668,10 @@ def routes_section(data: dict, args) -> str:
             head = f"| {width} | {batch} | {classes} | {route_name(route)}"
             if "skipped" in row or "error" in row:
                 note = row.get("error") or row["skipped"]
-                lines.append(f"{head} | {note} | | | | | | | {fmt_gb(row['memory_estimate'])} "
-                             f"| | {fmt_s(row['estimate_s'])} | | |")
+                lines.append(
+                    f"{head} | {note} | | | | | | | {fmt_gb(row['memory_estimate'])} "
+                    f"| | {fmt_s(row['estimate_s'])} | | |"
+                )
                 continue
             measured = row["factorization"] + row["solve"]
             lines.append(
@@ -625,18 +680,22 @@ def routes_section(data: dict, args) -> str:
                 f"| {row['refinement_steps']} | {fmt_e(row['residual'])} "
                 f"| {fmt_gb(row['memory_estimate'])} | {fmt_gb(row['peak_rss'])} "
                 f"| {fmt_s(row['estimate_s'])} | {row['rounds']} "
-                f"| {row['cost'] / measured:.2g} |")
+                f"| {row['cost'] / measured:.2g} |"
+            )
             if row["method"] != route_name(route):
-                lines[-1] = lines[-1].replace(f"| {route_name(route)} |",
-                                              f"| {route_name(route)} (ran as {row['method']}) |")
+                lines[-1] = lines[-1].replace(
+                    f"| {route_name(route)} |", f"| {route_name(route)} (ran as {row['method']}) |"
+                )
     lines.append(largest_section(data["largest"]))
     return "\n".join(lines)
 
 
 def largest_section(largest: list) -> str:
     depth, width, batch, classes = LARGEST
-    lines = [f"\n### The largest case: depth {depth}, width {width}, batch {batch}, "
-             f"{classes} classes, output route\n"]
+    lines = [
+        f"\n### The largest case: depth {depth}, width {width}, batch {batch}, "
+        f"{classes} classes, output route\n"
+    ]
     if not largest:
         return "\n".join(lines + ["not run (`--quick` or `--widths` without it)."])
     lines += [
@@ -644,20 +703,24 @@ def largest_section(largest: list) -> str:
         f"input dimension {width} instead of {D_IN} (one more {width} x {width} layer's worth "
         "of parameters).\n",
         "| input | n | construction (s) | factorization (s) | solve (s) | total (s) "
-        "| peak RSS (GiB) | memory estimate (GiB) | residual | backward error | refinement steps | method |",
+        "| peak RSS (GiB) | memory estimate (GiB) | residual | backward error | refinement steps | "
+        "method |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for res in largest:
         row = res["routes"]["output"]
         if "total" not in row:
-            lines.append(f"| {res['d_in']} | {res['n']:,} | {row.get('error') or row.get('skipped')} |")
+            lines.append(
+                f"| {res['d_in']} | {res['n']:,} | {row.get('error') or row.get('skipped')} |"
+            )
             continue
         lines.append(
             f"| {res['d_in']} | {res['n']:,} | {fmt_s(row['construction'])} "
             f"| {fmt_s(row['factorization'])} | {fmt_s(row['solve'])} | {fmt_s(row['total'])} "
             f"| {fmt_gb(row['peak_rss'])} | {fmt_gb(row['memory_estimate'])} "
             f"| {fmt_e(row['residual'])} | {fmt_e(row['backward_error'])} "
-            f"| {row['refinement_steps']} | {row['method']} |")
+            f"| {row['refinement_steps']} | {row['method']} |"
+        )
     return "\n".join(lines)
 
 
@@ -671,8 +734,10 @@ def curvlinops_available() -> str | None:
 
 
 def cg_section(args) -> str:
-    head = (f"## Exact solve against curvlinops' CG: (G + lam I) x = g, lam = {LAM:g}, "
-            f"float64, {args.threads} thread(s)\n")
+    head = (
+        f"## Exact solve against curvlinops' CG: (G + lam I) x = g, lam = {LAM:g}, "
+        f"float64, {args.threads} thread(s)\n"
+    )
     missing = curvlinops_available()
     if missing:
         return head + f"\nskipped: {missing}."
@@ -697,8 +762,13 @@ def cg_section(args) -> str:
     notes, verdicts = [], []
     for case in CG_CASES:
         progress(f"cg: {case} ...")
-        spec = dict(case=case, threads=args.threads, repeats=args.cg_repeats,
-                    max_iter=args.cg_max_iter, default_max_iter=args.cg_default_max_iter)
+        spec = dict(
+            case=case,
+            threads=args.threads,
+            repeats=args.cg_repeats,
+            max_iter=args.cg_max_iter,
+            default_max_iter=args.cg_default_max_iter,
+        )
         r = run_child("cg", spec, args.timeout)
         depth, width, batch, classes = case
         prefix = f"| {depth} | {width} | {batch} | {classes}"
@@ -707,15 +777,22 @@ def cg_section(args) -> str:
             continue
         t = r["times"]
         prefix += f" | {r['n']:,}"
-        table.append(f"{prefix} | ours ({r['method']}) | - | - | {fmt_s(t['ours'])} "
-                     f"| {fmt_e(r['target'])} | target | 1.0x |")
-        names = {"linear_cg": "curvlinops CG (linear_cg)", "scipy_cg": "scipy CG on curvlinops",
-                 "our_cg": "hessinv CG on our products"}
+        table.append(
+            f"{prefix} | ours ({r['method']}) | - | - | {fmt_s(t['ours'])} "
+            f"| {fmt_e(r['target'])} | target | 1.0x |"
+        )
+        names = {
+            "linear_cg": "curvlinops CG (linear_cg)",
+            "scipy_cg": "scipy CG on curvlinops",
+            "our_cg": "hessinv CG on our products",
+        }
         for key, name in names.items():
             s = r["search"][key]
-            table.append(f"{prefix} | {name} | {s['tol']:.0e} | {s['products']} "
-                         f"| {fmt_s(t[key])} | {fmt_e(s['residual'])} "
-                         f"| {'yes' if s['reached'] else 'no (best)'} | {t[key] / t['ours']:.1f}x |")
+            table.append(
+                f"{prefix} | {name} | {s['tol']:.0e} | {s['products']} "
+                f"| {fmt_s(t[key])} | {fmt_e(s['residual'])} "
+                f"| {'yes' if s['reached'] else 'no (best)'} | {t[key] / t['ours']:.1f}x |"
+            )
         d = r.get("default")
         if d:
             table.append(
@@ -723,32 +800,46 @@ def cg_section(args) -> str:
                 f"1e-10), max_iter {d['max_iter']} | {r['target']:.0e} | {d['products']} "
                 f"| {fmt_s(d['seconds'])} (once) | {fmt_e(d['residual'])} "
                 f"| {'yes' if d['residual'] <= r['target'] else 'no'} "
-                f"| {d['seconds'] / t['ours']:.1f}x |")
-        verdicts.append(f"({depth}, {width}, {batch}, {classes}) "
-                        f"{t['linear_cg'] / t['ours']:.1f}x "
-                        f"({'met' if t['linear_cg'] >= 3 * t['ours'] else 'NOT met'})")
-        notes.append(f"({depth}, {width}, {batch}, {classes}): G + lam I has condition number "
-                     f"{r['condition']:.3g}, and {r['above_lam']} of its {r['n']:,} eigenvalues "
-                     f"exceed 2 lam, the others lie in [lam, 2 lam] (G has rank <= B r = "
-                     f"{r['rows']}): a spectrum CG resolves in few products; ours backward error "
-                     f"{fmt_e(r['backward_error'])} after {r['refinement_steps']} refinement "
-                     f"step(s); curvlinops' gradient and product agree with ours to "
-                     f"{fmt_e(r['gradient_difference'])} and {fmt_e(r['product_difference'])}; "
-                     "tolerances tried by curvlinops CG (tol: residual): "
-                     + ", ".join(f"{a:.0e}: {b:.1e}" for a, b in r["search"]["linear_cg"]["tries"]))
-    verdict = ("\nTarget (the exact solve at least 3x faster than curvlinops' CG at equal "
-               "accuracy, end to end): " + "; ".join(verdicts) + ".")
+                f"| {d['seconds'] / t['ours']:.1f}x |"
+            )
+        verdicts.append(
+            f"({depth}, {width}, {batch}, {classes}) "
+            f"{t['linear_cg'] / t['ours']:.1f}x "
+            f"({'met' if t['linear_cg'] >= 3 * t['ours'] else 'NOT met'})"
+        )
+        notes.append(
+            f"({depth}, {width}, {batch}, {classes}): G + lam I has condition number "
+            f"{r['condition']:.3g}, and {r['above_lam']} of its {r['n']:,} eigenvalues "
+            f"exceed 2 lam, the others lie in [lam, 2 lam] (G has rank <= B r = "
+            f"{r['rows']}): a spectrum CG resolves in few products; ours backward error "
+            f"{fmt_e(r['backward_error'])} after {r['refinement_steps']} refinement "
+            f"step(s); curvlinops' gradient and product agree with ours to "
+            f"{fmt_e(r['gradient_difference'])} and {fmt_e(r['product_difference'])}; "
+            "tolerances tried by curvlinops CG (tol: residual): "
+            + ", ".join(f"{a:.0e}: {b:.1e}" for a, b in r["search"]["linear_cg"]["tries"])
+        )
+    verdict = (
+        "\nTarget (the exact solve at least 3x faster than curvlinops' CG at equal "
+        "accuracy, end to end): " + "; ".join(verdicts) + "."
+    )
     return "\n".join(lines + table + [verdict, ""] + ["- " + note for note in notes])
 
 
 def rhs_section(args) -> str:
     depth, width, batch, classes = RHS_CASE
     k = RHS_COLUMNS
-    head = (f"## Many right-hand sides: {k} columns in one pass, depth {depth}, width {width}, "
-            f"batch {batch}, {classes} classes, lam = {LAM:g}, {args.threads} thread(s)\n")
+    head = (
+        f"## Many right-hand sides: {k} columns in one pass, depth {depth}, width {width}, "
+        f"batch {batch}, {classes} classes, lam = {LAM:g}, {args.threads} thread(s)\n"
+    )
     progress("rhs ...")
-    spec = dict(case=RHS_CASE, columns=k, threads=args.threads, repeats=args.rhs_repeats,
-                max_iter=args.cg_max_iter)
+    spec = dict(
+        case=RHS_CASE,
+        columns=k,
+        threads=args.threads,
+        repeats=args.rhs_repeats,
+        max_iter=args.cg_max_iter,
+    )
     r = run_child("rhs", spec, args.timeout)
     if "error" in r:
         return head + f"\nerror: {r['error']}"
@@ -796,9 +887,12 @@ def rhs_section(args) -> str:
         f"{flops / k / 1e6:.1f} Mflop in {fmt_s(r['one'])} s, bound by the per-stage "
         f"overhead ({r['one'] / (4 * depth) * 1e6:.0f} us per stage and sweep). {k} columns "
         f"within 3x of one solve would need {flops / (3 * r['one']) / 1e9:.0f} GFlop/s on "
-        f"{args.threads} thread(s).")
-    lines.append(f"\nTarget ({k} right-hand sides within 3x of one solve): {ratio:.1f}x, "
-                 f"{'met' if ratio <= 3 else 'NOT met'}.")
+        f"{args.threads} thread(s)."
+    )
+    lines.append(
+        f"\nTarget ({k} right-hand sides within 3x of one solve): {ratio:.1f}x, "
+        f"{'met' if ratio <= 3 else 'NOT met'}."
+    )
     return "\n".join(lines)
 
 
@@ -811,24 +905,33 @@ def load_average() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def header(args) -> str:
-    return (f"# bench_ggn: torch {torch.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{args.threads} torch thread(s)\n")
+    return (
+        f"# bench_ggn: torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} torch thread(s)\n"
+    )
 
 
 def measured(section) -> str:
     """Run one part (``section()`` returns its markdown) and stamp it."""
     start, when, t0 = load_average(), time.strftime("%Y-%m-%d %H:%M"), now()
     text = section()
-    return (f"{text}\n\nMeasured {when} at commit {commit()} in {now() - t0:.0f} s; load "
-            f"average {start} at the start, {load_average()} at the end.")
+    return (
+        f"{text}\n\nMeasured {when} at commit {commit()} in {now() - t0:.0f} s; load "
+        f"average {start} at the start, {load_average()} at the end."
+    )
 
 
 HEADINGS = {"routes": "## Routes", "cg": "## Exact solve against", "rhs": "## Many right-hand"}
@@ -854,22 +957,43 @@ def parse_args(argv):
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--parts", nargs="+", choices=list(HEADINGS), default=list(HEADINGS))
     p.add_argument("--quick", action="store_true", help="drop the 1024-wide configurations")
-    p.add_argument("--widths", nargs="+", type=int, default=None,
-                   help=f"widths of the routes part (default {' '.join(map(str, WIDTHS))})")
+    p.add_argument(
+        "--widths",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"widths of the routes part (default {' '.join(map(str, WIDTHS))})",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="rounds of a cheap configuration")
-    p.add_argument("--single-above", type=float, default=5.0,
-                   help="a configuration with a route estimated above this (s) runs one round")
-    p.add_argument("--cell-budget", type=float, default=30.0,
-                   help="skip a route whose calibrated cost estimate exceeds this (s)")
+    p.add_argument(
+        "--single-above",
+        type=float,
+        default=5.0,
+        help="a configuration with a route estimated above this (s) runs one round",
+    )
+    p.add_argument(
+        "--cell-budget",
+        type=float,
+        default=30.0,
+        help="skip a route whose calibrated cost estimate exceeds this (s)",
+    )
     p.add_argument("--cg-repeats", type=int, default=5)
     p.add_argument("--cg-max-iter", type=int, default=2000)
-    p.add_argument("--cg-default-max-iter", type=int, default=2000,
-                   help="max_iter of the run with linear_cg's default eps (0: skip it)")
+    p.add_argument(
+        "--cg-default-max-iter",
+        type=int,
+        default=2000,
+        help="max_iter of the run with linear_cg's default eps (0: skip it)",
+    )
     p.add_argument("--rhs-repeats", type=int, default=5)
     p.add_argument("--timeout", type=float, default=900.0, help="per child process (s)")
-    p.add_argument("--out", nargs="?", const=str(DEFAULT_OUT),
-                   help=f"also write the markdown (default path {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument(
+        "--out",
+        nargs="?",
+        const=str(DEFAULT_OUT),
+        help=f"also write the markdown (default path {DEFAULT_OUT.relative_to(ROOT)})",
+    )
     args = p.parse_args(argv)
     if args.widths is None:
         args.widths = [w for w in WIDTHS if not (args.quick and w >= 1024)]
