@@ -20,7 +20,7 @@ and two linear-time sweeps: ``U v`` (a forward tangent sweep, then ``F``) and ``
 * any other stage: its dense per-sample ``Dx`` gives ``U_l = M_l^T Dx`` row by row.
 
 The per-class parts are plain functions dispatched on the derivative class
-(:func:`stage_gram`, :func:`stage_diag_quadratic`).
+(:func:`add_stage_gram_`, :func:`stage_diag_quadratic`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from hessinv.derivatives import GenericDerivatives, LinearDerivatives, StageDerivatives
 from hessinv.settings import DIAGONAL_CHUNK_BYTES
 
-__all__ = ["OutputSpace", "stage_gram", "stage_diag_quadratic"]
+__all__ = ["OutputSpace", "add_stage_gram_", "stage_diag_quadratic"]
 
 
 # ---------------------------------------------------------------------- per-class parts
@@ -53,10 +53,14 @@ def _stage_rows(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
 
 
 @functools.singledispatch
-def stage_gram(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
-    """``U_l U_l^T`` ``(B r, B r)`` for the stage's pullback ``M`` ``(B, h_out, r)``."""
+def add_stage_gram_(
+    d: StageDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor
+) -> None:
+    """``A += U_l U_l^T`` (``(B r, B r)``) for the stage's pullback ``M`` ``(B, h_out, r)``;
+    ``work`` is a ``(B r, B r)`` buffer the caller keeps (a new ``(B r)^2`` tensor per stage
+    costs its page faults)."""
     rows = _stage_rows(d, M)
-    return rows @ rows.T
+    A.addmm_(rows, rows.T)
 
 
 def _scaled_pullback(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
@@ -64,13 +68,15 @@ def _scaled_pullback(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
     return d.s1[:, :, None] * M
 
 
-@stage_gram.register
-def _(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
+@add_stage_gram_.register
+def _(d: LinearDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor) -> None:
+    """``(D D^T) * (Zt Zt^T (x) 1 1^T)``: ``D D^T`` into ``work``, then one pass over ``A``
+    (an ``addcmul_`` with the input Gram matrix broadcast over the factor rows)."""
     B, h, r = M.shape
     D = _scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h)
-    A = D @ D.T
+    torch.mm(D, D.T, out=work)
     Z = d.Zt @ d.Zt.T  # (B, B): Zt_i . Zt_j over the selected columns
-    return (A.view(B, r, B, r) * Z[:, None, :, None]).view(B * r, B * r)
+    A.view(B, r, B, r).addcmul_(work.view(B, r, B, r), Z[:, None, :, None])
 
 
 @functools.singledispatch
@@ -167,9 +173,10 @@ class OutputSpace:
         if self._gram is None:
             f = self.factor
             A = f.new_zeros(self.rows, self.rows)
+            work = torch.empty_like(A)
             for l, M in self.pullbacks():
-                A += stage_gram(self.stages[l], M)
-            self._gram = 0.5 * (A + A.T)
+                add_stage_gram_(self.stages[l], M, A, work)
+            self._gram = A.add_(A.T.clone()).mul_(0.5)
         return self._gram
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:

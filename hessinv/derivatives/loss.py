@@ -56,10 +56,13 @@ def _softmax_head(logp: torch.Tensor, a: torch.Tensor, total: torch.Tensor) -> L
     ``(B, K)`` and nonnegative coefficients ``a`` ``(B, K)`` (docs/algorithm.md section 2.1).
 
     With ``A_i = sum_k a_ik``: gradient ``(A_i p_i - a_i) / total``, block
-    ``A_i (diag p_i - p_i p_i^T) / total``, factor ``sqrt(A_i / total) (diag(sqrt p_i) -
-    sqrt(p_i) p_i^T)`` (rows ``sqrt(p_k) (e_k - p)``; ``F^T F = diag p - p p^T`` because
-    ``sum_k p_k = 1``). No entry is formed by cancellation: ``p_k (1 - p_k)`` is
-    ``p_k * -expm1(log p_k)``, and for the most probable class ``k*`` the gradient is
+    ``A_i (diag p_i - p_i p_i^T) / total`` (rank ``K - 1``), and a factor with ``K - 1`` rows:
+    ``diag(sqrt p) - sqrt(p) p^T`` (rows ``sqrt(p_k) (e_k - p)``, whose Gram matrix is
+    ``diag p - p p^T`` because ``sum_k p_k = 1``) has ``sqrt(p)`` as a left null vector, and
+    the Householder reflection taking it to ``-e_k*`` zeroes row ``k*``; the other rows are
+    ``sqrt(p_k) (e_k - p / (1 + s))`` with entry ``k*`` equal to ``-sqrt(p_k) s``,
+    ``s = sqrt(p_k*)``, all times ``sqrt(A_i / total)``. No entry is formed by cancellation:
+    ``p_k (1 - p_k)`` is ``p_k * -expm1(log p_k)``, and for the most probable class ``k*`` the gradient is
     ``A expm1(log p_k*) + sum_{j != k*} a_j`` (``A p_k* - a_k*`` would cancel).
     """
     B, K = logp.shape
@@ -76,9 +79,16 @@ def _softmax_head(logp: torch.Tensor, a: torch.Tensor, total: torch.Tensor) -> L
     S = -p[:, :, None] * p[:, None, :]
     S.diagonal(dim1=1, dim2=2).copy_(p * one_minus_p)
     S = scale[:, None, None] * S
+    # the factor with K - 1 rows: sqrt(p) is a left null vector of diag(sqrt p) - sqrt(p) p^T,
+    # so the Householder reflection taking it to -e_k* zeroes row k* (k* the most probable
+    # class, where 1 + sqrt(p_k*) >= 1 + 1/sqrt(K) has no cancellation); the other rows are
+    # sqrt(p_k) (e_k - p / (1 + s)) with column k* replaced by -sqrt(p_k) s, s = sqrt(p_k*)
     sq = (0.5 * logp).exp()
-    F = -sq[:, :, None] * p[:, None, :]
-    F.diagonal(dim1=1, dim2=2).copy_(sq * one_minus_p)
+    s_top = sq.gather(1, top)  # (B, 1)
+    F = (-sq / (1 + s_top))[:, :, None] * p[:, None, :]
+    F.diagonal(dim1=1, dim2=2).add_(sq)
+    F.scatter_(2, top[:, None, :].expand(B, K, 1), (-sq * s_top)[:, :, None])
+    F = F[others].reshape(B, K - 1, K)
     F = scale.clamp_min(0).sqrt()[:, None, None] * F
     value = -(a * logp).sum() / total
     return LossHead(value, g, S, F if bool((A >= 0).all()) else None, True)

@@ -43,6 +43,7 @@ from hessinv.derivatives import (
     block_diagonal,
     by_class,
 )
+from hessinv.derivatives.linear import compress_linear_stages
 from hessinv.errors import SingularMatrixError
 from hessinv.linalg.complement import Elimination, eliminations
 from hessinv.linalg.fronts import CholeskyFront, Front, cholesky_front, factor_front, sign_logabsdet
@@ -239,6 +240,7 @@ def riccati_factorize(
     L = len(stages)
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    compress_linear_stages([d for d in stages if isinstance(d, LinearDerivatives)])
     elims = eliminations(stages, damping, tau)
     if damping == 0:
         for l in range(L - 1, -1, -1):  # the stage the backward sweep meets first

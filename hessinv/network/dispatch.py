@@ -63,10 +63,13 @@ def _linear_input(stage: Stage, x: torch.Tensor, z: torch.Tensor) -> LinearInput
     )
 
 
-def linear_stage_forwards(stages, params, zs, oracle: str = "auto") -> dict[int, LinearForward]:
+def linear_stage_forwards(
+    stages, params, zs, oracle: str = "auto", compress: bool = True
+) -> dict[int, LinearForward]:
     """The forward-pass parts of every ``Linear`` stage ``l`` (input ``zs[l]``), computed in
     batched calls (:func:`~hessinv.derivatives.linear.linear_forwards`); pass them to
-    :func:`stage_derivatives` as ``forward``."""
+    :func:`stage_derivatives` as ``forward``. ``compress=False`` leaves the ranks of the
+    stage inputs unchecked until a route needs the bases."""
     if oracle == "generic":
         return {}
     items = {
@@ -74,7 +77,7 @@ def linear_stage_forwards(stages, params, zs, oracle: str = "auto") -> dict[int,
         for l, (stage, x) in enumerate(zip(stages, params, strict=True))
         if is_linear_stage(stage, zs[l])
     }
-    return dict(zip(items, linear_forwards(list(items.values())), strict=True))
+    return dict(zip(items, linear_forwards(list(items.values()), compress), strict=True))
 
 
 def stage_derivatives(

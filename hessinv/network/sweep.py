@@ -143,7 +143,9 @@ def compute_derivatives(
     derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     b = head.grad
-    forwards = linear_stage_forwards(chain.stages, params, zs, oracle)  # batched over stages
+    # batched over stages; the Gauss-Newton matrix checks the ranks of the stage inputs only
+    # if a route needs the bases (its output space does not: section 14)
+    forwards = linear_stage_forwards(chain.stages, params, zs, oracle, compress=second_order)
     bar = progress_bar(L, "derivatives", progress)
     for l in range(L - 1, -1, -1):
         d = stage_derivatives(

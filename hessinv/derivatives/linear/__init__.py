@@ -11,6 +11,7 @@ from hessinv.derivatives.linear.complement import LinearComplement, linear_compl
 from hessinv.derivatives.linear.forward import (
     LinearForward,
     LinearInput,
+    compress_linear_stages,
     elementwise_derivatives,
     linear_forwards,
 )
@@ -25,4 +26,5 @@ __all__ = [
     "linear_complements",
     "linear_front_terms",
     "elementwise_derivatives",
+    "compress_linear_stages",
 ]

@@ -12,7 +12,13 @@ from torch.func import jvp
 
 from hessinv.derivatives.linear.kernels import ranks
 
-__all__ = ["elementwise_derivatives", "LinearInput", "LinearForward", "linear_forwards"]
+__all__ = [
+    "elementwise_derivatives",
+    "LinearInput",
+    "LinearForward",
+    "linear_forwards",
+    "compress_linear_stages",
+]
 
 
 def elementwise_derivatives(acts, pre: torch.Tensor):
@@ -50,7 +56,8 @@ class LinearInput(NamedTuple):
 class LinearForward(NamedTuple):
     """What a ``Linear`` stage's derivatives take from the forward pass (the adjoint not yet):
     ``W``, ``Zt`` ``(B, m)``, ``s1 = act'(u)``, ``s2 = act''(u)`` ``(B, h_out)``, and the
-    row-space basis ``Q`` ``(m, r)`` of ``Zt`` with ``Zr = Zt Q`` (``Q = None``: ``Q = I``)."""
+    row-space basis ``Q`` ``(m, r)`` of ``Zt`` with ``Zr = Zt Q`` (``Q = None``: ``Q = I``);
+    ``compressed``: whether the rank of ``Zt`` was checked (without, ``Q = I``)."""
 
     W: torch.Tensor
     Zt: torch.Tensor
@@ -60,6 +67,7 @@ class LinearForward(NamedTuple):
     Zr: torch.Tensor
     weight_selected: bool
     bias_selected: bool
+    compressed: bool = True
 
 
 def _activation_key(acts) -> tuple:
@@ -74,7 +82,9 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
     one host transfer, and that SVD's right singular vectors give the basis ``Q`` of the
     stages whose ``Zt`` is rank deficient (stacked per shape and rank: no SVD per stage).
     Stages with the same activations share one call of :func:`elementwise_derivatives` on
-    their concatenated pre-activations.
+    their concatenated pre-activations. ``compress=False`` leaves the ranks unchecked
+    (``Q = I``); :func:`compress_linear_stages` checks them later, for the routes that use
+    the bases (the Gauss-Newton matrix's output space does not).
     """
     for it in items:
         if not (it.weight_selected or it.bias_selected):
@@ -120,7 +130,15 @@ def linear_forwards(items: Sequence[LinearInput], compress: bool = True) -> list
             s1[i], s2[i] = a.reshape(pre[i].shape), b.reshape(pre[i].shape)
     return [
         LinearForward(
-            it.weight, Zt[i], s1[i], s2[i], Q[i], Zr[i], it.weight_selected, it.bias_selected
+            it.weight,
+            Zt[i],
+            s1[i],
+            s2[i],
+            Q[i],
+            Zr[i],
+            it.weight_selected,
+            it.bias_selected,
+            compress,
         )
         for i, it in enumerate(items)
     ]
@@ -142,3 +160,23 @@ def _row_space_bases(zt: torch.Tensor, idx: list[int], Q: list, Zr: list) -> Non
         zr = torch.bmm(zt[pick], q)
         for k, j in enumerate(js):
             Q[idx[j]], Zr[idx[j]] = q[k], zr[k]
+
+
+def compress_linear_stages(stages) -> None:
+    """Check the ranks of the ``Zt`` of the stages that were built without (``compressed``
+    False) and give the rank-deficient ones their basis ``Q``, ``Zr`` and complement: one
+    batched SVD per shape, as :func:`linear_forwards` does (docs/algorithm.md sections 8, 13).
+    A stage already compressed is left as it is."""
+    from hessinv.derivatives.linear.complement import linear_complements
+
+    todo = [d for d in stages if not d.compressed]
+    groups: dict[tuple, list[int]] = {}
+    for i, d in enumerate(todo):
+        groups.setdefault(tuple(d.Zt.shape), []).append(i)
+    Q: list = [None] * len(todo)
+    Zr: list = [d.Zt for d in todo]
+    for idx in groups.values():
+        _row_space_bases(torch.stack([todo[i].Zt for i in idx]), idx, Q, Zr)
+    for d, q, zr in zip(todo, Q, Zr, strict=True):
+        d.set_basis(q, zr)
+    linear_complements([d for d in todo if d.Q is not None])

@@ -121,8 +121,8 @@ class LinearDerivatives(StageDerivatives):
         self.num_params = h_out * m
         self.dtype, self.device = fwd.Zt.dtype, fwd.Zt.device
         # the row-space basis Q of Zt (section 8); Q = None means Q = I
-        self.Q, self.Zr = fwd.Q, fwd.Zr
-        self.r = m if fwd.Q is None else fwd.Q.shape[1]
+        self.set_basis(fwd.Q, fwd.Zr)
+        self.compressed = fwd.compressed  # False: rank not checked yet (Q = I meanwhile)
         self._complement = None  # set by linear_complements (the sweep or the constructor)
 
     # ------------------------------------------------------------ layout
@@ -220,6 +220,13 @@ class LinearDerivatives(StageDerivatives):
     @property
     def basis_size(self):
         return self.out_size * self.r
+
+    def set_basis(self, Q: torch.Tensor | None, Zr: torch.Tensor) -> None:
+        """The row-space basis ``Q`` ``(m, r)`` of ``Zt`` (``None``: ``Q = I``) and
+        ``Zr = Zt Q`` (section 8); ``compressed`` from then on."""
+        self.Q, self.Zr = Q, Zr
+        self.r = self.m if Q is None else Q.shape[1]
+        self.compressed = True
 
     @property
     def complement(self):
