@@ -56,9 +56,9 @@ def _stage_rows(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
 def add_stage_gram_(
     d: StageDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor
 ) -> None:
-    """``A += U_l U_l^T`` (``(B r, B r)``) for the stage's pullback ``M`` ``(B, h_out, r)``;
-    ``work`` is a ``(B r, B r)`` buffer the caller keeps (a new ``(B r)^2`` tensor per stage
-    costs its page faults)."""
+    """``A += U_l U_l^T`` (``(B r, B r)``), at least on and below the diagonal, for the stage's
+    pullback ``M`` ``(B, h_out, r)``; ``work`` is a ``(B r, B r)`` buffer the caller keeps (a
+    new ``(B r)^2`` tensor per stage costs its page faults)."""
     rows = _stage_rows(d, M)
     A.addmm_(rows, rows.T)
 
@@ -68,15 +68,31 @@ def _scaled_pullback(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
     return d.s1[:, :, None] * M
 
 
+#: the Gram matrix of a ``Linear`` stage is accumulated in this many block rows of samples,
+#: each only up to the diagonal (the matrix is symmetric: 5/8 of the work for 4), from this
+#: many rows on
+GRAM_BLOCKS, GRAM_BLOCKS_FROM = 4, 256
+
+
 @add_stage_gram_.register
 def _(d: LinearDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor) -> None:
-    """``(D D^T) * (Zt Zt^T (x) 1 1^T)``: ``D D^T`` into ``work``, then one pass over ``A``
-    (an ``addcmul_`` with the input Gram matrix broadcast over the factor rows)."""
+    """``(D D^T) * (Zt Zt^T (x) 1 1^T)`` on and below the diagonal blocks: ``D D^T`` into
+    ``work``, then one pass over ``A`` (an ``addcmul_`` with the input Gram matrix broadcast
+    over the factor rows). The caller mirrors the lower triangle."""
     B, h, r = M.shape
     D = _scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h)
-    torch.mm(D, D.T, out=work)
+    DT = D.T
     Z = d.Zt @ d.Zt.T  # (B, B): Zt_i . Zt_j over the selected columns
-    A.view(B, r, B, r).addcmul_(work.view(B, r, B, r), Z[:, None, :, None])
+    nb = GRAM_BLOCKS if B * r >= GRAM_BLOCKS_FROM else 1
+    edges = [round(i * B / nb) for i in range(nb + 1)]
+    flat = work.view(-1)
+    for a in range(nb):
+        s, e = edges[a], edges[a + 1]
+        w = flat[: (e - s) * r * e * r].view((e - s) * r, e * r)
+        torch.mm(D[s * r : e * r], DT[:, : e * r], out=w)
+        A[s * r : e * r, : e * r].view(e - s, r, e, r).addcmul_(
+            w.view(e - s, r, e, r), Z[s:e, None, :e, None]
+        )
 
 
 @functools.singledispatch
@@ -176,7 +192,8 @@ class OutputSpace:
             work = torch.empty_like(A)
             for l, M in self.pullbacks():
                 add_stage_gram_(self.stages[l], M, A, work)
-            self._gram = A.add_(A.T.clone()).mul_(0.5)
+            lower = A.tril_()  # the stages fill (at least) the lower triangle
+            self._gram = lower.add_(lower.tril(-1).T)
         return self._gram
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:

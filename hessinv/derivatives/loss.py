@@ -62,8 +62,9 @@ def _softmax_head(logp: torch.Tensor, a: torch.Tensor, total: torch.Tensor) -> L
     the Householder reflection taking it to ``-e_k*`` zeroes row ``k*``; the other rows are
     ``sqrt(p_k) (e_k - p / (1 + s))`` with entry ``k*`` equal to ``-sqrt(p_k) s``,
     ``s = sqrt(p_k*)``, all times ``sqrt(A_i / total)``. No entry is formed by cancellation:
-    ``p_k (1 - p_k)`` is ``p_k * -expm1(log p_k)``, and for the most probable class ``k*`` the gradient is
-    ``A expm1(log p_k*) + sum_{j != k*} a_j`` (``A p_k* - a_k*`` would cancel).
+    ``p_k (1 - p_k)`` is ``p_k * -expm1(log p_k)``, and for the most probable class ``k*``
+    the gradient is ``A expm1(log p_k*) + sum_{j != k*} a_j`` (``A p_k* - a_k*`` would
+    cancel).
     """
     B, K = logp.shape
     p = logp.exp()

@@ -27,6 +27,7 @@ from torch import nn
 
 import hessinv
 from hessinv.errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
+from hessinv.tools import problems
 
 SAFETY = 2.0
 BOUND = 1e-12
@@ -308,3 +309,38 @@ def test_spectrum_and_eigenvectors():
     assert float((vectors.T @ vectors - torch.eye(3, dtype=torch.float64)).abs().max()) <= 1e-10
     with pytest.raises(ValueError, match="eigenvectors"):
         G.spectrum(eigenvectors=-1)
+
+
+def test_gram_blocks_and_solve_on_a_larger_batch():
+    """B r >= 256: the Gram terms of Linear stages are accumulated in block rows up to the
+    diagonal and mirrored (docs/algorithm.md section 14); against ``U U^T`` from the dense
+    Jacobian and the loss factor, and the solve against dense."""
+    from hessinv.curvature import output_space
+
+    p = problems.make_problem(4, 12, 40, d_in=5, d_out=10, init="fan_in", seed=3)
+    G = hessinv.ChainGGN(*p)
+    space = G.output_space()
+    assert space.rows >= output_space.GRAM_BLOCKS_FROM
+    names = G.param_names
+    params = dict(p.model.named_parameters())
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def outputs(theta):
+        parts = dict(
+            zip(
+                names,
+                [t.reshape(sh) for t, sh in zip(theta.split(sizes), shapes, strict=True)],
+                strict=True,
+            )
+        )
+        return torch.func.functional_call(p.model, parts, (p.inputs,))
+
+    J = torch.func.jacrev(outputs)(flat)  # (B, K, n)
+    U = torch.einsum("brk,bkn->brn", space.factor, J).reshape(space.rows, -1)
+    ref = U @ U.T
+    assert float((space.gram() - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+    ggn = autograd_ggn(*p)
+    bad = check_output_space(G, ggn, 1e-3)
+    assert not bad, bad
