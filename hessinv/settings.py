@@ -30,6 +30,10 @@ INVERSE_DIAGONAL_WARN_FLOAT32 = 1e-3
 #: steps: their products already keep a device busy, and on a CPU a stack of them falls out
 #: of the cache (width 256: 3x slower products than one stage at a time), section 13
 BATCH_PARAMS = 1 << 14
+#: from this many right-hand sides on, the products' batched steps go stage by stage with
+#: plain matrix products: the arithmetic dominates, and stacking the stages costs a copy
+#: (200 columns at depth 32, width 16, batch 64: the stack and its einsums took 2/3 of G V)
+MANY_COLUMNS = 16
 #: at most this many stages' front terms are made in one batched call ...
 TERMS_STAGES = 16
 #: ... and held at once (bytes): on a GPU, where a batched call saves launches ...

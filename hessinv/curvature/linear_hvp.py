@@ -13,7 +13,17 @@ from __future__ import annotations
 import torch
 
 from hessinv.curvature.hvp_hooks import HvpHooks
-from hessinv.derivatives.linear.kernels import bmm, bmm_k, left, left_add, shape_groups, stack
+from hessinv.derivatives.linear.kernels import (
+    apply_rows,
+    bmm,
+    bmm_k,
+    gather_rows,
+    left,
+    left_add,
+    shape_groups,
+    stack,
+)
+from hessinv.settings import MANY_COLUMNS
 
 __all__ = ["LinearHvp"]
 
@@ -25,6 +35,35 @@ def _groups(stages) -> list[list[int]]:
     )
 
 
+def _prepare_one(d, v: torch.Tensor):
+    """:meth:`LinearHvp.prepare` for one stage, with plain matrix products (many columns)."""
+    k, h, nw = v.shape[-1], d.out_size, d.n_weight_cols
+    P0 = EV = None
+    if d.weight_selected:
+        VW = v[: h * nw].reshape(h, nw, k)
+        P0 = apply_rows(d.Zt[:, :nw], VW)  # (B, h_out, k)
+        if d.has_input:
+            EV = (d.gamma @ VW.reshape(h, nw * k)).reshape(d.batch, nw, k)
+    if d.bias_selected:
+        vb = v[h * nw :]  # (h_out, k)
+        P0 = vb.expand(d.batch, h, k) if P0 is None else P0 + vb
+    return P0, EV
+
+
+def _finish_one(d, t_prev: torch.Tensor | None, R: torch.Tensor) -> torch.Tensor:
+    """:meth:`LinearHvp.finish` for one stage, with plain matrix products (many columns)."""
+    k, h, nw = R.shape[-1], d.out_size, d.n_weight_cols
+    parts = []
+    if d.weight_selected:
+        HW = gather_rows(d.Zt[:, :nw], R)  # (h_out, nw, k)
+        if d.has_input:
+            HW = HW + (d.gamma.T @ t_prev.reshape(d.batch, nw * k)).reshape(h, nw, k)
+        parts.append(HW.reshape(h * nw, k))
+    if d.bias_selected:
+        parts.append(R.sum(0))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 class LinearHvp(HvpHooks):
     """The hooks for :class:`~hessinv.derivatives.LinearDerivatives`."""
 
@@ -34,6 +73,8 @@ class LinearHvp(HvpHooks):
         weight columns): ``P0 = Z V_W^T + 1 v_b^T`` ``(B, h_out, k)`` and ``gamma V_W``
         ``(B, h_in, k)``, one batched product each per shape; the weight and bias parts of
         ``v`` are used as views."""
+        if v and v[0].shape[-1] >= MANY_COLUMNS:  # the arithmetic dominates: stage by stage
+            return [_prepare_one(d, vl) for d, vl in zip(stages, v, strict=True)]
         out: list = [None] * len(stages)
         for idx in _groups(stages):
             d = stages[idx[0]]
@@ -72,6 +113,8 @@ class LinearHvp(HvpHooks):
     @staticmethod
     def finish(stages, v, t_prev, partial):
         """``Hv = (Z^T R + E t_prev, sum_i R_i)`` (weight and bias parts): batched per shape."""
+        if partial and partial[0].shape[-1] >= MANY_COLUMNS:
+            return [_finish_one(d, t, R) for d, t, R in zip(stages, t_prev, partial, strict=True)]
         out: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
         for idx in _groups(stages):
             d = stages[idx[0]]

@@ -56,10 +56,13 @@ def left(W: torch.Tensor, t: torch.Tensor, W_T: torch.Tensor | None = None) -> t
 def left_add(
     acc: torch.Tensor, W: torch.Tensor, t: torch.Tensor, W_T: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``acc + left(W, t)``; for one vector one ``addmm`` over the samples (``acc`` may be a
-    broadcast view)."""
-    if t.shape[2] == 1:
+    """``acc + left(W, t)``; for one vector one ``addmm`` over the samples, for many one
+    ``baddbmm`` with ``W`` broadcast over the samples (``acc`` may be a broadcast view)."""
+    B, i, k = t.shape
+    if k == 1:
         return torch.addmm(acc[:, :, 0], t[:, :, 0], W.T if W_T is None else W_T)[:, :, None]
+    if k >= i:
+        return torch.baddbmm(acc, W.expand(B, *W.shape), t)
     return acc + left(W, t)
 
 
