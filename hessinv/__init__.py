@@ -18,7 +18,12 @@ from hessinv.curvature.factorization import (
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.curvature.spectrum import EigenvalueBracket
 from hessinv.errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
-from hessinv.optim import DampedNewton, TrustRegionNewton, trust_region_subproblem
+from hessinv.optim import (
+    CurvaturePreconditioner,
+    DampedNewton,
+    TrustRegionNewton,
+    trust_region_subproblem,
+)
 from hessinv.tools.reference import conjugate_gradient, dense_hessian
 from hessinv.vectors import flatten, unflatten
 
@@ -39,6 +44,7 @@ __all__ = [
     "AccuracyWarning",
     "DampedNewton",
     "TrustRegionNewton",
+    "CurvaturePreconditioner",
     "trust_region_subproblem",
     "optim",
     "flatten",

@@ -38,6 +38,8 @@ interface; ``Linear`` stages batch the stages of one shape.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -52,6 +54,7 @@ __all__ = [
     "block_diagonal",
     "by_class",
     "Hooks",
+    "quiet_forward_ad",
 ]
 
 
@@ -94,6 +97,19 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(B, device=blocks.device)
     out[idx, :, idx, :] = blocks
     return out.reshape(B * h, B * w)
+
+
+@contextlib.contextmanager
+def quiet_forward_ad():
+    """Our forward-mode ``torch.func`` calls without the one warning they trigger: the first
+    forward-mode call loads torch's decompositions, which call the deprecated
+    ``torch.jit.script`` (a ``DeprecationWarning`` that is torch's, not the user's). Exactly
+    that warning is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
+        yield
 
 
 def by_class(

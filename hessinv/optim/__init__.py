@@ -22,13 +22,18 @@ the quadratic model of the loss around ``x``. The *predicted reduction* of a ste
 * :func:`trust_region_subproblem`: that subproblem solver on its own.
 * :class:`CurvatureProtocol`, :class:`FactorizationProtocol`: what they need from ``B``.
 
-Both update the model's parameters in place, like ``torch.optim`` optimizers, but
-take the batch in ``step(inputs, targets)`` since they need the whole batch to
-build ``B`` (and re-evaluate the loss on it to accept or reject the step). The
-shared step template is :mod:`hessinv.optim.base`.
+* :class:`CurvaturePreconditioner`: the exact solve as a preconditioner for any
+  ``torch.optim`` optimizer (SGD, Adam): ``update(inputs, targets)`` every ``k`` steps,
+  ``precondition_()`` before ``opt.step()``.
+
+Both optimizers are ``torch.optim.Optimizer`` s (parameter groups, schedulers,
+``state_dict``, ``zero_grad``) that take the batch in ``step(inputs, targets)``, since they
+need the whole batch to build ``B`` (and re-evaluate the loss on it to accept or reject the
+step). The shared step template and its design choices are in :mod:`hessinv.optim.base`.
 """
 
 from hessinv.optim.damped_newton import DampedNewton
+from hessinv.optim.preconditioner import CurvaturePreconditioner
 from hessinv.optim.protocol import CurvatureProtocol, FactorizationProtocol
 from hessinv.optim.subproblem import TrustRegionSolution, trust_region_subproblem
 from hessinv.optim.trust_region import TrustRegionNewton
@@ -36,6 +41,7 @@ from hessinv.optim.trust_region import TrustRegionNewton
 __all__ = [
     "DampedNewton",
     "TrustRegionNewton",
+    "CurvaturePreconditioner",
     "trust_region_subproblem",
     "TrustRegionSolution",
     "CurvatureProtocol",

@@ -16,8 +16,9 @@ The Levenberg-Marquardt update of ``eps`` follows the outcome of the step:
     eps <- min(max_damping, damping_up * eps)      otherwise            (rejected, retried)
 
 With ``curvature="ggn"`` (``B = J^T H_out J``, positive semidefinite for convex losses)
-this is the classic Levenberg-Marquardt method; with the Hessian it is a damped Newton
-method that also works where ``H`` is indefinite.
+this is the classic Levenberg-Marquardt method, factored in output space when that is
+cheapest (docs/algorithm.md section 14: every damping of a step reuses one Gram matrix);
+with the Hessian it is a damped Newton method that also works where ``H`` is indefinite.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ __all__ = ["DampedNewton"]
 
 
 class DampedNewton(CurvatureOptimizer):
-    r"""Levenberg-Marquardt damped Newton with the exact solve ``(B + eps I)^-1 g``.
+    r"""Levenberg-Marquardt damped Newton with the exact solve ``(B + eps I)^-1 g``; a
+    ``torch.optim.Optimizer`` (see :mod:`hessinv.optim.base` for the design).
 
-    One call ``loss = opt.step(inputs, targets)`` (the step template of
-    :mod:`hessinv.optim.base`):
+    One call ``loss = opt.step(inputs, targets)``:
 
     1. builds the curvature ``B`` on the batch, with loss ``f`` and gradient ``g``;
     2. factorizes ``B + eps I``; while it is not positive definite (the exact inertia
        says so; a singular one counts as not positive definite) ``eps <- eps * damping_up``,
        so ``p = (B + eps I)^-1 g`` is always a descent direction (``g^T p > 0``);
-    3. proposes ``s = -lr p``, rescaled to norm ``max_step_norm`` if longer;
+    3. proposes ``s = -lr p`` (``lr`` of each parameter's group), rescaled to norm
+       ``max_step_norm`` if longer;
     4. evaluates the loss ``f(x + s)`` on the same batch. If it is lower than ``f``
        the step is accepted and ``eps <- eps * damping_down``; otherwise the
        parameters are restored, ``eps <- eps * damping_up`` and steps 2-4 are retried,
@@ -51,9 +53,10 @@ class DampedNewton(CurvatureOptimizer):
        A step that changes the loss only at rounding level is accepted as converged
        (``eps`` kept).
 
-    ``eps`` stays in ``[min_damping, max_damping]`` (raising it from 0 goes to at
-    least ``max(min_damping, 1e-8)``). If ``B + max_damping I`` is still indefinite
-    the direction falls back to the gradient, ``p = g / max_damping``.
+    ``eps`` (``damping`` in ``param_groups``) stays in ``[min_damping, max_damping]``
+    (raising it from 0 goes to at least ``max(min_damping, 1e-8)``). If
+    ``B + max_damping I`` is still indefinite the direction falls back to the gradient,
+    ``p = g / max_damping``.
 
     Args:
         model: ``nn.Sequential`` (or list of modules) whose parameters are updated in place.
@@ -66,17 +69,19 @@ class DampedNewton(CurvatureOptimizer):
         max_tries: loss evaluations per step (>= 1).
         oracle: passed to the built-in curvatures.
         curvature: ``"hessian"`` (default, :class:`hessinv.ChainHessian`), ``"ggn"``
-            (``hessinv.ChainGGN``: classic Levenberg-Marquardt) or a factory
+            (:class:`hessinv.ChainGGN`: classic Levenberg-Marquardt) or a factory
             ``(model, loss_fn, inputs, targets) -> curvature`` returning a
             :class:`~hessinv.optim.CurvatureProtocol`.
+        params: the parameters to optimize (tensors, names or parameter groups; default: the
+            model's with ``requires_grad``); the others are constants of the curvature.
 
     ``step`` returns the batch loss *before* the step, as a Python float. After it,
     ``opt.last_step`` holds: ``damping`` (the ``eps`` of the last try), ``accepted``,
     ``converged``, ``step_norm``, ``predicted_reduction``, ``actual_reduction``, ``rho``,
     ``tries`` (loss evaluations), ``factorizations``, ``direction`` (``"newton"`` or
-    ``"gradient"``), ``loss`` and ``new_loss``.
+    ``"gradient"``), ``method`` (the factorization's route), ``loss`` and ``new_loss``.
 
-    Example: logistic regression (one stage); a few steps approach the minimum.
+    Example: logistic regression (one stage) with a learning-rate schedule.
 
     >>> import torch
     >>> from torch import nn
@@ -87,13 +92,18 @@ class DampedNewton(CurvatureOptimizer):
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(3, 2)).double()
     >>> opt = DampedNewton(model, nn.CrossEntropyLoss(), damping=1e-3)
-    >>> losses = [opt.step(X, y) for _ in range(8)]
-    >>> losses[-1] < 0.5 * losses[0], opt.last_step["accepted"]
-    (True, True)
+    >>> isinstance(opt, torch.optim.Optimizer)
+    True
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    >>> losses = []
+    >>> for _ in range(8):
+    ...     losses.append(opt.step(X, y))
+    ...     sched.step()
+    >>> losses[-1] < 0.5 * losses[0], opt.last_step["accepted"], opt.param_groups[0]["lr"]
+    (True, True, 0.25)
     """
 
-    _HYPER = (
-        "lr",
+    _SHARED = (
         "damping_up",
         "damping_down",
         "min_damping",
@@ -101,7 +111,7 @@ class DampedNewton(CurvatureOptimizer):
         "max_step_norm",
         "max_tries",
     )
-    _STATE = ("damping",)
+    _ADAPTIVE = ("damping",)
 
     def __init__(
         self,
@@ -118,84 +128,82 @@ class DampedNewton(CurvatureOptimizer):
         oracle: str = "auto",
         *,
         curvature="hessian",
+        params=None,
     ):
-        super().__init__(model, loss_fn, oracle, curvature)
-        self._configure(
-            lr=lr,
-            damping_up=damping_up,
-            damping_down=damping_down,
-            min_damping=min_damping,
-            max_damping=max_damping,
-            max_step_norm=max_step_norm,
-            max_tries=max_tries,
-        )
-        self.damping = self._check_damping(damping)
+        defaults = {
+            "lr": positive(lr, "lr"),
+            "damping": damping,
+            "damping_up": damping_up,
+            "damping_down": damping_down,
+            "min_damping": min_damping,
+            "max_damping": max_damping,
+            "max_step_norm": max_step_norm,
+            "max_tries": max_tries,
+        }
+        super().__init__(model, loss_fn, params, defaults, oracle=oracle, curvature=curvature)
 
-    def _configure(
-        self, lr, damping_up, damping_down, min_damping, max_damping, max_step_norm, max_tries
-    ):
-        lr = positive(lr, "lr")
-        damping_up = real(damping_up, "damping_up")
+    def _check_hyper(self, hyper: dict) -> None:
+        damping_up = real(hyper["damping_up"], "damping_up")
         if not 1 < damping_up < math.inf:
             raise ValueError(f"damping_up must be > 1 and finite, got {damping_up}")
-        damping_down = real(damping_down, "damping_down")
+        damping_down = real(hyper["damping_down"], "damping_down")
         if not 0 < damping_down <= 1:
             raise ValueError(f"damping_down must be in (0, 1], got {damping_down}")
-        min_damping = nonnegative(min_damping, "min_damping")
-        max_damping = positive(max_damping, "max_damping")
+        min_damping = nonnegative(hyper["min_damping"], "min_damping")
+        max_damping = positive(hyper["max_damping"], "max_damping")
         if min_damping > max_damping:
             raise ValueError(f"min_damping {min_damping} exceeds max_damping {max_damping}")
-        if max_step_norm is not None:
-            max_step_norm = positive(max_step_norm, "max_step_norm")
-        max_tries = positive_int(max_tries, "max_tries")
-        self.lr, self.damping_up, self.damping_down = lr, damping_up, damping_down
-        self.min_damping, self.max_damping = min_damping, max_damping
-        self.max_step_norm, self.max_tries = max_step_norm, max_tries
-
-    def _check_damping(self, damping) -> float:
-        return within(
-            nonnegative(damping, "damping"),
+        if hyper["max_step_norm"] is not None:
+            positive(hyper["max_step_norm"], "max_step_norm")
+        positive_int(hyper["max_tries"], "max_tries")
+        within(
+            nonnegative(hyper["damping"], "damping"),
             "damping",
-            self.min_damping,
-            self.max_damping,
+            min_damping,
+            max_damping,
             "min_damping, max_damping",
         )
 
-    def _load_adaptive(self, state):
-        self.damping = self._check_damping(state["damping"])
+    @property
+    def damping(self) -> float:
+        """The current ``eps`` (kept in ``param_groups``)."""
+        return float(self.param_groups[0]["damping"])
 
-    def _raise(self, eps: float) -> float:
-        return min(self.max_damping, max(eps * self.damping_up, self.min_damping, 1e-8))
+    @staticmethod
+    def _raise(eps: float, hyper: dict) -> float:
+        return min(hyper["max_damping"], max(eps * hyper["damping_up"], hyper["min_damping"], 1e-8))
 
-    def _lower(self, eps: float) -> float:
-        return max(self.min_damping, eps * self.damping_down)
+    @staticmethod
+    def _lower(eps: float, hyper: dict) -> float:
+        return max(hyper["min_damping"], eps * hyper["damping_down"])
 
     # ------------------------------------------------------------------ template hooks
-    def _propose(self, curvature: CurvatureProtocol, g: torch.Tensor) -> Proposal:
-        # the smallest eps (on the multiplicative grid from self.damping) with B + eps I PD
-        eps, factorizations = self.damping, 0
+    def _propose(self, curvature: CurvatureProtocol, g: torch.Tensor, hyper: dict) -> Proposal:
+        # the smallest eps (on the multiplicative grid from the current one) with B + eps I PD
+        eps, factorizations = hyper["damping"], 0
         while True:
             F, pd = try_factorize(curvature, eps)
-            factorizations += 1
-            if pd or eps >= self.max_damping:
+            factorizations += 0 if F is not None and getattr(F, "reused_factors", False) else 1
+            if pd or eps >= hyper["max_damping"]:
                 break
-            eps = self._raise(eps)
+            eps = self._raise(eps, hyper)
         if pd:
             p, direction = F.solve(g), "newton"
         else:
             p, direction = g / eps, "gradient"
-        s = -self.lr * p
-        snorm = float(torch.linalg.vector_norm(s))
-        if self.max_step_norm is not None and snorm > self.max_step_norm:
-            s = s * (self.max_step_norm / snorm)
-        return Proposal(s, factorizations, {"damping": eps, "direction": direction})
+        method = getattr(F, "method", None) if pd else None
+        return Proposal(
+            -p, factorizations, {"damping": eps, "direction": direction, "method": method}
+        )
 
-    def _adapt(self, proposal: Proposal, trial: Trial) -> Verdict:
+    def _adapt(self, proposal: Proposal, trial: Trial, hyper: dict) -> Verdict:
         eps = proposal.diagnostics["damping"]
         if math.isfinite(trial.new_loss) and trial.new_loss < trial.loss:
-            self.damping = self._lower(eps)
-            return Verdict(accepted=True)
+            return Verdict(
+                accepted=True, diagnostics={"adapted": {"damping": self._lower(eps, hyper)}}
+            )
         if trial.converged:  # the loss changes only at rounding level: keep eps
-            return Verdict(accepted=True)
-        self.damping = self._raise(eps)
-        return Verdict(accepted=False)
+            return Verdict(accepted=True, diagnostics={"adapted": {"damping": eps}})
+        return Verdict(
+            accepted=False, diagnostics={"adapted": {"damping": self._raise(eps, hyper)}}
+        )

@@ -174,6 +174,7 @@ def trust_region_subproblem(
     hard_tol: float = 1e-10,
     max_iter: int = 100,
     inverse_iterations: int = 3,
+    lam_init: float | None = None,
 ) -> TrustRegionSolution:
     r"""Exact solution of ``min_s g^T s + 1/2 s^T B s  s.t. ||s|| <= radius`` (Moré-Sorensen).
 
@@ -186,6 +187,10 @@ def trust_region_subproblem(
     * otherwise ``lam > max(0, -lambda_min(B))`` solves the secular equation
       ``phi(lam) = 1/||s(lam)|| - 1/radius = 0`` by the Newton steps of the module
       docstring, from the left of the root;
+    * the first factorization is at ``lam_tiny = 100 u ||B||`` (the diagonal's scale), not
+      at 0 (singular for any network with a softmax); its inertia gives ``n_negative``;
+      ``lam_init`` (the previous step's multiplier) is the first trial of the iteration
+      when it lies in the bracket, which usually saves most of it;
     * safeguards: a bracket ``[lam_L, lam_U]`` of the root. ``lam_L`` is raised to every
       ``lam`` at which the exact inertia says ``B + lam I`` is not positive definite
       (including where ``factorize`` raises :class:`~hessinv.errors.SingularMatrixError`)
@@ -247,19 +252,26 @@ def trust_region_subproblem(
     spectral = _output_space_solution(curvature, g, radius, rtol)
     if spectral is not None:
         return spectral
-    F, pd = try_factorize(curvature, 0.0)
+    # The first factorization at lam_tiny (rounding level of ||B||), not at 0: B + 0 I is
+    # singular for every network with a softmax (a null direction per sample), and at
+    # lam_tiny the inertia counts the negative eigenvalues of B below -lam_tiny.
+    lam_tiny = 100 * torch.finfo(g.dtype).eps * scale
+    F, pd = try_factorize(curvature, lam_tiny)
     nfact = _counted(F)
     n_negative = None if F is None else int(F.inertia()[1])
-    lam_tiny = 100 * torch.finfo(g.dtype).eps * scale
     if pd:
         s = -F.solve(g)
-        if norm(s) <= radius * (1 + rtol):
+        if norm(s) <= radius * (1 + rtol):  # interior: the Newton step, to rounding of lam
             return TrustRegionSolution(s, 0.0, False, False, nfact, 0, n_negative)
         lam_L, lam_U = 0.0, math.inf
-        lam, current = 0.0, (F, s)
+        lam, current = lam_tiny, (F, s)
     else:
-        lam_L, lam_U = max(0.0, neg_min_diag), math.inf  # B + lam_L I is not PD
+        lam_L, lam_U = max(lam_tiny, neg_min_diag), math.inf  # B + lam_L I is not PD
         lam, current = None, None
+    if lam_init is not None and lam_L < lam_init < lam_U and lam_init > lam_tiny:
+        # the previous step's multiplier: the root is usually near it
+        if current is None or norm(current[1]) > radius:
+            lam, current = lam_init, None
 
     def bracket_trial(theta: float) -> float:
         if math.isinf(lam_U):

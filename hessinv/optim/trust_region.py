@@ -13,7 +13,11 @@ actual with the predicted reduction,
 
     rho = (f(x) - f(x + s)) / (m(0) - m(s)).
 
-The radius follows ``rho``: ``radius <- shrink * min(radius, ||s||)`` if ``rho < 1/4``,
+The subproblem starts from the previous step's multiplier (a certified lower bound where the
+inertia gives one), so a step typically takes one to three factorizations; for the
+Gauss-Newton matrix in output space it takes none after the first eigendecomposition
+(docs/algorithm.md section 14). The radius follows ``rho``:
+``radius <- shrink * min(radius, ||s||)`` if ``rho < 1/4``,
 ``radius <- min(grow * radius, max_radius)`` if ``rho > 3/4`` and the step is on the
 boundary; the step is accepted if ``rho > eta``. With ``g = 0`` and ``B = 0`` (a loss
 that is constant in the parameters) the step is ``0`` and counts as converged.
@@ -34,26 +38,26 @@ __all__ = ["TrustRegionNewton"]
 
 
 class TrustRegionNewton(CurvatureOptimizer):
-    r"""Trust-region Newton with the exact subproblem solution (see
-    :func:`trust_region_subproblem`).
+    r"""Trust-region Newton with the exact subproblem solution (:func:`trust_region_subproblem`);
+    a ``torch.optim.Optimizer`` (see :mod:`hessinv.optim.base` for the design).
 
-    One call ``loss = opt.step(inputs, targets)`` (the step template of
-    :mod:`hessinv.optim.base`):
+    One call ``loss = opt.step(inputs, targets)``:
 
     1. builds the curvature ``B`` on the batch, with loss ``f`` and gradient ``g``;
     2. solves ``s = argmin_{||s|| <= radius} g^T s + 1/2 s^T B s`` exactly, whether ``B``
        is definite or not (``B + lam I`` factorized at a few ``lam``, all reusing the
-       stage derivatives of ``B``);
+       stage derivatives of ``B``, starting from the previous step's ``lam``);
     3. ``rho = (f(x) - f(x + s)) / (m(0) - m(s))`` on the same batch;
        ``radius <- shrink * min(radius, ||s||)`` if ``rho < 0.25``,
        ``radius <- min(grow * radius, max_radius)`` if ``rho > 0.75`` and ``||s|| = radius``;
     4. accepts the step if ``rho > eta``; otherwise restores the parameters and retries
        with the smaller radius, at most ``max_tries`` tries in all (same ``B``).
 
-    ``radius`` never drops below ``min_radius``.
+    ``radius`` (in ``param_groups``) never drops below ``min_radius``. ``lr`` (default 1)
+    scales the step of each group after the subproblem is solved.
 
     Args:
-        model, loss_fn, oracle, curvature: as for :class:`DampedNewton`.
+        model, loss_fn, oracle, curvature, params: as for :class:`DampedNewton`.
         radius: initial trust radius (> 0, Euclidean norm in parameter space).
         max_radius, min_radius: bounds on the radius.
         eta: acceptance threshold on ``rho``, in ``[0, 0.25)``.
@@ -65,8 +69,9 @@ class TrustRegionNewton(CurvatureOptimizer):
     holds ``radius`` (of the last try), ``new_radius``, ``accepted``, ``step_norm``,
     ``on_boundary``, ``hard_case``, ``lam``, ``predicted_reduction``, ``actual_reduction``,
     ``rho``, ``converged`` (predicted and actual change at rounding level: accepted, radius
-    kept), ``tries``, ``factorizations``, ``n_negative`` (negative eigenvalues of the
-    batch curvature), ``loss`` and ``new_loss``.
+    kept), ``tries``, ``factorizations`` (new factorizations; the output space's kept
+    eigendecomposition serves every ``lam`` for free), ``n_negative`` (negative eigenvalues
+    of the batch curvature, below ``-100 u ||B||``), ``loss`` and ``new_loss``.
 
     >>> import torch
     >>> from torch import nn
@@ -78,21 +83,12 @@ class TrustRegionNewton(CurvatureOptimizer):
     >>> model = nn.Sequential(nn.Linear(3, 2)).double()
     >>> opt = TrustRegionNewton(model, nn.CrossEntropyLoss(), radius=1.0)
     >>> losses = [opt.step(X, y) for _ in range(8)]
-    >>> losses[-1] < 0.5 * losses[0]
-    True
+    >>> losses[-1] < 0.5 * losses[0], opt.last_step["n_negative"]
+    (True, 0)
     """
 
-    _HYPER = (
-        "max_radius",
-        "min_radius",
-        "eta",
-        "shrink",
-        "grow",
-        "max_tries",
-        "rtol",
-        "hard_tol",
-    )
-    _STATE = ("radius",)
+    _SHARED = ("max_radius", "min_radius", "eta", "shrink", "grow", "max_tries", "rtol", "hard_tol")
+    _ADAPTIVE = ("radius", "multiplier")
 
     def __init__(
         self,
@@ -110,56 +106,65 @@ class TrustRegionNewton(CurvatureOptimizer):
         oracle: str = "auto",
         *,
         curvature="hessian",
+        params=None,
+        lr: float = 1.0,
     ):
-        super().__init__(model, loss_fn, oracle, curvature)
-        self._configure(
-            max_radius=max_radius,
-            min_radius=min_radius,
-            eta=eta,
-            shrink=shrink,
-            grow=grow,
-            max_tries=max_tries,
-            rtol=rtol,
-            hard_tol=hard_tol,
-        )
-        self.radius = self._check_radius(radius)
+        defaults = {
+            "lr": positive(lr, "lr"),
+            "radius": radius,
+            "max_radius": max_radius,
+            "eta": eta,
+            "min_radius": min_radius,
+            "shrink": shrink,
+            "grow": grow,
+            "max_tries": max_tries,
+            "rtol": rtol,
+            "hard_tol": hard_tol,
+            "multiplier": 0.0,
+        }
+        super().__init__(model, loss_fn, params, defaults, oracle=oracle, curvature=curvature)
 
-    def _configure(self, max_radius, min_radius, eta, shrink, grow, max_tries, rtol, hard_tol):
-        max_radius = positive(max_radius, "max_radius", allow_inf=True)
-        min_radius = positive(min_radius, "min_radius")
+    def _check_hyper(self, hyper: dict) -> None:
+        max_radius = positive(hyper["max_radius"], "max_radius", allow_inf=True)
+        min_radius = positive(hyper["min_radius"], "min_radius")
         if min_radius > max_radius:
             raise ValueError(f"min_radius {min_radius} exceeds max_radius {max_radius}")
-        eta = real(eta, "eta")
+        eta = real(hyper["eta"], "eta")
         if not 0 <= eta < 0.25:
             raise ValueError(f"eta must be in [0, 0.25), got {eta}")
-        shrink = real(shrink, "shrink")
+        shrink = real(hyper["shrink"], "shrink")
         if not 0 < shrink < 1:
             raise ValueError(f"shrink must be in (0, 1), got {shrink}")
-        grow = real(grow, "grow")
+        grow = real(hyper["grow"], "grow")
         if not 1 < grow < math.inf:
             raise ValueError(f"grow must be > 1 and finite, got {grow}")
-        self.max_radius, self.min_radius, self.eta = max_radius, min_radius, eta
-        self.shrink, self.grow = shrink, grow
-        self.max_tries = positive_int(max_tries, "max_tries")
-        self.rtol = positive(rtol, "rtol")
-        self.hard_tol = positive(hard_tol, "hard_tol")
-
-    def _check_radius(self, radius) -> float:
-        radius = real(radius, "radius")
+        positive_int(hyper["max_tries"], "max_tries")
+        positive(hyper["rtol"], "rtol")
+        positive(hyper["hard_tol"], "hard_tol")
+        radius = real(hyper["radius"], "radius")
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius}")
-        return within(radius, "radius", self.min_radius, self.max_radius, "min_radius, max_radius")
+        within(radius, "radius", min_radius, max_radius, "min_radius, max_radius")
+        if real(hyper["multiplier"], "multiplier") < 0:
+            raise ValueError(f"multiplier must be >= 0, got {hyper['multiplier']}")
 
-    def _load_adaptive(self, state):
-        self.radius = self._check_radius(state["radius"])
+    @property
+    def radius(self) -> float:
+        """The current trust radius (kept in ``param_groups``)."""
+        return float(self.param_groups[0]["radius"])
 
     # ------------------------------------------------------------------ template hooks
-    def _propose(self, curvature: CurvatureProtocol, g: torch.Tensor) -> Proposal:
+    def _propose(self, curvature: CurvatureProtocol, g: torch.Tensor, hyper: dict) -> Proposal:
         sol = trust_region_subproblem(
-            curvature, g, self.radius, rtol=self.rtol, hard_tol=self.hard_tol
+            curvature,
+            g,
+            hyper["radius"],
+            rtol=hyper["rtol"],
+            hard_tol=hyper["hard_tol"],
+            lam_init=hyper["multiplier"] or None,
         )
         diagnostics = {
-            "radius": self.radius,
+            "radius": hyper["radius"],
             "on_boundary": sol.on_boundary,
             "hard_case": sol.hard_case,
             "lam": sol.lam,
@@ -167,15 +172,21 @@ class TrustRegionNewton(CurvatureOptimizer):
         }
         return Proposal(sol.step, sol.factorizations, diagnostics)
 
-    def _adapt(self, proposal: Proposal, trial: Trial) -> Verdict:
+    def _adapt(self, proposal: Proposal, trial: Trial, hyper: dict) -> Verdict:
         radius = proposal.diagnostics["radius"]
+        new = radius
         rho = trial.rho
         if trial.converged:
             pass  # the loss changes at rounding level only: keep the radius
         elif rho < 0.25:
-            self.radius = max(self.min_radius, self.shrink * min(radius, trial.step_norm))
+            new = max(hyper["min_radius"], hyper["shrink"] * min(radius, trial.step_norm))
         elif rho > 0.75 and proposal.diagnostics["on_boundary"]:
-            self.radius = min(self.max_radius, self.grow * radius)
-        accepted = trial.converged or (rho > self.eta and trial.new_loss <= trial.loss)
-        stop = not accepted and self.radius <= self.min_radius and radius <= self.min_radius
-        return Verdict(accepted=accepted, stop=stop, diagnostics={"new_radius": self.radius})
+            new = min(hyper["max_radius"], hyper["grow"] * radius)
+        accepted = trial.converged or (rho > hyper["eta"] and trial.new_loss <= trial.loss)
+        stop = not accepted and new <= hyper["min_radius"] and radius <= hyper["min_radius"]
+        adapted = {"radius": new}
+        if accepted:  # the next step's subproblem starts from this multiplier
+            adapted["multiplier"] = float(proposal.diagnostics["lam"])
+        return Verdict(
+            accepted=accepted, stop=stop, diagnostics={"new_radius": new, "adapted": adapted}
+        )

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 from torch.func import jvp
 
+from hessinv.derivatives.base import quiet_forward_ad
 from hessinv.derivatives.linear.kernels import ranks
 
 __all__ = [
@@ -37,7 +38,8 @@ def elementwise_derivatives(acts, pre: torch.Tensor):
     def first(u):
         return jvp(sigma, (u,), (ones,))
 
-    (out, d1), (_, d2) = jvp(first, (pre,), (ones,))
+    with quiet_forward_ad():
+        (out, d1), (_, d2) = jvp(first, (pre,), (ones,))
     return out, d1, d2
 
 
