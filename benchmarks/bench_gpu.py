@@ -103,7 +103,7 @@ def warm_up(device: torch.device, dtype: torch.dtype):
     prob = problem(3, 4, 4, dtype=dtype, device=device)
     H = chain_hessian(prob)
     g = H.gradient()
-    H.factorize(EPS, progress=False).solve(g)
+    H.factorize(EPS, method="riccati", progress=False).solve(g)
     torch_func_hvp(*prob)(H @ g)
     synchronize(device)
 
@@ -116,7 +116,7 @@ def relative_residual(H, x, g) -> float:
 def solve_times(H, repeats, device) -> dict:
     """Factorization, norm estimate, solve and one extra right-hand side, with their results."""
     out: dict = {}
-    out["factorization"], F = median_time(lambda: H.factorize(EPS, progress=False), repeats, device)
+    out["factorization"], F = median_time(lambda: H.factorize(EPS, method="riccati", progress=False), repeats, device)
     out["norm_estimate"], _ = timed(H.spectrum_estimate, device)  # cached after this
     g = H.gradient()
     out["solve"], x = median_time(lambda: F.solve(g), repeats, device)
@@ -179,7 +179,7 @@ def host_reads(prob, H) -> dict:
         chain_hessian(prob)
     out["reads_derivatives"], out["kernels_derivatives"] = reads.count, kernels.count
     with HostSyncCounter() as reads, KernelCounter() as kernels:
-        F = H.factorize(EPS, progress=False)
+        F = H.factorize(EPS, method="riccati", progress=False)
     out["reads_factorization"], out["kernels_factorization"] = reads.count, kernels.count
     g = H.gradient()
     F.solve(g)

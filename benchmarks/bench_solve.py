@@ -91,7 +91,7 @@ def _warm_up(device):
     g = H.gradient()
     H @ g
     for damping in (DAMPING, 10.0):
-        H.factorize(damping, progress=False).solve(g)
+        H.factorize(damping, method="riccati", progress=False).solve(g)
     H.solve(g, damping=DAMPING, method="tridiagonal")
     hessinv.conjugate_gradient(H.matvec, g, 10.0, maxiter=5)
     hessinv.dense_hessian(*_problem(3, 4, 4, device))
@@ -127,7 +127,7 @@ def worker(spec: dict) -> dict:
             v = torch.randn_like(g)
             out["matvec"], _ = _median_time(lambda: H @ v, repeats, device)
             out["factorize"], F = _median_time(
-                lambda: H.factorize(DAMPING, progress=False), repeats, device
+                lambda: H.factorize(DAMPING, method="riccati", progress=False), repeats, device
             )
             out["solve"], x = _median_time(lambda: F.solve(g), repeats, device)
             out["extra_rhs"], _ = _median_time(lambda: F.solve(v), repeats, device)

@@ -143,7 +143,7 @@ def measure_point(prob, st: dict, budget: Budget, device, *, memory: bool = True
         mem_ops = {
             "derivatives": fresh_derivatives,
             "matvec": lambda: prob.hessian().matvec(v),
-            "riccati": lambda: prob.hessian().solve(g, damping=eps),
+            "riccati": lambda: prob.hessian().solve(g, damping=eps, method="riccati"),
             "tridiagonal": lambda: prob.hessian().solve(g, damping=eps, method="tridiagonal"),
             "cg": lambda: hessinv.conjugate_gradient(
                 prob.hessian().matvec, g, damping=eps, rtol=1e-8, maxiter=10

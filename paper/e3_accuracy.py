@@ -139,7 +139,7 @@ def measure(cfg: Config, st: dict, activation: str) -> list[dict]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                inertia = H.factorize(eps).inertia()
+                inertia = H.factorize(eps, method="riccati").inertia()
             row["neg eigs (inertia)"] = inertia[1]
             row["inertia ok"] = inertia[0] == counts[0] and inertia[1] == counts[1]
         except RuntimeError:

@@ -218,7 +218,7 @@ def _exact(curvature, g, damping, derivatives_s, progress):
     F, t_factor = _timed(lambda: curvature.factorize(damping, progress=progress), device)
     x, t_solve = _timed(lambda: F.solve(g), device)
     status = f"factorize {t_factor:.3f} s + solve {t_solve:.3f} s"
-    row = Row("exact (riccati, ours)", "exact", derivatives_s + t_factor + t_solve, status)
+    row = Row(f"exact ({F.method}, ours)", "exact", derivatives_s + t_factor + t_solve, status)
     return row, x, F
 
 
