@@ -18,6 +18,7 @@ from hessinv.curvature.factorization import (
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.curvature.spectrum import EigenvalueBracket
 from hessinv.errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
+from hessinv.laplace import LaplaceGGN, MarginalLikelihoodGrad
 from hessinv.optim import (
     CurvaturePreconditioner,
     DampedNewton,
@@ -47,6 +48,8 @@ __all__ = [
     "CurvaturePreconditioner",
     "trust_region_subproblem",
     "optim",
+    "LaplaceGGN",
+    "MarginalLikelihoodGrad",
     "flatten",
     "unflatten",
     "dense_hessian",

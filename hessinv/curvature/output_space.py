@@ -21,6 +21,16 @@ and two linear-time sweeps: ``U v`` (a forward tangent sweep, then ``F``) and ``
 
 The per-class parts are plain functions dispatched on the derivative class
 (:func:`add_stage_gram_`, :func:`stage_diag_quadratic`).
+
+Weighted and cross Gram matrices (docs/algorithm.md section 16, for the Laplace
+approximation): ``U W U^T`` for a diagonal ``W`` over the parameters
+(:meth:`OutputSpace.weighted_gram`), ``U_a W U_b^T`` between the output spaces of one chain
+at two batches (:func:`stage_cross_gram`) and the per-sample diagonal blocks of ``U W U^T``
+(:func:`stage_gram_blocks`). A stage's weight is a flat ``(p_l,)`` tensor (one weight per
+parameter entry) or, for a ``Linear`` stage, an ``(m,)`` tensor, one weight per input column
+``m`` (weight columns, then the bias) shared by every output unit: then
+``(D_a D_b^T) * (Zt_a diag(w) Zt_b^T (x) 1 1^T)`` is still a Hadamard product of two Gram
+matrices. Per-entry weights of a ``Linear`` stage cost ``O(B^2 h_out m + (B r)^2 h_out)``.
 """
 
 from __future__ import annotations
@@ -33,7 +43,14 @@ import torch
 from hessinv.derivatives import GenericDerivatives, LinearDerivatives, StageDerivatives
 from hessinv.settings import DIAGONAL_CHUNK_BYTES
 
-__all__ = ["OutputSpace", "add_stage_gram_", "stage_diag_quadratic"]
+__all__ = [
+    "OutputSpace",
+    "add_stage_gram_",
+    "stage_diag_quadratic",
+    "stage_cross_gram",
+    "stage_gram_blocks",
+    "stage_diag_quadratic_sums",
+]
 
 
 # ---------------------------------------------------------------------- per-class parts
@@ -54,13 +71,18 @@ def _stage_rows(d: StageDerivatives, M: torch.Tensor) -> torch.Tensor:
 
 @functools.singledispatch
 def add_stage_gram_(
-    d: StageDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor
+    d: StageDerivatives,
+    M: torch.Tensor,
+    A: torch.Tensor,
+    work: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> None:
     """``A += U_l U_l^T`` (``(B r, B r)``), at least on and below the diagonal, for the stage's
     pullback ``M`` ``(B, h_out, r)``; ``work`` is a ``(B r, B r)`` buffer the caller keeps (a
-    new ``(B r)^2`` tensor per stage costs its page faults)."""
+    new ``(B r)^2`` tensor per stage costs its page faults). With ``weight`` (see the module
+    docstring): ``A += U_l diag(weight) U_l^T``."""
     rows = _stage_rows(d, M)
-    A.addmm_(rows, rows.T)
+    A.addmm_(rows if weight is None else rows * weight, rows.T)
 
 
 def _scaled_pullback(d: LinearDerivatives, M: torch.Tensor) -> torch.Tensor:
@@ -75,14 +97,26 @@ GRAM_BLOCKS, GRAM_BLOCKS_FROM = 4, 256
 
 
 @add_stage_gram_.register
-def _(d: LinearDerivatives, M: torch.Tensor, A: torch.Tensor, work: torch.Tensor) -> None:
+def _(
+    d: LinearDerivatives,
+    M: torch.Tensor,
+    A: torch.Tensor,
+    work: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> None:
     """``(D D^T) * (Zt Zt^T (x) 1 1^T)`` on and below the diagonal blocks: ``D D^T`` into
     ``work``, then one pass over ``A`` (an ``addcmul_`` with the input Gram matrix broadcast
-    over the factor rows). The caller mirrors the lower triangle."""
+    over the factor rows). The caller mirrors the lower triangle. A column ``weight``
+    ``(m,)`` gives ``Zt diag(weight) Zt^T``; per-entry weights go through
+    :func:`stage_cross_gram`."""
+    if weight is not None and weight.numel() != d.m:
+        A.add_(stage_cross_gram(d, M, d, M, weight))
+        return
     B, h, r = M.shape
     D = _scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h)
     DT = D.T
-    Z = d.Zt @ d.Zt.T  # (B, B): Zt_i . Zt_j over the selected columns
+    Zw = d.Zt if weight is None else d.Zt * weight
+    Z = Zw @ d.Zt.T  # (B, B): Zt_i . Zt_j over the selected columns (weighted)
     nb = GRAM_BLOCKS if B * r >= GRAM_BLOCKS_FROM else 1
     edges = [round(i * B / nb) for i in range(nb + 1)]
     flat = work.view(-1)
@@ -122,6 +156,100 @@ def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         out.append(torch.einsum("oij,jm,im->om", T, Zt, Zt))
     diag = torch.cat(out)  # (h_out, m)
     return d.from_matrix(diag[:, :, None])[:, 0]
+
+
+@functools.singledispatch
+def stage_cross_gram(
+    d: StageDerivatives,
+    M: torch.Tensor,
+    d_other: StageDerivatives,
+    M_other: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``U_l diag(weight) U'_l^T`` ``(B r, B' r')``: the stage's part of the cross Gram matrix
+    of two output spaces of one chain (``d``, ``M`` at one batch, ``d_other``, ``M_other`` at
+    another; docs/algorithm.md section 16). Generic stages: from the dense rows."""
+    rows, rows_other = _stage_rows(d, M), _stage_rows(d_other, M_other)
+    return (rows if weight is None else rows * weight) @ rows_other.T
+
+
+@stage_cross_gram.register
+def _(
+    d: LinearDerivatives,
+    M: torch.Tensor,
+    d_other: StageDerivatives,
+    M_other: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(D D'^T) * (Zt diag(w) Zt'^T (x) 1 1^T)`` for column weights ``w`` ``(m,)`` (or none);
+    per-entry weights ``W`` (``(h_out, m)`` in matrix form): entry ``((i, c), (j, d))`` is
+    ``sum_o D[i,o,c] D'[j,o,d] T[o,i,j]`` with ``T[o,i,j] = sum_m Zt[i,m] W[o,m] Zt'[j,m]``,
+    ``O(B B' (r r' + m) h_out)`` in chunks of output units."""
+    assert isinstance(d_other, LinearDerivatives)
+    B, h, r = M.shape
+    Bo, ro = M_other.shape[0], M_other.shape[2]
+    D, Do = _scaled_pullback(d, M), _scaled_pullback(d_other, M_other)
+    if weight is None or weight.numel() == d.m:
+        Zw = d.Zt if weight is None else d.Zt * weight
+        Z = Zw @ d_other.Zt.T  # (B, B')
+        DD = D.transpose(1, 2).reshape(B * r, h) @ Do.transpose(1, 2).reshape(Bo * ro, h).T
+        return (DD.view(B, r, Bo, ro) * Z[:, None, :, None]).view(B * r, Bo * ro)
+    W = d.to_matrix(weight.reshape(-1, 1))[:, :, 0]  # (h_out, m)
+    per_unit = max(B * r * Bo, B * Bo) * D.element_size()
+    chunk = max(1, min(h, DIAGONAL_CHUNK_BYTES // max(per_unit, 1)))
+    out = D.new_zeros(B, r, Bo, ro)
+    for start in range(0, h, chunk):
+        sl = slice(start, start + chunk)
+        T = torch.einsum("im,om,jm->oij", d.Zt, W[sl], d_other.Zt)  # (oc, B, B')
+        Y = torch.einsum("ioc,oij->icjo", D[:, sl], T)
+        out += torch.einsum("icjo,jod->icjd", Y, Do[:, sl])
+    return out.view(B * r, Bo * ro)
+
+
+@functools.singledispatch
+def stage_diag_quadratic_sums(
+    d: StageDerivatives, M: torch.Tensor, X: torch.Tensor
+) -> torch.Tensor:
+    """``diag(U_l^T X U_l)`` summed over the entries that share a column weight (see the
+    module docstring): for a ``Linear`` stage over the output units, ``(m,)``; for any other
+    stage the diagonal itself, ``(p,)`` (docs/algorithm.md section 16)."""
+    return stage_diag_quadratic(d, M, X)
+
+
+@stage_diag_quadratic_sums.register
+def _(d: LinearDerivatives, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``s[m] = sum_{i,j} Zt[i,m] R[i,j] Zt[j,m]`` with ``R[i,j] = sum_{c,d} X[(i,c),(j,d)]
+    (D D^T)[(i,c),(j,d)]``: ``O((B r)^2 h_out + B^2 m)``, the cost of the stage's Gram term
+    (the per-entry diagonal costs ``B^2 r^2 h_out`` in a slower contraction)."""
+    B, h, r = M.shape
+    D = _scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h)
+    R = (torch.mm(D, D.T).mul_(X)).view(B, r, B, r).sum((1, 3))  # (B, B)
+    ZT = d.Zt.T
+    return ((ZT @ R) * ZT).sum(1)
+
+
+@functools.singledispatch
+def stage_gram_blocks(
+    d: StageDerivatives, M: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The per-sample diagonal blocks of ``U_l diag(weight) U_l^T``: ``(B, r, r)``
+    (docs/algorithm.md section 16)."""
+    rows = torch.einsum("bor,bop->brp", M, _dense_Dx(d))
+    return torch.einsum("brp,bsp->brs", rows if weight is None else rows * weight, rows)
+
+
+@stage_gram_blocks.register
+def _(d: LinearDerivatives, M: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Block ``i``: ``(D_i^T D_i) (Zt_i diag(w) Zt_i)`` for column weights, else
+    ``sum_o D[i,o,:]^T D[i,o,:] t[i,o]`` with ``t[i,o] = sum_m Zt[i,m]^2 W[o,m]``:
+    ``O(B h_out (r^2 + m))``."""
+    D = _scaled_pullback(d, M)  # (B, h_out, r)
+    if weight is None or weight.numel() == d.m:
+        z = (d.Zt * d.Zt) if weight is None else d.Zt * d.Zt * weight
+        return z.sum(1)[:, None, None] * (D.transpose(1, 2) @ D)
+    W = d.to_matrix(weight.reshape(-1, 1))[:, :, 0]  # (h_out, m)
+    t = (d.Zt * d.Zt) @ W.T  # (B, h_out)
+    return torch.einsum("ioc,io,iod->icd", D, t, D)
 
 
 # ---------------------------------------------------------------------- the factor
@@ -187,14 +315,43 @@ class OutputSpace:
     def gram(self) -> torch.Tensor:
         """``A = U U^T`` ``(B r, B r)``, symmetric positive semi-definite (computed once)."""
         if self._gram is None:
-            f = self.factor
-            A = f.new_zeros(self.rows, self.rows)
-            work = torch.empty_like(A)
-            for l, M in self.pullbacks():
-                add_stage_gram_(self.stages[l], M, A, work)
-            lower = A.tril_()  # the stages fill (at least) the lower triangle
-            self._gram = lower.add_(lower.tril(-1).T)
+            self._gram = self._build_gram(None)
         return self._gram
+
+    def weighted_gram(self, weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``U W U^T`` ``(B r, B r)`` for a diagonal ``W`` over the parameters, given per stage
+        (see the module docstring; ``None``: weight 1), computed anew each call
+        (docs/algorithm.md section 16)."""
+        return self._build_gram(weights)
+
+    def _build_gram(self, weights: Sequence[torch.Tensor | None] | None) -> torch.Tensor:
+        A = self.factor.new_zeros(self.rows, self.rows)
+        work = torch.empty_like(A)
+        for l, M in self.pullbacks():
+            w = None if weights is None else weights[l]
+            add_stage_gram_(self.stages[l], M, A, work, w)
+        lower = A.tril_()  # the stages fill (at least) the lower triangle
+        return lower.add_(lower.tril(-1).T)
+
+    def cross_gram(
+        self, other: OutputSpace, weights: Sequence[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        """``U W U'^T`` ``(B r, B' r')`` with ``other`` the output space of the same chain at
+        another batch (docs/algorithm.md section 16); ``weights`` as for
+        :meth:`weighted_gram`. Both pullback sweeps run side by side."""
+        out = self.factor.new_zeros(self.rows, other.rows)
+        for (l, M), (_, M_other) in zip(self.pullbacks(), other.pullbacks(), strict=True):
+            w = None if weights is None else weights[l]
+            out += stage_cross_gram(self.stages[l], M, other.stages[l], M_other, w)
+        return out
+
+    def gram_blocks(self, weights: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The per-sample diagonal blocks of ``U W U^T``: ``(B, r, r)`` (docs/algorithm.md
+        section 16)."""
+        out = self.factor.new_zeros(self.batch, self.rank_rows, self.rank_rows)
+        for l, M in self.pullbacks():
+            out += stage_gram_blocks(self.stages[l], M, None if weights is None else weights[l])
+        return out
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(e, Q)``: ``A = Q diag(e) Q^T``, ``e`` ascending (computed once)."""
@@ -212,6 +369,14 @@ class OutputSpace:
         out: list[torch.Tensor] = [None] * len(self.stages)  # type: ignore[list-item]
         for l, M in self.pullbacks():
             out[l] = stage_diag_quadratic(self.stages[l], M, X)
+        return out
+
+    def diag_quadratic_sums(self, X: torch.Tensor) -> list[torch.Tensor]:
+        """:func:`stage_diag_quadratic_sums` per stage: ``(m,)`` for a ``Linear`` stage (sums
+        over its output units), ``(p_l,)`` otherwise."""
+        out: list[torch.Tensor] = [None] * len(self.stages)  # type: ignore[list-item]
+        for l, M in self.pullbacks():
+            out[l] = stage_diag_quadratic_sums(self.stages[l], M, X)
         return out
 
     def diagonal(self) -> list[torch.Tensor]:
