@@ -116,7 +116,9 @@ def relative_residual(H, x, g) -> float:
 def solve_times(H, repeats, device) -> dict:
     """Factorization, norm estimate, solve and one extra right-hand side, with their results."""
     out: dict = {}
-    out["factorization"], F = median_time(lambda: H.factorize(EPS, method="riccati", progress=False), repeats, device)
+    out["factorization"], F = median_time(
+        lambda: H.factorize(EPS, method="riccati", progress=False), repeats, device
+    )
     out["norm_estimate"], _ = timed(H.spectrum_estimate, device)  # cached after this
     g = H.gradient()
     out["solve"], x = median_time(lambda: F.solve(g), repeats, device)

@@ -182,7 +182,9 @@ def measure_width(spec: dict) -> dict:
     if out["estimate"] > out["free"]:
         out["skipped"] = "estimate exceeds free RAM"
         return out
-    out["factorization"], F = median_time(lambda: H.factorize(EPS, method="riccati", progress=False), repeats)
+    out["factorization"], F = median_time(
+        lambda: H.factorize(EPS, method="riccati", progress=False), repeats
+    )
     out["norm_estimate"], _ = timed(H.spectrum_estimate)  # cached: the first solve's one-off
     g = H.gradient()
     out["solve"], x = median_time(lambda: F.solve(g), repeats)

@@ -9,6 +9,7 @@ __all__ = [
     "SingularMatrixError",
     "MemoryBudgetError",
     "AccuracyWarning",
+    "DistributedError",
 ]
 
 
@@ -43,3 +44,23 @@ class MemoryBudgetError(MemoryError):
 
 class AccuracyWarning(RuntimeWarning):
     """A result is returned but its accuracy could not be certified (the message says why)."""
+
+
+class DistributedError(RuntimeError):
+    """A collective of a multi-process curvature failed or another rank reported a failure
+    (docs/algorithm.md section 17).
+
+    Raised instead of waiting forever: the message names the phase (the hessinv call), the
+    rank(s) concerned and what to check -- a rank that stopped or crashed, one that did not
+    reach the same call within the process group's timeout (``init_process_group(timeout=)``),
+    or ranks that make different hessinv calls.
+
+    Attributes:
+        phase: the hessinv step in which the collective failed.
+        ranks: the ranks that reported a failure, when known (else empty).
+    """
+
+    def __init__(self, message: str, phase: str, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.phase = phase
+        self.ranks = ranks

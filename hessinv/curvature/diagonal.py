@@ -20,7 +20,9 @@ __all__ = ["output_curvatures", "diagonal_blocks", "hessian_diagonal"]
 
 
 def output_curvatures(stages: Sequence[StageDerivatives], S: torch.Tensor) -> list[torch.Tensor]:
-    """``R_l`` ``(B, h_l, h_l)`` for every stage output, ``R_L = S``."""
+    """``R_l`` ``(B, h_l, h_l)`` for every stage output, ``R_L = S`` (for a run of stages
+    that ends a chain's: ``S`` is the curvature at the last one's output; the curvature at
+    the first one's input is then ``stages[0].propagate_curvature(R[0])``, section 17)."""
     R = [None] * len(stages)
     R[-1] = S
     for l in range(len(stages) - 1, 0, -1):

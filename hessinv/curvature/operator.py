@@ -31,7 +31,7 @@ from hessinv.curvature.spectrum import (
     lanczos,
     smallest_eigenvalue,
 )
-from hessinv.derivatives import StageDerivatives
+from hessinv.derivatives import StageDerivatives, loss_head
 from hessinv.errors import SingularMatrixError
 from hessinv.network.checks import check_loss_fn, check_oracle, finite
 from hessinv.network.data import resolve_batch
@@ -77,12 +77,28 @@ class CurvatureOperator:
             second_order=self.second_order,
             oracle=oracle,
             progress=progress,
+            head_fn=self._loss_head,
         )
         self.chain, self.inputs, self.targets = snap.chain, snap.inputs, snap.targets
         self.layout = snap.layout
         self._derivatives = snap.derivatives
         self.loss_fn, self.oracle, self.progress = loss_fn, oracle, progress
         self._spectrum: tuple[float, float] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    #: ``(loss_fn, outputs, targets, oracle) -> LossHead`` of the sweep (a data-parallel
+    #: curvature takes the head of the global batch, docs/algorithm.md section 17)
+    _loss_head = staticmethod(loss_head)
+
+    def _sum_over_ranks(self, blocks: list[torch.Tensor], what: str = "") -> list[torch.Tensor]:
+        """Per-stage results summed over the processes that hold parts of the batch: here the
+        one process's own (a data-parallel curvature sums them, section 17)."""
+        return blocks
+
+    def _union(self) -> CurvatureOperator:
+        """The operator whose factorizations are those of ``C``: this one (a data-parallel
+        curvature's is the operator on the union of the ranks' batches, section 17)."""
+        return self
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -129,7 +145,7 @@ class CurvatureOperator:
 
     def gradient(self) -> torch.Tensor:
         """The gradient as a flat ``(n,)`` tensor in ``param_names`` order."""
-        return torch.cat(self._derivatives.gradient)
+        return torch.cat(self._sum_over_ranks(list(self._derivatives.gradient), "gradient"))
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: ParameterVector) -> Any:
@@ -137,7 +153,7 @@ class CurvatureOperator:
         back)."""
         blocks, kind = self.layout.to_blocks(v, "v")
         out = hessian_vector_product(self.stage_derivatives(), self.loss_hessian_blocks(), blocks)
-        return self.layout.from_blocks(out, kind)
+        return self.layout.from_blocks(self._sum_over_ranks(out, "product"), kind)
 
     def __matmul__(self, v: ParameterVector) -> Any:
         return self.matvec(v)
@@ -146,7 +162,7 @@ class CurvatureOperator:
         """``C v`` for one flat ``(n,)`` vector (no checks: for iterations like Lanczos)."""
         blocks = list(v.reshape(-1, 1).split(list(self.stage_sizes)))
         out = hessian_vector_product(self.stage_derivatives(), self.loss_hessian_blocks(), blocks)
-        return torch.cat(out)[:, 0]
+        return torch.cat(self._sum_over_ranks(out, "product"))[:, 0]
 
     def dense(self, chunk: int = DENSE_CHUNK) -> torch.Tensor:
         """The ``(n, n)`` matrix in ``param_names`` order, from products with identity columns.
@@ -186,14 +202,15 @@ class CurvatureOperator:
 
         ``O(B h_out m)`` per ``Linear`` stage; no block is formed.
         """
-        diag = torch.cat(hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks()))
-        return self.layout.from_blocks([diag[:, None]], ("dict",))
+        diag = hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks())
+        return self.layout.from_blocks(
+            [torch.cat(self._sum_over_ranks(diag, "diagonal"))[:, None]], ("dict",)
+        )
 
     def trace(self) -> torch.Tensor:
         """The exact trace (the sum of the diagonal), 0-d."""
-        return torch.cat(
-            hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks())
-        ).sum()
+        diag = hessian_diagonal(self.stage_derivatives(), self.loss_hessian_blocks())
+        return torch.cat(self._sum_over_ranks(diag, "trace")).sum()
 
     def diagonal_blocks(
         self, stages: Iterable[int] | None = None, max_memory: int | None = None
@@ -212,7 +229,8 @@ class CurvatureOperator:
                 )
         need = sum(self.stage_sizes[l] ** 2 for l in which) * self.layout.dtype.itemsize
         check_budget(need, self.device, max_memory, "diagonal_blocks()")
-        return diagonal_blocks(self.stage_derivatives(), self.loss_hessian_blocks(), which)
+        blocks = diagonal_blocks(self.stage_derivatives(), self.loss_hessian_blocks(), which)
+        return self._sum_over_ranks(blocks, "diagonal blocks")
 
     # ------------------------------------------------------------------ factorizations
     def output_space_or_none(self) -> OutputSpace | None:
@@ -224,13 +242,13 @@ class CurvatureOperator:
         """Estimated peak bytes per route (``riccati``, ``tridiagonal``, ``dense``, and
         ``output`` for the Gauss-Newton matrix) and ``derivatives`` (held now); checked
         against the budget before a factorization allocates anything."""
-        return routes.memory_per_route(self)
+        return routes.memory_per_route(self._union())
 
     def cost_estimate(self) -> dict[str, float]:
         """Estimated floating-point operations per route, with each stage's operators
         counted as a fixed amount of work (their dispatch; docs/algorithm.md section 15):
         what ``method="auto"`` compares."""
-        return routes.cost_per_route(self)
+        return routes.cost_per_route(self._union())
 
     def factorize(
         self,
@@ -257,7 +275,11 @@ class CurvatureOperator:
                 fits; the message lists what each needs).
         """
         return routes.factorize(
-            self, damping, method, max_memory, self.progress if progress is None else progress
+            self._union(),
+            damping,
+            method,
+            max_memory,
+            self.progress if progress is None else progress,
         )
 
     def solve(

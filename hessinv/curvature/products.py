@@ -27,7 +27,7 @@ from hessinv.curvature.hvp_hooks import HvpHooks
 from hessinv.curvature.linear_hvp import LinearHvp
 from hessinv.derivatives import Hooks, LinearDerivatives, StageDerivatives, by_class
 
-__all__ = ["hessian_vector_product", "HVP_HOOKS"]
+__all__ = ["hessian_vector_product", "ProductSweep", "HVP_HOOKS"]
 
 #: the product's hooks per derivative class (docs/algorithm.md section 13)
 HVP_HOOKS = Hooks({StageDerivatives: HvpHooks, LinearDerivatives: LinearHvp})
@@ -41,6 +41,39 @@ def _finish(cls):
     return HVP_HOOKS(cls).finish
 
 
+class ProductSweep:
+    """One product ``C v`` over a run of consecutive stages (all of a chain's, or one rank's
+    in a stage pipeline, docs/algorithm.md section 17): :meth:`forward` from the tangent
+    ``t_in`` entering the first (``None`` for the chain's first stage) returns the tangent
+    leaving the last; :meth:`backward` from the adjoint ``u`` of the last one's output returns
+    ``((C v)_l per stage, the adjoint of the first one's input)``."""
+
+    def __init__(self, stages: Sequence[StageDerivatives], v: Sequence[torch.Tensor]):
+        self.stages = stages
+        self.hooks = [HVP_HOOKS(type(d)) for d in stages]
+        self.prepared = by_class(stages, _prepare, list(v))
+        self.tangents: list[torch.Tensor | None] = []  # tangents[l] = t_{l-1}
+        self.caches: list = []
+
+    def forward(self, t_in: torch.Tensor | None = None) -> torch.Tensor:
+        self.tangents, self.caches = [t_in], []
+        for d, hk, vl in zip(self.stages, self.hooks, self.prepared, strict=True):
+            t, cache = hk.tangent(d, vl, self.tangents[-1])
+            self.tangents.append(t)
+            self.caches.append(cache)
+        return self.tangents[-1]  # type: ignore[return-value]
+
+    def backward(self, u: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        stages = self.stages
+        partial: list = [None] * len(stages)
+        for l in range(len(stages) - 1, -1, -1):
+            partial[l], u = self.hooks[l].adjoint(
+                stages[l], self.prepared[l], self.tangents[l], u, self.caches[l]
+            )
+        out = by_class(stages, _finish, self.prepared, self.tangents[:-1], partial)
+        return out, u
+
+
 def hessian_vector_product(
     stages: Sequence[StageDerivatives], S: torch.Tensor, v: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -50,16 +83,6 @@ def hessian_vector_product(
     batched calls per derivative class and stage shape (the hooks' ``prepare`` and
     ``finish``).
     """
-    hooks = [HVP_HOOKS(type(d)) for d in stages]
-    prepared = by_class(stages, _prepare, list(v))
-    tangents: list[torch.Tensor | None] = [None]  # tangents[l] = t_{l-1}
-    caches = []
-    for d, hk, vl in zip(stages, hooks, prepared, strict=True):
-        t, cache = hk.tangent(d, vl, tangents[-1])
-        tangents.append(t)
-        caches.append(cache)
-    u = torch.bmm(S, tangents[-1])
-    partial: list = [None] * len(stages)
-    for l in range(len(stages) - 1, -1, -1):
-        partial[l], u = hooks[l].adjoint(stages[l], prepared[l], tangents[l], u, caches[l])
-    return by_class(stages, _finish, prepared, tangents[:-1], partial)
+    sweep = ProductSweep(stages, v)
+    out, _ = sweep.backward(torch.bmm(S, sweep.forward()))
+    return out

@@ -52,7 +52,14 @@ from hessinv.linalg.stage_terms import StageTerms
 from hessinv.progress import progress_bar
 from hessinv.settings import DEFAULT_TAU, TERMS_BYTES, TERMS_BYTES_CPU, TERMS_STAGES
 
-__all__ = ["StageFactor", "RiccatiFactors", "riccati_factorize", "riccati_solve"]
+__all__ = [
+    "StageFactor",
+    "RiccatiFactors",
+    "riccati_factorize",
+    "riccati_sweep",
+    "riccati_solve",
+    "SolveSweep",
+]
 
 
 @dataclass
@@ -237,6 +244,38 @@ def riccati_factorize(
         SingularMatrixError: ``H + eps I`` is singular to working precision, or has an
             exact null space (``eps = 0`` on a wide layer: section 8).
     """
+    factors, _, _ = riccati_sweep(
+        stages,
+        block_diagonal(S),
+        0,
+        damping,
+        tau=tau,
+        force_eigen=force_eigen,
+        check_every=check_every,
+        speculative=speculative,
+        progress=progress,
+    )
+    return _totals(factors, damping, S)
+
+
+def riccati_sweep(
+    stages: Sequence[StageDerivatives],
+    V: torch.Tensor,
+    n_delay: int,
+    damping: float,
+    *,
+    root: bool = True,
+    tau: float = DEFAULT_TAU,
+    force_eigen: bool = False,
+    check_every: int = 1,
+    speculative: bool = False,
+    progress: bool | None = None,
+) -> tuple[list[StageFactor], torch.Tensor | None, int]:
+    """The backward sweep of :func:`riccati_factorize` over a run of consecutive stages, from
+    the state ``V`` (with ``n_delay`` delayed variables last) at the last one's output:
+    ``(factors, V_in, n_delay_in)``, the state at the first one's input when it is not the
+    chain's first (``root=False``: a rank's stages in a stage pipeline, docs/algorithm.md
+    section 17), else ``(factors, None, 0)``."""
     L = len(stages)
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
@@ -254,15 +293,14 @@ def riccati_factorize(
         terms.drop(l)
         factors[l] = StageFactor(front, elims[l], stages[l].basis_size, n_delay)
 
-    V = block_diagonal(S)
-    n_delay = 0
+    floor = 0 if root else -1  # the chain's first stage has no state: never in a run
     runs = check_every > 1 and not force_eigen
     optimistic, cholesky_run = runs, 0
     bar = progress_bar(L, "factorization", progress)
     l = L - 1
     while l >= 0:
-        if optimistic and n_delay == 0 and l > 0:
-            chunk = range(l, max(l - check_every, 0), -1)  # never the root: it has no state
+        if optimistic and n_delay == 0 and l > floor:
+            chunk = range(l, max(l - check_every, floor), -1)
             done = _optimistic_chunk(stages, terms, elims, V, chunk, damping, tau)
             if done is not None:
                 fronts, V = done
@@ -278,7 +316,7 @@ def riccati_factorize(
             F,
             Q,
             tau,
-            root=l == 0,
+            root=root and l == 0,
             stage=l,
             damping=damping,
             force_eigen=force_eigen,
@@ -288,13 +326,13 @@ def riccati_factorize(
         if runs:
             cholesky_run = cholesky_run + 1 if isinstance(front, CholeskyFront) else 0
             optimistic = cholesky_run >= check_every
-        if l > 0:
+        if l > floor:
             V = front.next_state(F, Q)
             n_delay = front.n_rejected
         l -= 1
         bar.update()
     bar.close()
-    return _totals(factors, damping, S)
+    return factors, (None if root else V), (0 if root else n_delay)
 
 
 def _totals(factors: list[StageFactor], damping: float, S: torch.Tensor) -> RiccatiFactors:
@@ -338,58 +376,101 @@ def riccati_solve(
     way per front. The sweeps carry ``-k_l`` and ``-h_l``, so that every sum with a product
     is one ``addmm`` and no negation is left over.
     """
-    L = len(stages)
-    eps = rf.damping
-    k = g[0].shape[1]
-    closed = [f.complement.closed for f in rf.factors]
-    terms = by_class(stages, _rhs_terms, closed, list(g))
-    hn: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    s = None
-    for l in range(L - 1, -1, -1):  # backward: the linear term s over (t_l, delayed)
-        d, f, term = stages[l], rf.factors[l], terms[l]
-        B, h_out = d.batch, d.out_size
-        n_t = B * h_out
-        m = term.Y_T_g  # m = -k: the negated right-hand side of the front
-        acc = None  # Dz^T s_t (+ the closed-form complement's coupling)
-        if s is not None:
-            s_t = s[:n_t].reshape(B, h_out, k)
-            if l > 0:
-                s_x, s_z = d.DxY_T_Dz_T(s_t)
-                acc = s_z.reshape(-1, k)
-            else:  # the first stage has no Dz
-                s_x = d.DxY_T(s_t)
-            m = m - s_x
-        n_w = f.complement.n_front
-        if n_w or f.n_delayed_in:
-            parts = [m] + ([f.complement.front_rhs(g[l])] if n_w else [])
-            m = torch.cat(parts + ([-s[n_t:]] if f.n_delayed_in else []), dim=0)
-        hn[l] = f.front.half(m)  # -h
-        if l == 0:
-            break
-        if term.coupling_T is not None:
-            coupling = term.coupling_T.reshape(-1, k) / eps
-            acc = coupling if acc is None else acc + coupling
-        if acc is None:
-            acc = m.new_zeros(B * d.in_size, k)
-        st = f.front.add_update_T(acc, hn[l])  # acc - F^T G^-1 k
-        s = st if f.front.n_rejected == 0 else torch.cat([st, f.front.rejected(m).neg_()], dim=0)
-    alpha: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    t_prev: list[torch.Tensor | None] = [None] * L
-    split: dict[int, torch.Tensor] = {}  # coupled complement coordinates w (split mode)
-    t = None  # t_{l-1}, (B, h_in, k)
-    delayed = g[0].new_zeros(0, k)
-    for l in range(L):  # forward: the controls
-        d, f = stages[l], rf.factors[l]
-        # -(h + W t) in one product; the controls -G^-1 (k + F t) = finish(-(h + W t))
-        x = hn[l] if t is None else torch.addmm(hn[l], f.front.F_half, t.reshape(-1, k), alpha=-1)
-        c = f.front.combine(f.front.finish(x), delayed)
-        N, n_w = f.n_alpha, f.complement.n_front
-        alpha[l], delayed = c[:N], c[N + n_w :]
-        if n_w:
-            split[l] = c[N : N + n_w]
-        t_prev[l] = t
-        t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
-    out = by_class(stages, _controls, closed, alpha, t_prev, terms, eps)
-    for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
-        out[l] = rf.factors[l].complement.solution(out[l], w, g[l])
+    sweep = SolveSweep(stages, rf.factors, rf.damping, g)
+    sweep.backward()
+    out, _, _ = sweep.forward()
     return out
+
+
+class SolveSweep:
+    """The two sweeps of :func:`riccati_solve` over a run of consecutive stages with their
+    ``factors`` (all of a chain's, or a rank's in a stage pipeline, docs/algorithm.md section
+    17).
+
+    :meth:`backward` takes the linear term ``s`` entering from the stage after the last
+    (``None`` at the chain's end) and returns the one leaving the first (``None`` at the
+    root); :meth:`forward` takes the tangent ``t`` ``(B, h_in, k)`` and the delayed controls
+    entering the first (``None`` at the root) and returns ``(blocks, t, delayed)``, the
+    solution's blocks and what leaves the last.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageDerivatives],
+        factors: Sequence[StageFactor],
+        damping: float,
+        g: Sequence[torch.Tensor],
+    ):
+        self.stages, self.factors, self.eps, self.g = stages, factors, damping, g
+        self.k = g[0].shape[1]
+        self.closed = [f.complement.closed for f in factors]
+        self.terms = by_class(stages, _rhs_terms, self.closed, list(g))
+        self.hn: list[torch.Tensor] = [None] * len(stages)  # type: ignore[list-item]
+
+    def backward(self, s: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The linear term ``s`` over ``(t_l, delayed)``, last stage first."""
+        stages, k, eps, g = self.stages, self.k, self.eps, self.g
+        for l in range(len(stages) - 1, -1, -1):
+            d, f, term = stages[l], self.factors[l], self.terms[l]
+            B, h_out = d.batch, d.out_size
+            n_t = B * h_out
+            m = term.Y_T_g  # m = -k: the negated right-hand side of the front
+            acc = None  # Dz^T s_t (+ the closed-form complement's coupling)
+            if s is not None:
+                s_t = s[:n_t].reshape(B, h_out, k)
+                if d.has_input:
+                    s_x, s_z = d.DxY_T_Dz_T(s_t)
+                    acc = s_z.reshape(-1, k)
+                else:  # the first stage has no Dz
+                    s_x = d.DxY_T(s_t)
+                m = m - s_x
+            n_w = f.complement.n_front
+            if n_w or f.n_delayed_in:
+                parts = [m] + ([f.complement.front_rhs(g[l])] if n_w else [])
+                m = torch.cat(parts + ([-s[n_t:]] if f.n_delayed_in else []), dim=0)
+            self.hn[l] = f.front.half(m)  # -h
+            if not d.has_input:
+                return None
+            if term.coupling_T is not None:
+                coupling = term.coupling_T.reshape(-1, k) / eps
+                acc = coupling if acc is None else acc + coupling
+            if acc is None:
+                acc = m.new_zeros(B * d.in_size, k)
+            st = f.front.add_update_T(acc, self.hn[l])  # acc - F^T G^-1 k
+            s = (
+                st
+                if f.front.n_rejected == 0
+                else torch.cat([st, f.front.rejected(m).neg_()], dim=0)
+            )
+        return s
+
+    def forward(
+        self, t: torch.Tensor | None = None, delayed: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """The controls, first stage first (after :meth:`backward`)."""
+        stages, k, hn = self.stages, self.k, self.hn
+        L = len(stages)
+        alpha: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+        t_prev: list[torch.Tensor | None] = [None] * L
+        split: dict[int, torch.Tensor] = {}  # coupled complement coordinates w (split mode)
+        if delayed is None:
+            delayed = self.g[0].new_zeros(0, k)
+        for l in range(L):
+            d, f = stages[l], self.factors[l]
+            # -(h + W t) in one product; the controls -G^-1 (k + F t) = finish(-(h + W t))
+            x = (
+                hn[l]
+                if t is None
+                else torch.addmm(hn[l], f.front.F_half, t.reshape(-1, k), alpha=-1)
+            )
+            c = f.front.combine(f.front.finish(x), delayed)
+            N, n_w = f.n_alpha, f.complement.n_front
+            alpha[l], delayed = c[:N], c[N + n_w :]
+            if n_w:
+                split[l] = c[N : N + n_w]
+            t_prev[l] = t
+            t = d.DxY(alpha[l]) if t is None else d.DxY_Dz(alpha[l], t)
+        out = by_class(stages, _controls, self.closed, alpha, t_prev, self.terms, self.eps)
+        for l, w in split.items():  # tiny eps: coupled directions in the front, null ones closed
+            out[l] = self.factors[l].complement.solution(out[l], w, self.g[l])
+        return out, t, delayed

@@ -14,7 +14,7 @@ import gc
 import torch
 from torch.utils._pytree import tree_map
 
-from hessinv.derivatives import fold_output_activation
+from hessinv.derivatives import fold_output_activation, loss_head
 from hessinv.network.chain import Chain, build_chain
 from hessinv.network.checks import check_inputs, check_targets
 from hessinv.network.sweep import ChainDerivatives, compute_derivatives
@@ -78,8 +78,10 @@ def read_chain(
     second_order: bool,
     oracle: str,
     progress: bool | None,
+    head_fn=loss_head,
 ) -> ChainSnapshot:
-    """Split ``model`` into stages, check and copy the batch, run the derivative sweep."""
+    """Split ``model`` into stages, check and copy the batch, run the derivative sweep
+    (``head_fn``: see :func:`~hessinv.network.sweep.compute_derivatives`)."""
     with gc_paused():
         chain, head_loss = fold_head(build_chain(model, params), loss_fn)
         flat = chain.flat_params()
@@ -108,5 +110,6 @@ def read_chain(
             second_order=second_order,
             oracle=oracle,
             progress=progress,
+            head_fn=head_fn,
         )
     return ChainSnapshot(chain, parts, inputs, targets, layout, derivatives)

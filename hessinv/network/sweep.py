@@ -11,6 +11,7 @@ terms but the loss curvature ``S`` stays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,13 @@ from hessinv.network.chain import Chain, Stage
 from hessinv.network.dispatch import is_linear_stage, linear_stage_forwards, stage_derivatives
 from hessinv.progress import progress_bar
 
-__all__ = ["ChainDerivatives", "compute_derivatives", "batch_size"]
+__all__ = [
+    "ChainDerivatives",
+    "compute_derivatives",
+    "forward_pass",
+    "backward_sweep",
+    "batch_size",
+]
 
 
 class ChainDerivatives(NamedTuple):
@@ -92,6 +99,81 @@ def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> No
         )
 
 
+def forward_pass(stages: Sequence[Stage], params: Sequence[torch.Tensor], z, B: int) -> list:
+    """``[z_in, z_1, ..., z_m]``: the input of the first of ``stages`` and every stage's output,
+    each stage checked (batch first, per sample, its input left intact)."""
+    zs = [z]
+    with torch.no_grad():
+        for stage, x in zip(stages, params, strict=True):
+            z = zs[-1]
+            linear = is_linear_stage(stage, z)
+            probe = z if linear else _copy(z)
+            out = stage.apply(x, probe)
+            if not linear and not _equal(z, probe):
+                raise ValueError(
+                    f"stage {stage.index} ({', '.join(stage.param_names)}) modifies its input in "
+                    "place (e.g. z.add_(...)); the chain's derivatives need stages that leave "
+                    "their input intact: write z = z + ... instead"
+                )
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != B:
+                raise ValueError(
+                    f"stage {stage.index} ({', '.join(stage.param_names)}) returned "
+                    f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
+                    f"dimension ({B}) first"
+                )
+            if not linear:
+                _check_per_sample(stage, x, z, out)
+            zs.append(out)
+    return zs
+
+
+def backward_sweep(
+    stages: Sequence[Stage],
+    params: Sequence[torch.Tensor],
+    zs: list,
+    b: torch.Tensor,
+    *,
+    first_has_input: bool = False,
+    second_order: bool = True,
+    oracle: str = "auto",
+    progress: bool | None = None,
+) -> tuple[tuple[StageDerivatives, ...], tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """The derivatives of ``stages`` from their inputs and outputs ``zs``
+    (:func:`forward_pass`) and the adjoint ``b`` ``(B, h)`` of the last one's output:
+    ``(derivatives, gradient blocks, b_in)``. ``first_has_input``: the first of ``stages``
+    is not the chain's first (its input is a variable), and ``b_in`` is the adjoint of that
+    input; else ``None``."""
+    L = len(stages)
+    derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
+    grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    # batched over stages; the Gauss-Newton matrix checks the ranks of the stage inputs only
+    # if a route needs the bases (its output space does not: section 14)
+    forwards = linear_stage_forwards(stages, params, zs, oracle, compress=second_order)
+    bar = progress_bar(L, "derivatives", progress)
+    b_in = None
+    for l in range(L - 1, -1, -1):
+        has_input = l > 0 or first_has_input
+        d = stage_derivatives(
+            stages[l],
+            params[l],
+            zs[l],
+            b,
+            has_input=has_input,
+            second_order=second_order,
+            oracle=oracle,
+            forward=forwards.get(l),
+        )
+        derivs[l] = d
+        grads[l] = d.Dx_T(b[:, :, None])[:, 0]
+        if has_input:
+            b = d.Dz_T(b[:, :, None])[:, :, 0]
+            b_in = b if l == 0 else None
+        bar.update()
+    bar.close()
+    linear_complements([d for d in derivs if isinstance(d, LinearDerivatives) and d.Q is not None])
+    return tuple(derivs), tuple(grads), b_in
+
+
 def compute_derivatives(
     chain: Chain,
     params: list[torch.Tensor],
@@ -102,6 +184,7 @@ def compute_derivatives(
     second_order: bool = True,
     oracle: str = "auto",
     progress: bool | None = None,
+    head_fn=loss_head,
 ) -> ChainDerivatives:
     """Run the forward pass and the backward derivative sweep.
 
@@ -113,56 +196,21 @@ def compute_derivatives(
         second_order: False for the Gauss-Newton matrix.
         oracle: ``"auto"``, ``"analytic"`` or ``"generic"`` (see :mod:`hessinv.derivatives`).
         progress: show a progress bar when the sweep takes more than a couple of seconds.
+        head_fn: ``head_fn(loss_fn, outputs, targets, oracle) -> LossHead`` (default
+            :func:`~hessinv.derivatives.loss_head`; a data-parallel curvature computes the
+            head of the global batch and keeps its own rows, docs/algorithm.md section 17).
     """
-    L = len(chain.stages)
     B = batch_size(inputs)
     with torch.no_grad():
-        zs = [chain.apply_prefix(inputs)]
-        for stage, x in zip(chain.stages, params, strict=True):
-            z = zs[-1]
-            linear = is_linear_stage(stage, z)
-            probe = z if linear else _copy(z)
-            out = stage.apply(x, probe)
-            if not linear and not _equal(z, probe):
-                raise ValueError(
-                    f"stage {stage.index} ({', '.join(stage.param_names)}) modifies its input in "
-                    "place (e.g. z.add_(...)); the chain's derivatives need stages that leave "
-                    "their "
-                    "input intact: write z = z + ... instead"
-                )
-            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != B:
-                raise ValueError(
-                    f"stage {stage.index} ({', '.join(stage.param_names)}) returned "
-                    f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
-                    f"dimension ({B}) first"
-                )
-            if not linear:
-                _check_per_sample(stage, x, z, out)
-            zs.append(out)
-    head = loss_head(loss_fn, zs[-1], targets, oracle=oracle)
-    derivs: list[StageDerivatives] = [None] * L  # type: ignore[list-item]
-    grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
-    b = head.grad
-    # batched over stages; the Gauss-Newton matrix checks the ranks of the stage inputs only
-    # if a route needs the bases (its output space does not: section 14)
-    forwards = linear_stage_forwards(chain.stages, params, zs, oracle, compress=second_order)
-    bar = progress_bar(L, "derivatives", progress)
-    for l in range(L - 1, -1, -1):
-        d = stage_derivatives(
-            chain.stages[l],
-            params[l],
-            zs[l],
-            b,
-            has_input=l > 0,
-            second_order=second_order,
-            oracle=oracle,
-            forward=forwards.get(l),
-        )
-        derivs[l] = d
-        grads[l] = d.Dx_T(b[:, :, None])[:, 0]
-        if l > 0:
-            b = d.Dz_T(b[:, :, None])[:, :, 0]
-        bar.update()
-    bar.close()
-    linear_complements([d for d in derivs if isinstance(d, LinearDerivatives) and d.Q is not None])
-    return ChainDerivatives(head.value, head, tuple(derivs), tuple(grads))
+        zs = forward_pass(chain.stages, params, chain.apply_prefix(inputs), B)
+    head = head_fn(loss_fn, zs[-1], targets, oracle)
+    derivs, grads, _ = backward_sweep(
+        chain.stages,
+        params,
+        zs,
+        head.grad,
+        second_order=second_order,
+        oracle=oracle,
+        progress=progress,
+    )
+    return ChainDerivatives(head.value, head, derivs, grads)

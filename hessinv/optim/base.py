@@ -54,12 +54,14 @@ from typing import Any, NamedTuple
 import torch
 
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.distributed import DataParallelGGN, DataParallelHessian
 from hessinv.network.checks import ORACLES, check_loss_fn, check_model, positive
 from hessinv.optim.protocol import CurvatureProtocol, check_curvature
 
 __all__ = ["CurvatureOptimizer", "Proposal", "Trial", "Verdict", "resolve_curvature"]
 
 _BUILTIN_CURVATURES = {"hessian": ChainHessian, "ggn": ChainGGN}
+_DATA_PARALLEL_CURVATURES = {"hessian": DataParallelHessian, "ggn": DataParallelGGN}
 
 CurvatureFactory = Callable[..., CurvatureProtocol]
 
@@ -94,16 +96,19 @@ class Verdict(NamedTuple):
     diagnostics: dict | None = None
 
 
-def _builtin_curvature(cls, oracle: str, names, model, loss_fn, inputs, targets):
-    return cls(model, loss_fn, inputs, targets, params=names, oracle=oracle, progress=False)
+def _builtin_curvature(cls, oracle: str, names, model, loss_fn, inputs, targets, **kw):
+    return cls(model, loss_fn, inputs, targets, params=names, oracle=oracle, progress=False, **kw)
 
 
-def resolve_curvature(curvature, oracle: str = "auto", names=None) -> CurvatureFactory:
+def resolve_curvature(
+    curvature, oracle: str = "auto", names=None, process_group: Any = None
+) -> CurvatureFactory:
     """A factory ``(model, loss_fn, inputs, targets) -> curvature`` for the ``curvature`` argument.
 
     ``"hessian"``: :class:`hessinv.ChainHessian`; ``"ggn"``: :class:`hessinv.ChainGGN` (both on
-    the parameters ``names``); a callable: used as it is (what it returns is checked when
-    called).
+    the parameters ``names``; with a ``process_group``, their data-parallel versions
+    :class:`hessinv.distributed.DataParallelHessian` and ``DataParallelGGN`` on it); a
+    callable: used as it is (what it returns is checked when called).
     """
     if isinstance(curvature, str):
         if curvature not in _BUILTIN_CURVATURES:
@@ -111,7 +116,17 @@ def resolve_curvature(curvature, oracle: str = "auto", names=None) -> CurvatureF
                 f"curvature must be 'hessian', 'ggn' or a callable "
                 f"(model, loss_fn, inputs, targets) -> curvature, got {curvature!r}"
             )
+        if process_group is not None:
+            cls = _DATA_PARALLEL_CURVATURES[curvature]
+            return functools.partial(
+                _builtin_curvature, cls, oracle, names, process_group=process_group
+            )
         return functools.partial(_builtin_curvature, _BUILTIN_CURVATURES[curvature], oracle, names)
+    if process_group is not None:
+        raise TypeError(
+            "with process_group=, curvature must be 'hessian' or 'ggn' (the data-parallel "
+            "curvatures also evaluate the trial loss on the global batch)"
+        )
     if callable(curvature):
         return curvature
     raise TypeError(
@@ -174,6 +189,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         *,
         oracle: str = "auto",
         curvature="hessian",
+        process_group: Any = None,
     ):
         self._module = check_model(model)
         self._model_arg = model
@@ -193,7 +209,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._lr_vector: torch.Tensor | None = None
         self.oracle = oracle
         self.curvature = curvature
-        self._curvature_factory = resolve_curvature(curvature, oracle, list(self.param_names))
+        self._curvature_factory = resolve_curvature(
+            curvature, oracle, list(self.param_names), process_group
+        )
+        self.process_group = process_group
         self.last_step: dict = {}
         self._loss_scale = 0.0
         self._check_groups()
@@ -318,9 +337,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         of = {id(p): float(g["lr"]) for g in self.param_groups for p in g["params"]}
         return torch.cat([like.new_full((p.numel(),), of[id(p)]) for p in self._params])
 
-    def _batch_loss(self, inputs, targets) -> float:
+    def _batch_loss(self, inputs, targets, curvature) -> float:
+        """The loss on the batch at the current parameters; under a ``process_group`` on the
+        global batch (every rank's), through the data-parallel curvature."""
         with torch.no_grad():
-            return float(self.loss_fn(self._module(inputs), targets))
+            outputs = self._module(inputs)
+            if self.process_group is not None:
+                return float(curvature.loss_at(outputs))
+            return float(self.loss_fn(outputs, targets))
 
     def _build_curvature(self, inputs, targets) -> CurvatureProtocol:
         curvature = self._curvature_factory(self._model_arg, self.loss_fn, inputs, targets)
@@ -369,7 +393,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     s = s * (bound / snorm)
             predicted = -float(g @ s + 0.5 * (s @ curvature.matvec(s)))
             self._set_flat(x0 + s)
-            f1 = self._batch_loss(inputs, targets)
+            f1 = self._batch_loss(inputs, targets, curvature)
             actual = f0 - f1
             converged = predicted <= noise and math.isfinite(f1) and -actual <= noise
             if converged:

@@ -74,6 +74,11 @@ class DampedNewton(CurvatureOptimizer):
             :class:`~hessinv.optim.CurvatureProtocol`.
         params: the parameters to optimize (tensors, names or parameter groups; default: the
             model's with ``requires_grad``); the others are constants of the curvature.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for the default one) when each rank steps on its own shard of the batch: the
+            curvature, the gradient and the trial losses are those of the union of the shards
+            (:mod:`hessinv.distributed`), so every rank takes the same step. ``None``: one
+            process.
 
     ``step`` returns the batch loss *before* the step, as a Python float. After it,
     ``opt.last_step`` holds: ``damping`` (the ``eps`` of the last try), ``accepted``,
@@ -129,6 +134,7 @@ class DampedNewton(CurvatureOptimizer):
         *,
         curvature="hessian",
         params=None,
+        process_group=None,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -140,7 +146,15 @@ class DampedNewton(CurvatureOptimizer):
             "max_step_norm": max_step_norm,
             "max_tries": max_tries,
         }
-        super().__init__(model, loss_fn, params, defaults, oracle=oracle, curvature=curvature)
+        super().__init__(
+            model,
+            loss_fn,
+            params,
+            defaults,
+            oracle=oracle,
+            curvature=curvature,
+            process_group=process_group,
+        )
 
     def _check_hyper(self, hyper: dict) -> None:
         damping_up = real(hyper["damping_up"], "damping_up")

@@ -47,12 +47,14 @@ import torch
 
 from hessinv.curvature.factorization import Factorization
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
+from hessinv.distributed import DataParallelGGN, DataParallelHessian
 from hessinv.errors import SingularMatrixError
 from hessinv.network.checks import check_loss_fn, check_model, nonnegative, positive_int
 
 __all__ = ["CurvaturePreconditioner"]
 
 _CURVATURES = {"ggn": ChainGGN, "hessian": ChainHessian}
+_DATA_PARALLEL = {"ggn": DataParallelGGN, "hessian": DataParallelHessian}
 
 
 class CurvaturePreconditioner:
@@ -69,6 +71,10 @@ class CurvaturePreconditioner:
             the others are constants of the curvature, and their gradients are left as
             they are.
         method: the factorization's route (``"auto"``: the cheapest, section 15).
+        process_group: under DDP, the ``torch.distributed`` process group whose ranks hold
+            shards of the batch: the curvature is that of the union of the shards
+            (:mod:`hessinv.distributed`) and the same on every rank, like the gradients DDP
+            averages. ``None``: one process.
 
     Attributes: ``factorization`` (the current one, ``None`` before the first update),
     ``damping_used`` (its absolute damping), ``refreshes``, ``updates``.
@@ -86,6 +92,7 @@ class CurvaturePreconditioner:
         params=None,
         method: str = "auto",
         oracle: str = "auto",
+        process_group: Any = None,
     ) -> None:
         self._module = check_model(model)
         self._model_arg = model
@@ -97,6 +104,9 @@ class CurvaturePreconditioner:
         self.every = positive_int(every, "every")
         self.relative = bool(relative)
         self.method, self.oracle = method, oracle
+        self._classes, self._group = _CURVATURES, {}
+        if process_group is not None:
+            self._classes, self._group = _DATA_PARALLEL, {"process_group": process_group}
         named = dict(self._module.named_parameters())
         if params is None:
             self.param_names = tuple(n for n, p in named.items() if p.requires_grad)
@@ -128,7 +138,7 @@ class CurvaturePreconditioner:
         self.updates += 1
         if not refresh:
             return False
-        cls = _CURVATURES[self.curvature]
+        cls = self._classes[self.curvature]
         C = cls(
             self._model_arg,
             self.loss_fn,
@@ -137,6 +147,7 @@ class CurvaturePreconditioner:
             params=list(self.param_names),
             oracle=self.oracle,
             progress=False,
+            **self._group,
         )
         damping = self.damping
         if self.relative:

@@ -57,7 +57,7 @@ class TrustRegionNewton(CurvatureOptimizer):
     scales the step of each group after the subproblem is solved.
 
     Args:
-        model, loss_fn, oracle, curvature, params: as for :class:`DampedNewton`.
+        model, loss_fn, oracle, curvature, params, process_group: as for :class:`DampedNewton`.
         radius: initial trust radius (> 0, Euclidean norm in parameter space).
         max_radius, min_radius: bounds on the radius.
         eta: acceptance threshold on ``rho``, in ``[0, 0.25)``.
@@ -108,6 +108,7 @@ class TrustRegionNewton(CurvatureOptimizer):
         curvature="hessian",
         params=None,
         lr: float = 1.0,
+        process_group=None,
     ):
         defaults = {
             "lr": positive(lr, "lr"),
@@ -122,7 +123,15 @@ class TrustRegionNewton(CurvatureOptimizer):
             "hard_tol": hard_tol,
             "multiplier": 0.0,
         }
-        super().__init__(model, loss_fn, params, defaults, oracle=oracle, curvature=curvature)
+        super().__init__(
+            model,
+            loss_fn,
+            params,
+            defaults,
+            oracle=oracle,
+            curvature=curvature,
+            process_group=process_group,
+        )
 
     def _check_hyper(self, hyper: dict) -> None:
         max_radius = positive(hyper["max_radius"], "max_radius", allow_inf=True)
