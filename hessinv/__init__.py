@@ -7,7 +7,7 @@ that is a chain of stages (an ``nn.Sequential``). The mathematics is in
 ``docs/algorithm.md``; the sections are cited in the docstrings.
 """
 
-from hessinv import optim
+from hessinv import distributed, optim
 from hessinv.curvature.factorization import (
     DenseFactorization,
     Factorization,
@@ -17,7 +17,12 @@ from hessinv.curvature.factorization import (
 )
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.curvature.spectrum import EigenvalueBracket
-from hessinv.errors import AccuracyWarning, MemoryBudgetError, SingularMatrixError
+from hessinv.errors import (
+    AccuracyWarning,
+    DistributedError,
+    MemoryBudgetError,
+    SingularMatrixError,
+)
 from hessinv.laplace import LaplaceGGN, MarginalLikelihoodGrad
 from hessinv.optim import (
     CurvaturePreconditioner,
@@ -43,11 +48,13 @@ __all__ = [
     "SingularMatrixError",
     "MemoryBudgetError",
     "AccuracyWarning",
+    "DistributedError",
     "DampedNewton",
     "TrustRegionNewton",
     "CurvaturePreconditioner",
     "trust_region_subproblem",
     "optim",
+    "distributed",
     "LaplaceGGN",
     "MarginalLikelihoodGrad",
     "flatten",

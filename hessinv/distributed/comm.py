@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ class Communicator:
         self.traffic: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ transport
-    def _run(self, phase: str, fn, *args) -> None:
+    def _run(self, phase: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
             work = fn(*args, group=self.group)
             if work is not None:  # an async handle on some backends
@@ -238,7 +238,8 @@ class Relay:
     def send(self, dst: int, tensors: Sequence[torch.Tensor], phase: str, extra: int = 0) -> None:
         """``tensors`` (or the failure status) to rank ``dst``."""
         ok = not self.failed
-        head = [1 if ok else 0, -1 if ok else int(self.origin), len(tensors) if ok else 0, extra]
+        origin = -1 if self.origin is None else self.origin
+        head = [1 if ok else 0, origin, len(tensors) if ok else 0, extra]
         if ok:
             for t in tensors:
                 shape = list(t.shape) + [0] * (_MAX_DIMS - t.dim())
@@ -271,7 +272,7 @@ class Relay:
             out.append(t)
         return out, int(head[3])
 
-    def _p2p(self, phase: str, fn, t: torch.Tensor, peer: int) -> None:
+    def _p2p(self, phase: str, fn: Callable[..., Any], t: torch.Tensor, peer: int) -> None:
         comm = self.comm
         try:
             if comm.group is None:

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.curvature.memory import available_memory, memory_estimate
 from hessinv.curvature.operator import CurvatureOperator
+from hessinv.curvature.output_space import OutputSpace
 from hessinv.derivatives import LossHead, loss_head
 from hessinv.distributed.comm import Communicator, crc, is_collective, mark_collective
 from hessinv.errors import MemoryBudgetError
@@ -185,7 +186,7 @@ class DataParallel(CurvatureOperator):
         self.comm.checkpoint(self._phase(where), self._meet_device)
 
     def _loss_head(
-        self, loss_fn: Callable, outputs: torch.Tensor, targets: Any, oracle: str
+        self, loss_fn: Any, outputs: torch.Tensor, targets: Any, oracle: str = "auto"
     ) -> LossHead:
         """The head of the global batch (module docstring), this rank's rows of it."""
         self._meet("before the loss head")
@@ -270,7 +271,7 @@ class DataParallel(CurvatureOperator):
         everything = self.comm.gather_rows(outputs.detach(), self.batch_sizes, phase)
         return self.loss_fn(everything, self._global_targets)
 
-    def output_space_or_none(self):
+    def output_space_or_none(self) -> OutputSpace | None:
         return self._union().output_space_or_none()
 
     def __repr__(self) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ from hessinv.vectors import ParameterLayout, ParameterVector
 
 __all__ = ["PipelineHessian", "PipelineGGN", "PipelineFactorization", "balanced_bounds"]
 
+T = TypeVar("T")
+
 
 def balanced_bounds(costs: Sequence[float], ranks: int) -> tuple[int, ...]:
     """``ranks + 1`` stage indices splitting stages of the given ``costs`` into contiguous
@@ -73,6 +75,13 @@ def balanced_bounds(costs: Sequence[float], ranks: int) -> tuple[int, ...]:
     while len(bounds) < ranks:  # too few cuts: split the last ranges one stage each
         bounds.append(L - (ranks - len(bounds)))
     return (*bounds, L)
+
+
+def _given(x: T | None) -> T:
+    """``x``, which is missing only after a failure (when it is not used)."""
+    if x is None:
+        raise RuntimeError("a message this rank needs did not come")
+    return x
 
 
 def _tensor_bytes(*objs: Any) -> int:
@@ -148,19 +157,20 @@ class StagePipeline:
                 dtype=flat.dtype,
                 device=flat.device,
             )
-            if bounds is None:
-                widths = [B * s.num_params for s in chain.stages]  # a proxy of the work
-                bounds = balanced_bounds(widths, comm.size)
-            bounds = tuple(int(b) for b in bounds)
+            cuts = (
+                balanced_bounds([B * s.num_params for s in chain.stages], comm.size)
+                if bounds is None  # B p_l: a proxy of the work
+                else tuple(int(b) for b in bounds)
+            )
             if (
-                len(bounds) != comm.size + 1
-                or bounds[0] != 0
-                or bounds[-1] != L
-                or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False))
+                len(cuts) != comm.size + 1
+                or cuts[0] != 0
+                or cuts[-1] != L
+                or any(a >= b for a, b in zip(cuts, cuts[1:], strict=False))
             ):
                 raise ValueError(
                     f"bounds must be {comm.size + 1} increasing stage indices from 0 to {L} "
-                    f"(one non-empty range per rank), got {bounds}"
+                    f"(one non-empty range per rank), got {cuts}"
                 )
             fields = {
                 "model structure": crc(
@@ -171,7 +181,7 @@ class StagePipeline:
                 "loss": crc(_loss_name(loss_fn)),
                 "oracle and class": crc(oracle, type(self).__name__),
                 "selected parameters": crc(self.layout.names, self.layout.stage_sizes),
-                "stage ranges": crc(bounds),
+                "stage ranges": crc(cuts),
                 "input shapes": _shapes(inputs) + float(B),
                 "target shapes": _shapes(targets),
                 "inputs": _checksum(tree_flatten(inputs)[0]),
@@ -201,8 +211,8 @@ class StagePipeline:
             failed=error,
             rel_tol={"parameter values": 1e-12, "inputs": 1e-12, "targets": 1e-12},
         )
-        self.bounds = bounds
-        lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
+        self.bounds: tuple[int, ...] = cuts
+        lo, hi = cuts[comm.rank], cuts[comm.rank + 1]
         #: this rank's stages, ``range(lo, hi)``
         self.owned = range(lo, hi)
         self.batch = B
@@ -219,10 +229,15 @@ class StagePipeline:
         return self.comm.rank == 0
 
     @property
+    def _S(self) -> torch.Tensor:
+        """The loss Hessian blocks (the last rank's)."""
+        return _given(self._head).hess
+
+    @property
     def _last(self) -> bool:
         return self.comm.rank == self.comm.size - 1
 
-    def _read(self, chain, head_loss, inputs, targets) -> None:
+    def _read(self, chain: Any, head_loss: Any, inputs: Any, targets: Any) -> None:
         """The derivative sweep: stage outputs forward, adjoints backward (module docstring)."""
         relay, r = self._relay, self.comm.rank
         phase = f"building {type(self).__name__} (the derivative sweep)"
@@ -263,7 +278,7 @@ class StagePipeline:
                     stages,
                     self._params,
                     zs,
-                    b,
+                    _given(b),
                     first_has_input=not self._first,
                     second_order=self.second_order,
                     oracle=self.oracle,
@@ -398,10 +413,10 @@ class StagePipeline:
             msg, _ = relay.recv(r + 1, phase)
             u = msg[0] if msg else None
         else:
-            u = None if relay.failed else torch.bmm(self._head.hess, t)  # type: ignore[union-attr]
+            u = None if relay.failed else torch.bmm(self._S, _given(t))
         if not relay.failed:
             try:
-                out, u_in = sweep.backward(u)  # type: ignore[union-attr]
+                out, u_in = _given(sweep).backward(_given(u))
             except Exception as err:
                 relay.fail(err)
         if not self._first:
@@ -421,14 +436,14 @@ class StagePipeline:
         """The exact diagonal (section 6): the curvature ``R`` passes backward."""
         relay, r = self._relay, self.comm.rank
         phase = "diagonal"
-        R_out = self._head.hess if self._last else None
+        R_out = self._S if self._last else None
         if not self._last:
             msg, _ = relay.recv(r + 1, phase)
             R_out = msg[0] if msg else None
         diag = R_in = None
         if not relay.failed:
             try:
-                R = output_curvatures(self._derivs, R_out)
+                R = output_curvatures(self._derivs, _given(R_out))
                 diag = [d.diagonal(x) for d, x in zip(self._derivs, R, strict=True)]
                 if not self._first:
                     R_in = self._derivs[0].propagate_curvature(R[0])
@@ -484,9 +499,10 @@ class PipelineFactorization:
         relay, r = op._relay, op.comm.rank
         phase = f"factorization of {op.symbol} + {damping:g} I"
         like = torch.empty(0, dtype=op.dtype, device=op.device)
-        need = memory_estimate(op._derivs, op._head.hess if op._last else like.new_zeros(1, 1, 1))
+        need = memory_estimate(op._derivs, op._S if op._last else like.new_zeros(1, 1, 1))
+        V: torch.Tensor | None = None
         if op._last:
-            V, n_delay = block_diagonal(op._head.hess), 0
+            V, n_delay = block_diagonal(op._S), 0
         else:
             msg, n_delay = relay.recv(r + 1, phase)
             V = msg[0] if msg else None
@@ -502,7 +518,7 @@ class PipelineFactorization:
                         available_memory(op.device),
                     )
                 self._factors, V_in, nd_in = riccati_sweep(
-                    op._derivs, V, n_delay, damping, root=op._first, progress=op.progress
+                    op._derivs, _given(V), n_delay, damping, root=op._first, progress=op.progress
                 )
             except Exception as err:
                 relay.fail(err)
