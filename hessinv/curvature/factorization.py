@@ -146,7 +146,8 @@ class Factorization:
         route's own (:meth:`Solver.norm_lower_bound`); only when those do not already prove
         ``berr <= bound`` the Lanczos estimate (cached per operator).
         """
-        hx = flat(hessian_vector_product(self._stages, self._S, x))
+        product = hessian_vector_product(self._stages, self._S, x)
+        hx = flat(self._curvature._sum_over_ranks(product, "product"))  # (one process: itself)
         X, Gm = flat(x), flat(g)
         R = torch.sub(Gm, hx).sub_(X, alpha=self.damping)  # flat, one new vector
         r = list(R.split([gl.shape[0] for gl in g]))

@@ -50,6 +50,8 @@ __all__ = [
     "stage_cross_gram",
     "stage_gram_blocks",
     "stage_diag_quadratic_sums",
+    "stage_gram_factors",
+    "gram_from_factors",
 ]
 
 
@@ -250,6 +252,34 @@ def _(d: LinearDerivatives, M: torch.Tensor, weight: torch.Tensor | None = None)
     W = d.to_matrix(weight.reshape(-1, 1))[:, :, 0]  # (h_out, m)
     t = (d.Zt * d.Zt) @ W.T  # (B, h_out)
     return torch.einsum("ioc,io,iod->icd", D, t, D)
+
+
+@functools.singledispatch
+def stage_gram_factors(d: StageDerivatives, M: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What ``U_l U_l'^T`` between two batches needs of one of them, for the stage's pullback
+    ``M`` ``(B, h_out, r)``: ``(rows,)``, the dense ``(B r, p)`` rows of ``U_l``
+    (docs/algorithm.md section 17: the data-parallel Gram matrix moves these between ranks).
+    Every tensor has the batch in its first dimension."""
+    return (_stage_rows(d, M),)
+
+
+@stage_gram_factors.register
+def _(d: LinearDerivatives, M: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(D, Zt)``: the scaled pullback ``(B r, h_out)`` and the selected input columns
+    ``(B, m)``."""
+    B, h, r = M.shape
+    return (_scaled_pullback(d, M).transpose(1, 2).reshape(B * r, h), d.Zt)
+
+
+def gram_from_factors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], r: int) -> torch.Tensor:
+    """``U_l^(a) U_l^(b)T`` ``(B_a r, B_b r)`` from :func:`stage_gram_factors` of two batches:
+    ``rows_a rows_b^T``, or for a ``Linear`` stage ``(D_a D_b^T) * (Zt_a Zt_b^T (x) 1 1^T)``."""
+    if len(a) == 1:
+        return a[0] @ b[0].T
+    (Da, Za), (Db, Zb) = a, b
+    out = Da @ Db.T
+    out.view(Za.shape[0], r, Zb.shape[0], r).mul_((Za @ Zb.T)[:, None, :, None])
+    return out
 
 
 # ---------------------------------------------------------------------- the factor

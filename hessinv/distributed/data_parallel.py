@@ -38,14 +38,19 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from hessinv.curvature.factorization import Factorization
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.curvature.memory import available_memory, memory_estimate
 from hessinv.curvature.operator import CurvatureOperator
 from hessinv.curvature.output_space import OutputSpace
 from hessinv.derivatives import LossHead, loss_head
 from hessinv.distributed.comm import Communicator, crc, is_collective, mark_collective
+from hessinv.distributed.output_space import (
+    DistributedOutputSpace,
+    DistributedOutputSpaceFactorization,
+)
 from hessinv.errors import MemoryBudgetError
-from hessinv.network.checks import check_model
+from hessinv.network.checks import check_model, finite
 from hessinv.network.data import resolve_batch
 from hessinv.network.sweep import batch_size
 
@@ -161,6 +166,7 @@ class DataParallel(CurvatureOperator):
         self._global_targets: Any = None
         self._gradient: torch.Tensor | None = None
         self._union_operator: CurvatureOperator | None = None
+        self._distributed_space: DistributedOutputSpace | None = None
         self._pending = ["before the loss head", "after the derivative sweep"]
         try:
             super().__init__(
@@ -296,6 +302,49 @@ class DataParallelHessian(DataParallel, ChainHessian):
 
 class DataParallelGGN(DataParallel, ChainGGN):
     """The exact Gauss-Newton matrix of the loss on the union of the ranks' batches (module
-    docstring); arguments as :class:`DataParallelHessian`."""
+    docstring); arguments as :class:`DataParallelHessian`.
+
+    Its output space (docs/algorithm.md section 17) is spread over the ranks: ``method="auto"``
+    with ``damping != 0`` (or ``method="output"``) factors ``G + damping I`` through it, each
+    rank computing its share of the Gram matrix and of every solve's sweeps; the other routes
+    factor the union. :meth:`spectrum` uses it too.
+    """
 
     single = ChainGGN
+
+    def output_space_or_none(self) -> OutputSpace | None:
+        if self._distributed_space is None:
+            head = self._derivatives.head
+            if head.factor is None:
+                return None
+            self._distributed_space = DistributedOutputSpace(self, head.factor, head.factor_exact)
+        return self._distributed_space  # type: ignore[return-value]
+
+    def factorize(
+        self,
+        damping: float = 0.0,
+        method: str = "auto",
+        max_memory: int | None = None,
+        progress: bool | None = None,
+    ) -> Factorization:
+        """As :meth:`hessinv.ChainGGN.factorize`, on the union; ``"auto"`` with ``damping != 0``
+        and ``"output"`` take the distributed output space (the class docstring)."""
+        damping = finite(damping, "damping")
+        space = self.output_space_or_none()
+        if space is None or not (method == "output" or (method == "auto" and damping != 0)):
+            return super().factorize(damping, method, max_memory, progress)
+        phase = f"{type(self).__name__}: the output space of G + {damping:g} I"
+        need = space.stored_bytes()
+        budget = available_memory(self.device) if max_memory is None else int(max_memory)
+        tab = self.comm.table([float(need), float(budget)], self.device, phase)
+        short = [r for r in range(self.comm.size) if tab[r, 0] > tab[r, 1]]
+        if short:
+            raise mark_collective(
+                MemoryBudgetError(
+                    f"{phase} needs about {float(tab[short[0], 0]) / 2**30:.2f} GiB on every "
+                    f"rank, more than rank(s) {short} have; factor fewer samples at once",
+                    int(tab[short[0], 0]),
+                    int(tab[short[0], 1]),
+                )
+            )
+        return DistributedOutputSpaceFactorization(self, damping, space)  # type: ignore[arg-type]

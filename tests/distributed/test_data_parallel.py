@@ -32,6 +32,11 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(x - ref) / max(float(torch.linalg.norm(ref)), 1e-300))
 
 
+def _cond(R, damping: float) -> float:
+    e = torch.linalg.eigvalsh(R.dense()) + damping
+    return float(e.abs().max() / e.abs().min().clamp_min(1e-300))
+
+
 def _same_on_every_rank(x: torch.Tensor) -> None:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -75,16 +80,27 @@ def _check_chain(rank: int, world: int, seed: int) -> None:
                 C.factorize(rc.damping)
             continue
         F = C.factorize(rc.damping)
-        assert F.method == ref_f.method and F.inertia() == ref_f.inertia(), where
-        assert abs(float(F.logdet()[1] - ref_f.logdet()[1])) <= TOL * (
+        assert F.inertia() == ref_f.inertia(), where
+        # the union's factorization is one process's on the concatenated batch; the Gauss-Newton
+        # matrix's distributed output space sums in another order: errors within the contract
+        distributed = F.method == "output space (data parallel)"
+        assert distributed or F.method == ref_f.method, where
+        cond = _cond(R, rc.damping) if distributed else 1.0
+        n = R.num_params
+        assert abs(float(F.logdet()[1] - ref_f.logdet()[1])) <= TOL * n * cond * (
             1 + abs(float(ref_f.logdet()[1]))
-        )
+        ), where
+        assert float(F.logdet()[0]) == float(ref_f.logdet()[0])
         x = F.solve(v)
-        assert _rel(x, ref_f.solve(v)) <= TOL, f"{cls.__name__} solve\n{where}"
+        assert F.backward_error <= 1e-12
+        assert _rel(x, ref_f.solve(v)) <= 4 * TOL * cond + 1e-15, f"{cls.__name__} solve\n{where}"
         _same_on_every_rank(x)
         if cls is DataParallelGGN and C.output_space_or_none() is not None:
-            e = C.spectrum()
-            assert _rel(e, R.spectrum()) <= TOL, where
+            e, ref_e = C.spectrum(), R.spectrum()
+            assert float((e - ref_e).abs().max()) <= 10 * e.numel() * 2.2e-16 * float(
+                ref_e.abs().max()
+            ), where  # eigenvalues: absolute error about B r u ||G|| (ChainGGN.spectrum)
+            _same_on_every_rank(e)
 
 
 def _chains(rank: int, world: int, seeds: list[int]) -> None:
@@ -286,15 +302,19 @@ def test_a_rank_that_does_not_come_times_out_with_an_error():
 def _union_memory(rank: int, world: int) -> None:
     model, X, y = _small()
     G = DataParallelGGN(model, nn.CrossEntropyLoss(), X, y)
+    real = data_parallel.available_memory
     if rank == 1:
         data_parallel.available_memory = lambda device: 0
-    with pytest.raises(MemoryBudgetError, match=r"rank\(s\) \[1\]"):
-        G.factorize(0.1)
+    for method in ("output", "riccati"):  # the distributed output space, the union
+        with pytest.raises(MemoryBudgetError, match=r"rank\(s\) \[1\]"):
+            G.factorize(0.1, method=method)
+    data_parallel.available_memory = real
     G2 = DataParallelGGN(model, nn.CrossEntropyLoss(), X, y)
     with torch.no_grad():
         model[0].bias.add_(1.0)
-    with pytest.raises(ValueError, match="changed"):
-        G2.factorize(0.1)
+    with pytest.raises(ValueError, match="changed"):  # the union reads the model again
+        G2.factorize(0.1, method="riccati")
+    G2.factorize(0.1)  # the distributed output space reads nothing: a snapshot
 
 
 def test_the_union_is_refused_together_when_a_rank_lacks_memory_or_the_model_changed():

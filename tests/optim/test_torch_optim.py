@@ -105,7 +105,7 @@ def test_parameter_groups_select_parameters_and_scale_their_part():
     assert torch.equal(frozen, frozen_before)  # not selected: untouched
     if opt.last_step["accepted"]:
         step = torch.cat(
-            [(dict(model.named_parameters())[n] - before[n]).reshape(-1) for n in names]
+            [(dict(model.named_parameters())[n].detach() - before[n]).reshape(-1) for n in names]
         )
         assert float((step - scale * direction).norm()) <= 1e-10 * float(direction.norm())
 
