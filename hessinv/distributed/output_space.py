@@ -90,10 +90,10 @@ class DistributedOutputSpace:
         for q, (part, sh) in enumerate(zip(parts, shapes, strict=True)):
             at = 0
             for l, f in enumerate(sh):
-                pieces = []
+                pieces: list[torch.Tensor] = []
                 for s in f:
                     k = int(torch.Size(s).numel())
-                    pieces.append(part[at : at + k].view(s) if q != self.comm.rank else None)
+                    pieces.append(part[at : at + k].view(s))
                     at += k
                 out[l].append(mine[l] if q == self.comm.rank else tuple(pieces))
         return out
@@ -155,4 +155,5 @@ class DistributedOutputSpaceFactorization(Factorization):
     contract of :class:`hessinv.Factorization` (its residual products data-parallel)."""
 
     def __init__(self, op: DataParallelGGN, damping: float, space: DistributedOutputSpace):
-        super().__init__(op, damping, DistributedOutputSpaceSolver(op, damping, space))
+        solver = DistributedOutputSpaceSolver(op, damping, space)  # type: ignore[arg-type]
+        super().__init__(op, damping, solver)
