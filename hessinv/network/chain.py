@@ -14,6 +14,10 @@ changes to the model (an optimizer step, a frozen weight edited in place) do not
 into a Hessian already made. In the copies, activations built with ``inplace=True`` run
 out of place (``torch.func`` cannot differentiate in-place updates of its inputs).
 
+The children after a stage's first, from the first one that owns (unselected) parameters
+on, are the stage's frozen *tail* (:attr:`Stage.tail_start`): it is differentiated only
+through its input, never in the parameters (docs/algorithm.md section 2).
+
 A child that appears twice in an ``nn.Sequential`` is applied twice (``named_children()``
 would list it once); a module with selected parameters appearing twice, or a parameter
 shared by two stages, is weight tying across stages, which is refused.
@@ -22,6 +26,7 @@ shared by two stages, is weight tying across stages, which is refused.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +44,8 @@ _TRAINING_MODE_UNSUPPORTED = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+# Floating dtypes hessinv refuses: torch.linalg has no half-precision factorizations.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Modules that couple samples whatever their mode.
 _ALWAYS_UNSUPPORTED = (nn.MultiheadAttention,)
 
@@ -93,8 +100,24 @@ class Stage:
         """The stage's selected parameters as one flat ``(p_l,)`` tensor (detached)."""
         return torch.cat([t.reshape(-1) for t in self.selected_params()])
 
-    def apply(self, x: torch.Tensor, z) -> torch.Tensor:
-        """``f_l(z; x)`` for a batch ``z`` (batch first) and flat selected parameters ``x``."""
+    @functools.cached_property
+    def tail_start(self) -> int:
+        """Where the stage's frozen *tail* starts: the position of the first module after the
+        first that owns parameters (all of them unselected: a module owning a selected one
+        starts a new stage), or ``len(modules)`` when there is none. The tail is
+        differentiated only through its input (docs/algorithm.md section 2)."""
+        for i, module in enumerate(self.modules[1:], start=1):
+            if next(module.parameters(), None) is not None:
+                return i
+        return len(self.modules)
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the stage has a frozen tail (see :attr:`tail_start`)."""
+        return self.tail_start < len(self.modules)
+
+    def apply_head(self, x: torch.Tensor, z) -> torch.Tensor:
+        """``g(z; x)``: the first module and the parameter-free modules before the tail."""
         first = self.modules[0]
         if type(first) is nn.Linear and not self.has_hooks:  # directly: cheaper than
             # functional_call, which would also run the module's hooks
@@ -102,9 +125,20 @@ class Stage:
             out = nn.functional.linear(z, p.get("weight", first.weight), p.get("bias", first.bias))
         else:
             out = functional_call(first, self.split_params(x), (z,))
-        for module in self.modules[1:]:
+        for module in self.modules[1 : self.tail_start]:
             out = module(out)
         return out
+
+    def apply_tail(self, u) -> torch.Tensor:
+        """``F(u)``: the frozen tail (the identity when there is none)."""
+        for module in self.modules[self.tail_start :]:
+            u = module(u)
+        return u
+
+    def apply(self, x: torch.Tensor, z) -> torch.Tensor:
+        """``f_l(z; x) = F(g(z; x))`` for a batch ``z`` (batch first) and flat selected
+        parameters ``x``."""
+        return self.apply_tail(self.apply_head(x, z))
 
 
 @dataclass(frozen=True)
@@ -121,14 +155,22 @@ class Chain:
     def flat_params(self) -> torch.Tensor:
         """All stages' :meth:`Stage.flat_params` one after the other, ``(n,)``, made in one copy
         (a deep chain has thousands of small tensors). Raises ``TypeError``
-        naming the stage when a selected parameter is not floating point or differs in dtype
-        or device from the first (the copy would convert it silently)."""
+        naming the parameter when a selected parameter is not floating point, is half
+        precision (float16, bfloat16), or differs in dtype or device from the first (the copy
+        would convert it silently)."""
         tensors = [s.selected_params() for s in self.stages]
         first = tensors[0][0]
         for stage, ts in zip(self.stages, tensors, strict=True):
             for name, t in zip(stage.param_names, ts, strict=True):
                 if not t.dtype.is_floating_point:
                     raise TypeError(f"parameter {name} has non-floating dtype {t.dtype}")
+                if t.dtype in _HALF_DTYPES:
+                    raise TypeError(
+                        f"parameter {name} is {t.dtype}: hessinv needs float32 or float64 (its "
+                        "factorizations and accuracy contract have no half precision); convert "
+                        "the model and the data, e.g. model.float() and inputs.float() (or "
+                        ".double())"
+                    )
                 if t.dtype != first.dtype or t.device != first.device:
                     raise TypeError(
                         f"parameter {name} (stage {stage.index}, parameters {stage.param_names}) "
@@ -145,9 +187,32 @@ class Chain:
         return z
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _backpack_hooks(module: nn.Module) -> bool:
+    """Whether ``backpack.extend`` left its hooks on ``module`` (BackPACK marks an extended
+    module with ``_backpack_extend = True`` and registers hooks defined in its own package;
+    the hooks are what breaks ``torch.func``, and a model whose hooks were removed works)."""
+    for attr in _HOOK_DICTS:
+        for hook in getattr(module, attr, {}).values():
+            origin = getattr(getattr(hook, "func", hook), "__module__", None) or ""
+            if origin == "backpack" or origin.startswith("backpack."):
+                return True
+    return False
+
+
 def _check_supported(name: str, module: nn.Module) -> None:
     for sub_name, sub in module.named_modules():
         full = f"{name}.{sub_name}" if sub_name else name
+        if _backpack_hooks(sub):
+            raise ValueError(
+                f"module {full!r} ({type(sub).__name__}) is extended by BackPACK "
+                "(backpack.extend): its hooks run autograd functions that torch.func, which "
+                "hessinv differentiates stages with, cannot run; pass the model without the "
+                "extension (a copy made before backpack.extend, e.g. copy.deepcopy(model) "
+                "first, with the same parameters)"
+            )
         if isinstance(sub, _ALWAYS_UNSUPPORTED):
             raise ValueError(
                 f"module {full!r} ({type(sub).__name__}) couples the samples of a batch; "

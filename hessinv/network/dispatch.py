@@ -2,7 +2,9 @@
 
 ``nn.Linear`` followed by elementwise activations on ``(B, features)`` input, without
 hooks, gets the Kronecker-form :class:`~hessinv.derivatives.LinearDerivatives`; every other
-stage the generic :class:`~hessinv.derivatives.GenericDerivatives` (``torch.func``).
+stage the generic :class:`~hessinv.derivatives.GenericDerivatives` (``torch.func``), with
+its frozen tail (:attr:`~hessinv.network.chain.Stage.tail_start`) differentiated only
+through its input.
 """
 
 from __future__ import annotations
@@ -109,5 +111,15 @@ def stage_derivatives(
             forward = linear_forwards([_linear_input(stage, x, z)])[0]
         return LinearDerivatives.from_forward(
             forward, b, has_input=has_input, second_order=second_order
+        )
+    if stage.has_tail:  # the frozen tail differentiated through its input only (section 2)
+        return GenericDerivatives(
+            stage.apply_head,
+            x,
+            z,
+            b,
+            has_input=has_input,
+            second_order=second_order,
+            tail=stage.apply_tail,
         )
     return GenericDerivatives(stage.apply, x, z, b, has_input=has_input, second_order=second_order)

@@ -73,8 +73,26 @@ def _equal(z, probe) -> bool:
     return all(tree_flatten(same)[0])
 
 
-def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> None:
-    """Raise ``ValueError`` if the stage's batch output differs from its per-sample outputs."""
+def _sample_hint(stage: Stage, z, B: int, always: bool = False) -> str:
+    """For the chain's first stage, whose input is ``z``: what to do if the inputs are one
+    sample without its batch dimension (an item of a ``Dataset``), whose first feature size
+    was taken for the batch size ``B``. Given ``always``, or when every tensor of ``z`` is
+    one-dimensional; else ``""``."""
+    leaves = [t for t in tree_flatten(z)[0] if isinstance(t, torch.Tensor)]
+    if stage.index or not leaves or not (always or all(t.dim() == 1 for t in leaves)):
+        return ""
+    shapes = ", ".join(str(tuple(t.shape)) for t in leaves)
+    return (
+        f". The batch size {B} is the leading size of the inputs (here {shapes}): if they "
+        "are one sample without its batch dimension (an item of a Dataset), add it "
+        "(inputs.unsqueeze(0)), or pass data=torch.utils.data.DataLoader(dataset, "
+        "batch_size=...)"
+    )
+
+
+def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor, hint: str) -> None:
+    """Raise ``ValueError`` if the stage's batch output differs from its per-sample outputs
+    (``hint`` ends the message: :func:`_sample_hint`)."""
     try:
         single = vmap(lambda zi: stage.apply(x, tree_map(lambda t: t.unsqueeze(0), zi)).squeeze(0))(
             z
@@ -83,13 +101,13 @@ def _check_per_sample(stage: Stage, x: torch.Tensor, z, out: torch.Tensor) -> No
         raise ValueError(
             f"stage {stage.index} ({', '.join(stage.param_names)}) cannot be differentiated one "
             f"sample at a time by torch.func ({type(err).__name__}: {err}); in-place updates of "
-            "a module's input and data-dependent Python control flow are not supported"
+            f"a module's input and data-dependent Python control flow are not supported{hint}"
         ) from err
     if single.shape != out.shape:
         raise ValueError(
             f"stage {stage.index} ({stage.param_names[0]}...) maps a batch to shape "
             f"{tuple(out.shape)} but one sample to {tuple(single.shape[1:])}; stages must keep "
-            "the batch dimension first and act on each sample independently"
+            f"the batch dimension first and act on each sample independently{hint}"
         )
     tol = 1e3 * torch.finfo(out.dtype).eps * (1.0 + out.abs().max())
     if (single - out).abs().max() > tol:
@@ -119,10 +137,10 @@ def forward_pass(stages: Sequence[Stage], params: Sequence[torch.Tensor], z, B: 
                 raise ValueError(
                     f"stage {stage.index} ({', '.join(stage.param_names)}) returned "
                     f"{tuple(getattr(out, 'shape', ()))}; every stage must keep the batch "
-                    f"dimension ({B}) first"
+                    f"dimension ({B}) first{_sample_hint(stage, z, B, always=True)}"
                 )
             if not linear:
-                _check_per_sample(stage, x, z, out)
+                _check_per_sample(stage, x, z, out, _sample_hint(stage, z, B))
             zs.append(out)
     return zs
 

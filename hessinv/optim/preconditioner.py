@@ -34,7 +34,7 @@ be a descent direction: a refresh that finds it indefinite raises, naming the da
 ...     refreshed = P.update(X, y)
 ...     _ = P.precondition_()
 ...     opt.step()
-...     losses.append(float(loss))
+...     losses.append(loss.item())
 >>> losses[-1] < losses[0], P.refreshes
 (True, 1)
 """
