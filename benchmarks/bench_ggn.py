@@ -1,6 +1,6 @@
 """The Gauss-Newton matrix: output-space, Riccati and dense routes, and against CG.
 
-Three parts, printed as markdown tables (float64, damping ``lam = 1e-3``, tanh MLPs
+Four parts, printed as markdown tables (float64, damping ``lam = 1e-3``, tanh MLPs
 whose ``depth`` counts the ``nn.Linear`` layers, input dimension 8; 10 classes:
 ``CrossEntropyLoss`` with class-index targets; 1 output: ``MSELoss`` regression):
 
@@ -25,6 +25,20 @@ whose ``depth`` counts the ``nn.Linear`` layers, input dimension 8; 10 classes:
   Skipped with a message when curvlinops is not installed.
 * ``rhs`` -- 200 right-hand sides in one pass on a kept factorization at (32, 16, 64, 10)
   against one solve, and against curvlinops' batched CG on the same 200 columns.
+* ``batch`` -- the demo's problem (``hessinv.tools.demo.make_problem``: tanh MLP depth 16,
+  width 16, input 8, 4 classes, ``CrossEntropyLoss``, float64, its damping ``1e-2``) at
+  batch 8..128: the exact solve end to end (``ChainGGN`` + ``factorize(1e-2)`` with
+  ``method="auto"``, and with ``method="riccati"``, + one ``solve(g)``) against CG on our
+  exact products (``hessinv.conjugate_gradient(G.matvec, g, 1e-2, rtol=1e-10)``,
+  construction included) and curvlinops' ``CGInverseLinearOperator`` (its tolerance lowered
+  until the true relative residual is at most 1e-10; skipped with a note without
+  curvlinops). Two initialisations, one table each (``--batch-init``): the demo's own
+  (PyTorch's default: the deep stages' inputs collapse to rank 1 and ``G + 1e-2 I`` has
+  3 eigenvalues above ``2e-2`` at every batch, a spectrum CG resolves in 5 products) and
+  orthogonal weights times ``--batch-gain`` (1.1) with zero biases, the same data (every
+  stage keeps inputs of full rank). Untimed, per case: the eigenvalues of ``G + 1e-2 I``
+  from the dense ``n x n`` matrix (``G @ I``, ``eigvalsh``), checked against
+  ``G.spectrum()``.
 
 Every run of a route runs in a fresh child process (its peak RSS is its own); the ``cg``
 and ``rhs`` parts run one child per case. Each child first runs every timed code path on a
@@ -35,6 +49,8 @@ compared methods are interleaved.
     python benchmarks/bench_ggn.py --out                 # ... and write results/bench_ggn.md
     python benchmarks/bench_ggn.py --quick               # without the 1024-wide cells
     python benchmarks/bench_ggn.py --parts cg rhs --out  # rerun two parts, replace their sections
+    python benchmarks/bench_ggn.py --parts batch --out   # the batch axis, both inits (~4 min)
+    python benchmarks/bench_ggn.py --parts batch --batch-init orthogonal   # one init only
 """
 
 from __future__ import annotations
@@ -68,6 +84,8 @@ REFERENCE = (8, 16, 16, 10)  # (depth, width, batch, classes): calibrates the co
 LARGEST = (8, 1024, 128, 10)
 CG_CASES = ((8, 32, 32, 10), (32, 16, 64, 10))
 RHS_CASE, RHS_COLUMNS = (32, 16, 64, 10), 200
+BATCH_SIZES = (8, 16, 32, 64, 128)
+BATCH_INITS = ("default", "orthogonal")
 #: the rate (flop/s) assumed for a route that has not been calibrated
 FALLBACK_RATE = 5e9
 
@@ -103,10 +121,10 @@ def ggn(prob):
     return hessinv.ChainGGN(*prob, progress=False)
 
 
-def relative_residuals(G, x, g) -> torch.Tensor:
+def relative_residuals(G, x, g, lam=LAM) -> torch.Tensor:
     """``||(G + lam I) x_j - g_j|| / ||g_j||`` per column, with one exact product of ours."""
     x2, g2 = x.reshape(x.shape[0], -1), g.reshape(g.shape[0], -1)
-    r = G @ x2 + LAM * x2 - g2
+    r = G @ x2 + lam * x2 - g2
     return torch.linalg.vector_norm(r, dim=0) / torch.linalg.vector_norm(g2, dim=0)
 
 
@@ -214,14 +232,14 @@ def curvlinops_tools():
         def dtype(self):
             return self._A.dtype
 
-    def make_operator(prob):
+    def make_operator(prob, lam=LAM):
         """``(A + lam I, flat gradient)``: what a curvlinops user builds from the model."""
         model, loss_fn, X, y = prob
         A = GGNLinearOperator(
             model, loss_fn, list(model.parameters()), [(X, y)], check_deterministic=False
         )
         grad, _ = A.gradient_and_loss()
-        return Damped(A, LAM), torch.cat([t.reshape(-1) for t in grad])
+        return Damped(A, lam), torch.cat([t.reshape(-1) for t in grad])
 
     return make_operator, CGInverseLinearOperator
 
@@ -431,7 +449,150 @@ def measure_rhs(spec: dict) -> dict:
     return out
 
 
-MEASUREMENTS = {"route": measure_route, "cg": measure_cg, "rhs": measure_rhs}
+def demo_problem(batch: int, init: str = "default", gain: float = 1.1):
+    """``(config, (model, loss_fn, X, y))``: the demo's problem (``python -m hessinv demo``)
+    at ``batch``, built by the demo's own builder.
+
+    ``init="default"``: as the demo builds it (PyTorch's initialisation); ``"orthogonal"``:
+    the same model and data, its weights replaced by orthogonal ones times ``gain`` (from a
+    generator seeded with the demo's seed) and its biases zeroed, as ``bench_solve.py
+    --init orthogonal`` does."""
+    from hessinv.tools.demo import DemoConfig, make_problem
+
+    cfg = DemoConfig(batch=batch)
+    p = make_problem(cfg)
+    if init == "orthogonal":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for layer in p.model:
+                if isinstance(layer, nn.Linear):
+                    weight = torch.empty(layer.weight.shape, dtype=layer.weight.dtype)
+                    nn.init.orthogonal_(weight, gain=gain, generator=gen)
+                    layer.weight.copy_(weight)
+                    layer.bias.zero_()
+    elif init != "default":
+        raise ValueError(f"init must be one of {BATCH_INITS}, got {init!r}")
+    return cfg, (p.model, p.loss_fn, p.inputs, p.targets)
+
+
+def dense_spectrum(G, chunk: int = 512) -> torch.Tensor:
+    """All ``n`` eigenvalues of ``G`` (ascending) from the dense matrix ``G @ I``, built
+    ``chunk`` columns at a time and symmetrised: the independent check of ``G.spectrum()``."""
+    n = G.num_params
+    eye = torch.eye(n, dtype=torch.float64)
+    M = torch.cat([G @ eye[:, i : i + chunk] for i in range(0, n, chunk)], 1)
+    return torch.linalg.eigvalsh((M + M.T) / 2)
+
+
+def measure_batch(spec: dict) -> dict:
+    """The demo's problem at one batch size: the exact solve (auto and Riccati routes)
+    against CG on our products and curvlinops' CG, end to end from the model."""
+    cfg, prob = demo_problem(spec["batch"], spec.get("init", "default"), spec.get("gain", 1.1))
+    lam, target, max_iter = cfg.damping, cfg.target, spec["max_iter"]
+    ref = ggn(prob)  # the reference for every residual: our exact product
+    g = ref.gradient()
+    e = ref.spectrum()  # the top B r eigenvalues of G (the others are 0): what CG sees
+    start = now()
+    d = dense_spectrum(ref) + lam  # all n eigenvalues of G + lam I, untimed
+    dense_seconds = now() - start
+    out: dict = {
+        "n": ref.num_params,
+        "depth": cfg.depth,
+        "width": cfg.width,
+        "d_in": cfg.d_in,
+        "classes": cfg.n_classes,
+        "lam": lam,
+        "target": target,
+        "rows": e.numel(),
+        "above_2lam": int((e > lam).sum()),
+        "condition": float((e[-1] + lam) / lam),
+        "dense_above_2lam": int((d > 2 * lam).sum()),
+        "dense_condition": float(d[-1] / d[0]),
+        "dense_min": float(d[0]),
+        "dense_max": float(d[-1]),
+        "dense_seconds": dense_seconds,
+        "init": spec.get("init", "default"),
+        "gain": spec.get("gain", 1.1),
+        "repeats": spec["repeats"],
+    }
+
+    def residual(x) -> float:
+        return float(relative_residuals(ref, x, g, lam).max())
+
+    def exact(method):
+        def run():
+            start = now()
+            G = ggn(prob)
+            F = G.factorize(lam, method=method)
+            x = F.solve(G.gradient())
+            seconds = now() - start
+            return seconds, {
+                "residual": residual(x),
+                "method": F.method,
+                "backward_error": F.backward_error,
+                "refinement_steps": F.refinement_steps,
+            }
+
+        return run
+
+    def our_cg():
+        start = now()
+        G = ggn(prob)
+        res = hessinv.conjugate_gradient(G.matvec, G.gradient(), lam, rtol=target, maxiter=max_iter)
+        seconds = now() - start
+        return seconds, {
+            "residual": residual(res.x),
+            "products": res.iterations,
+            "converged": res.converged,
+        }
+
+    runs = {"auto": exact("auto"), "riccati": exact("riccati"), "our_cg": our_cg}
+    try:
+        make_operator, cg_inverse = curvlinops_tools()
+    except ImportError as exc:
+        out["curvlinops"] = f"not installed ({exc})"
+    else:
+        warm_up_curvlinops(make_operator, cg_inverse)
+
+        def linear_cg(tol):
+            start = now()
+            D, gc = make_operator(prob, lam)
+            xc = cg_inverse(D, tolerance=tol, max_iter=max_iter, **FAIR_CG) @ gc
+            seconds = now() - start
+            return seconds, residual(xc), D.products
+
+        found = search(linear_cg, target, target)  # untimed: the tolerance that reaches 1e-10
+        out["curvlinops_search"] = found
+
+        def curvlinops_run():
+            seconds, res, products = linear_cg(found["tol"])
+            return seconds, {"residual": res, "products": products, "tol": found["tol"]}
+
+        runs["curvlinops"] = curvlinops_run
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    info: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(spec["repeats"]):  # interleaved rounds, the order rotated each round
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            seconds, row = runs[name]()
+            times[name].append(seconds)
+            info[name].append(row)
+    for name in names:
+        rows = info[name]
+        out[name] = rows[-1] | {
+            "seconds": statistics.median(times[name]),
+            "residual": max(r["residual"] for r in rows),
+            "all_seconds": times[name],
+        }
+    return out
+
+
+MEASUREMENTS = {
+    "route": measure_route,
+    "cg": measure_cg,
+    "rhs": measure_rhs,
+    "batch": measure_batch,
+}
 
 
 def worker(kind: str, spec: dict) -> dict:
@@ -896,6 +1057,131 @@ def rhs_section(args) -> str:
     return "\n".join(lines)
 
 
+def batch_section(args) -> str:
+    cfg, _ = demo_problem(BATCH_SIZES[0])
+    head = (
+        f"## Batch axis: the demo's problem, exact solve against CG, depth {cfg.depth}, "
+        f"width {cfg.width}, input {cfg.d_in}, {cfg.n_classes} classes, lam = {cfg.damping:g}, "
+        f"{args.threads} thread(s)\n"
+    )
+    missing = curvlinops_available()
+    lines = [
+        head,
+        "The problem of `python -m hessinv demo` (`hessinv.tools.demo.make_problem`: seed 0, "
+        "CrossEntropyLoss, float64) at each batch size, with PyTorch's default initialisation "
+        "(the demo's) and with orthogonal weights times a gain and zero biases (the same data; "
+        "every stage keeps inputs of full rank); "
+        "g = the gradient, (G + lam I) x = g. Every column is end to end from the model "
+        '(construction included). exact: `ChainGGN` + `factorize(lam)` (method="auto", the '
+        'route it picked is named; or method="riccati") + one `solve(g)`. CG on ours: '
+        "`ChainGGN` + `hessinv.conjugate_gradient(G.matvec, g, lam, rtol=1e-10)`. curvlinops: "
+        "`GGNLinearOperator(..., check_deterministic=False)` + `gradient_and_loss()` + "
+        "`CGInverseLinearOperator(A + lam I, tolerance, eps=tiny, stop_updating_after=0)`, "
+        "its tolerance lowered 10x at a time from 1e-10 (untimed tries) until the true "
+        "relative residual is at most 1e-10. Products: matrix-vector products (columns). "
+        f"Medians of {args.batch_repeats} interleaved rounds in one child process per batch "
+        "size. exact / CG < 1: the exact solve is faster.\n",
+    ]
+    for init in args.batch_init:
+        lines += batch_tables(args, init, missing)
+    return "\n".join(lines)
+
+
+def batch_tables(args, init: str, missing) -> list[str]:
+    """The timing and accuracy tables of the batch part for one initialisation."""
+    title = (
+        "PyTorch's default initialisation (the demo's)"
+        if init == "default"
+        else f"orthogonal weights, gain {args.batch_gain:g}, zero biases"
+    )
+    lines = [
+        f"\n### {title}\n",
+        "| batch | n | B r | auto picks | exact, auto (s) | exact, riccati (s) | riccati / auto "
+        "| CG on ours (s) | products | curvlinops CG (s) | products | auto / CG on ours "
+        "| riccati / CG on ours | auto / curvlinops CG |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    accuracy = [
+        "\nResiduals: ||(G + lam I) x - g|| / ||g|| with our exact product (maximum over "
+        "rounds). The spectrum of G + lam I: its condition number and how many of its "
+        "eigenvalues exceed 2 lam (G has rank <= B r; the others equal lam).\n",
+        "| batch | exact, auto | backward error (refinement steps) | exact, riccati "
+        "| CG on ours | curvlinops CG (tolerance) | condition number | eigenvalues > 2 lam |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cg_products, curvlinops_products, above = set(), set(), set()
+    for batch in BATCH_SIZES:
+        progress(f"batch ({init}): {batch} ...")
+        spec = dict(
+            batch=batch,
+            threads=args.threads,
+            repeats=args.batch_repeats,
+            max_iter=args.cg_max_iter,
+            init=init,
+            gain=args.batch_gain,
+        )
+        r = run_child("batch", spec, args.timeout)
+        if "error" in r:
+            lines.append(f"| {batch} | error: {r['error']} |")
+            continue
+        auto, ric, ours = r["auto"], r["riccati"], r["our_cg"]
+        cl = r.get("curvlinops")
+        if isinstance(cl, dict):
+            cl_time, cl_products = fmt_s(cl["seconds"]), str(cl["products"])
+            cl_ratio = f"{auto['seconds'] / cl['seconds']:.2f}"
+            reached = "" if cl["residual"] <= r["target"] else ", NOT reached"
+            cl_res = f"{fmt_e(cl['residual'])} ({cl['tol']:.0e}{reached})"
+        else:
+            cl_time = cl_products = cl_ratio = "-"
+            cl_res = "-"
+        converged = "" if ours["converged"] else " (not converged)"
+        cg_products.add(ours["products"])
+        above.add(r["above_2lam"])
+        if isinstance(cl, dict):
+            curvlinops_products.add(cl["products"])
+        lines.append(
+            f"| {batch} | {r['n']:,} | {r['rows']} | {auto['method']} | {fmt_s(auto['seconds'])} "
+            f"| {fmt_s(ric['seconds'])} | {ric['seconds'] / auto['seconds']:.1f}x "
+            f"| {fmt_s(ours['seconds'])} | {ours['products']}{converged} | {cl_time} "
+            f"| {cl_products} | {auto['seconds'] / ours['seconds']:.2f} "
+            f"| {ric['seconds'] / ours['seconds']:.2f} | {cl_ratio} |"
+        )
+        accuracy.append(
+            f"| {batch} | {fmt_e(auto['residual'])} | {fmt_e(auto['backward_error'])} "
+            f"({auto['refinement_steps']}) | {fmt_e(ric['residual'])} "
+            f"| {fmt_e(ours['residual'])} | {cl_res} | {r['condition']:.3g} "
+            f"| {r['above_2lam']} of {r['n']:,} |"
+        )
+    notes = []
+    if len(cg_products) == 1 and len(above) == 1:
+        notes.append(
+            f"CG on ours needs {min(cg_products)} products at every batch size: G + lam I has "
+            f"{min(above)} eigenvalues above 2 lam here, whatever the batch (the spectrum "
+            "columns above), so the Krylov space it needs does not grow with the batch."
+        )
+    elif cg_products:
+        notes.append(
+            f"CG on ours needs {min(cg_products)} to {max(cg_products)} products: G + lam I has "
+            f"{min(above)} to {max(above)} eigenvalues above 2 lam over these batch sizes (the "
+            "spectrum columns above), and CG needs more products as that number grows."
+        )
+    if curvlinops_products and max(curvlinops_products) <= 12:
+        notes.append(
+            f"curvlinops' CG takes {'-'.join(str(v) for v in sorted(curvlinops_products))} "
+            "products: `linear_cg` tests its stopping criterion only from iteration "
+            "min(10, max_iter - 1) on, so it cannot stop earlier whatever the tolerance."
+        )
+    elif curvlinops_products:
+        notes.append(
+            f"curvlinops' CG takes {min(curvlinops_products)} to {max(curvlinops_products)} "
+            "products, about as many as CG on ours: the same Krylov method, each product "
+            "dearer."
+        )
+    if missing:
+        notes.append(f"curvlinops columns skipped: {missing}.")
+    return lines + accuracy + [""] + ["- " + note for note in notes]
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -934,7 +1220,12 @@ def measured(section) -> str:
     )
 
 
-HEADINGS = {"routes": "## Routes", "cg": "## Exact solve against", "rhs": "## Many right-hand"}
+HEADINGS = {
+    "routes": "## Routes",
+    "cg": "## Exact solve against",
+    "rhs": "## Many right-hand",
+    "batch": "## Batch axis",
+}
 
 
 def splice(old: str, sections: dict[str, str]) -> str:
@@ -987,6 +1278,15 @@ def parse_args(argv):
         help="max_iter of the run with linear_cg's default eps (0: skip it)",
     )
     p.add_argument("--rhs-repeats", type=int, default=5)
+    p.add_argument("--batch-repeats", type=int, default=5, help="rounds of the batch part")
+    p.add_argument(
+        "--batch-init",
+        nargs="+",
+        choices=BATCH_INITS,
+        default=list(BATCH_INITS),
+        help="initialisations of the batch part, one table each",
+    )
+    p.add_argument("--batch-gain", type=float, default=1.1, help="gain of the orthogonal init")
     p.add_argument("--timeout", type=float, default=900.0, help="per child process (s)")
     p.add_argument(
         "--out",
@@ -1014,6 +1314,8 @@ def main(argv=None) -> int:
         sections["cg"] = measured(lambda: cg_section(args))
     if "rhs" in args.parts:
         sections["rhs"] = measured(lambda: rhs_section(args))
+    if "batch" in args.parts:
+        sections["batch"] = measured(lambda: batch_section(args))
     report = splice(header(args), sections)
     print(report)
     if args.out:

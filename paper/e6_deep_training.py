@@ -27,17 +27,21 @@ for each SGD / Adam grid point, ``budget_s`` for the others):
 * ``LM-GGN``: ``hessinv.DampedNewton`` with the exact generalized Gauss-Newton matrix
   (``curvature="ggn"``: classic Levenberg-Marquardt);
 * ``TrustRegion``: ``hessinv.TrustRegionNewton`` (exact subproblem, Hessian);
+* ``TR-GGN``: the same with the Gauss-Newton matrix (its subproblem is solved from one
+  eigendecomposition of the ``B r x B r`` Gram matrix, docs/algorithm.md section 14);
 * ``HF-GGN``: Hessian-free (Martens 2010): a fixed number of CG iterations
   (``hessinv.conjugate_gradient``) on ``(G + lam I) p = -g`` with products
   ``hessinv.ChainGGN(...).matvec``, warm-started from ``0.95 x`` the previous direction,
   Levenberg-Marquardt adaptation of ``lam`` from the reduction ratio, a step that raises
   the mini-batch loss is rejected;
-* ``PSGD-GGN``: mini-batch SGD preconditioned by a stale exact solve: every
-  ``refresh_every`` steps ``F = hessinv.ChainGGN(model, loss, Xbig, ybig).factorize(eps)``
-  on a larger batch (its own seeded stream, so the mini-batches stay those of the other
-  methods) with ``eps = damping_rel * trace(G) / n``, and every step
-  ``x <- x - lr F.solve(g_minibatch)``; ``lr`` from a grid. The refreshes count in the
-  wall-clock.
+* ``PSGD-GGN``: mini-batch SGD preconditioned by a stale exact solve, with
+  ``hessinv.optim.CurvaturePreconditioner(curvature="ggn", every=refresh_every,
+  damping=damping_rel, relative=True)`` and ``torch.optim.SGD`` (no momentum): every
+  ``refresh_every`` steps the factorization of ``G + eps I`` is rebuilt on a larger batch
+  (its own seeded stream, so the mini-batches stay those of the other methods) with
+  ``eps = damping_rel * trace(G) / n``, and every step ``precondition_()`` replaces the
+  mini-batch gradient by ``(G + eps I)^-1 g``, so that ``x <- x - lr (G + eps I)^-1 g``;
+  ``lr`` from a grid. The refreshes count in the wall-clock.
 
 For the grid methods, every grid point is a full run; the table and the figure show the
 point with the lowest final full-training-set loss; all points are in ``e6_runs.csv``.
@@ -59,6 +63,7 @@ import torch
 from torch import nn
 
 import hessinv
+from hessinv.optim import CurvaturePreconditioner
 
 from .common import (
     Batches,
@@ -73,7 +78,7 @@ from .common import (
 DT = torch.float64
 N_CLASSES = 10
 FIRST_ORDER = ("SGD", "Adam")
-EXACT = ("Newton-H", "LM-GGN", "TrustRegion", "HF-GGN", "PSGD-GGN")
+EXACT = ("Newton-H", "LM-GGN", "TrustRegion", "TR-GGN", "HF-GGN", "PSGD-GGN")
 METHODS = FIRST_ORDER + EXACT
 GRID_METHODS = ("SGD", "Adam", "PSGD-GGN")
 
@@ -83,6 +88,7 @@ _STYLE = {
     "Newton-H": ("tab:red", "-"),
     "LM-GGN": ("tab:green", "-"),
     "TrustRegion": ("tab:brown", "-"),
+    "TR-GGN": ("tab:olive", "-"),
     "HF-GGN": ("tab:purple", "-"),
     "PSGD-GGN": ("black", "-"),
 }
@@ -193,6 +199,7 @@ class LibraryOptimizer:
     def __init__(self, opt):
         self.opt, self.accepted, self.factorizations = opt, 0, 0
         self.eps: list[float] = []
+        self.routes: dict[str, int] = {}  # factorization routes of DampedNewton's steps
 
     def step(self, X, y) -> float:
         f = self.opt.step(X, y)
@@ -202,6 +209,8 @@ class LibraryOptimizer:
         key = "damping" if "damping" in last else "lam"
         if last.get(key) is not None:
             self.eps.append(float(last[key]))
+        if last.get("method"):
+            self.routes[last["method"]] = self.routes.get(last["method"], 0) + 1
         return f
 
     def note(self, steps: int) -> str:
@@ -209,6 +218,8 @@ class LibraryOptimizer:
         if self.eps:
             name = "eps" if isinstance(self.opt, hessinv.DampedNewton) else "lam"
             text += f", {name} median {np.median(self.eps):.2g} max {max(self.eps):.2g}"
+        if self.routes:
+            text += ", route " + " / ".join(f"{k} x{v}" for k, v in self.routes.items())
         return text
 
 
@@ -260,7 +271,9 @@ class HessianFree:
 
 
 class PreconditionedSGD:
-    """Mini-batch SGD with a stale exact Gauss-Newton preconditioner (see the module docstring)."""
+    """Mini-batch SGD with a stale exact Gauss-Newton preconditioner (see the module docstring):
+    ``torch.optim.SGD`` (no momentum) on the gradients that
+    ``hessinv.optim.CurvaturePreconditioner`` replaces by exact solves."""
 
     def __init__(
         self,
@@ -273,29 +286,36 @@ class PreconditionedSGD:
         data,
     ):
         self.model, self.loss_fn = model, loss_fn
-        self.params = list(model.parameters())
-        self.lr, self.damping_rel, self.refresh_every = lr, damping_rel, refresh_every
         self.big, self.data = big_batches, data
-        self.count, self.F, self.eps, self.refreshes = 0, None, None, 0
+        # damping = damping_rel * tr(G) / n of the refresh batch, measured at each refresh
+        self.precond = CurvaturePreconditioner(
+            model, loss_fn, curvature="ggn", damping=damping_rel, every=refresh_every, relative=True
+        )
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+        self.big_batch = None
 
-    def _refresh(self):
-        idx = self.big.next()
-        G = _ggn(self.model, self.loss_fn, self.data[0][idx], self.data[1][idx])
-        self.eps = max(self.damping_rel * float(G.trace()) / G.num_params, 1e-12)
-        self.F = G.factorize(self.eps)
-        self.refreshes += 1
+    @property
+    def refreshes(self) -> int:
+        return self.precond.refreshes
+
+    @property
+    def eps(self) -> float | None:
+        return self.precond.damping_used
 
     def step(self, X, y) -> float:
-        if self.count % self.refresh_every == 0:
-            self._refresh()
-        self.count += 1
-        for p in self.params:
-            p.grad = None
+        P = self.precond
+        # update() counts every call and refreshes on the first and every refresh_every-th:
+        # a new large batch is drawn (from its own stream) only for those, the other calls
+        # pass the last one (which they do not read)
+        if P.updates % P.every == 0:
+            idx = self.big.next()
+            self.big_batch = (self.data[0][idx], self.data[1][idx])
+        P.update(*self.big_batch)
+        self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(X), y)
-        grads = torch.autograd.grad(loss, self.params)
-        g = torch.cat([q.reshape(-1) for q in grads])
-        d = self.F.solve(g, refine=0)
-        _set_flat(self.params, _flat_params(self.params) - self.lr * d)
+        loss.backward()
+        P.precondition_()  # grad <- (G + eps I)^-1 grad, one exact solve
+        self.opt.step()  # x <- x - lr (G + eps I)^-1 g
         return float(loss.detach())
 
 
@@ -320,7 +340,7 @@ def make_method(name: str, model, loss_fn, st: dict, lr, big_batches, data):
                 curvature=_hessian if name == "Newton-H" else _ggn,
             )
         )
-    if name == "TrustRegion":
+    if name in ("TrustRegion", "TR-GGN"):
         return LibraryOptimizer(
             hessinv.TrustRegionNewton(
                 model,
@@ -329,7 +349,7 @@ def make_method(name: str, model, loss_fn, st: dict, lr, big_batches, data):
                 max_radius=10.0,
                 max_tries=2,
                 rtol=1e-3,
-                curvature=_hessian,
+                curvature=_hessian if name == "TrustRegion" else _ggn,
             )
         )
     if name == "HF-GGN":
@@ -350,9 +370,11 @@ def describe(name: str, st: dict) -> str:
         "LM-GGN": f"DampedNewton(GGN), lr 1, eps0 {st['newton_damping']:g}, x4 up / x0.5 down, "
         "<=3 tries",
         "TrustRegion": f"TrustRegionNewton(H), radius0 {st['tr_radius']:g}, max 10, <=2 tries",
+        "TR-GGN": f"TrustRegionNewton(GGN), radius0 {st['tr_radius']:g}, max 10, <=2 tries",
         "HF-GGN": f"{st['cg_iters']} CG its on GGN + lam I, lam0 {st['hf_damping']:g}, "
         "warm start 0.95, LM x1.5 / x2/3",
-        "PSGD-GGN": f"refresh every {st['refresh_every']} steps on {st['precond_batch']} samples, "
+        "PSGD-GGN": f"CurvaturePreconditioner(GGN) + SGD (momentum 0), refresh every "
+        f"{st['refresh_every']} steps on {st['precond_batch']} samples, "
         f"eps = {st['psgd_damping_rel']:g} tr(G)/n",
     }[name]
 
@@ -431,7 +453,9 @@ def run_one(
     elif isinstance(method, HessianFree):
         extra = f"{method.accepted}/{step} accepted, lam final {method.damping:.2g}"
     elif isinstance(method, PreconditionedSGD):
-        extra = f"{method.refreshes} refreshes, last eps {method.eps:.2g}"
+        extra = f"{method.refreshes} refreshes"
+        if method.eps is not None:
+            extra += f", last eps {method.eps:.2g}"
     return dict(
         method=name,
         lr=lr,

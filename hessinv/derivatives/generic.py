@@ -41,7 +41,7 @@ import torch
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from hessinv.derivatives.base import DenseStage, StageDerivatives
+from hessinv.derivatives.base import DenseStage, StageDerivatives, quiet_forward_ad
 
 __all__ = ["GenericDerivatives", "per_sample_jacobian", "per_sample_hessian"]
 
@@ -268,10 +268,13 @@ class GenericDerivatives(StageDerivatives):
         tail: Callable | None = None,
     ):
         B = b.shape[0]
-        if tail is None:
-            parts = _dense(apply, x, z, b, has_input=has_input, second_order=second_order)
-        else:
-            parts = _composed(apply, tail, x, z, b, has_input=has_input, second_order=second_order)
+        with quiet_forward_ad():  # forward mode (jacfwd, jvp) for Dx, Dz or the tail's J
+            if tail is None:
+                parts = _dense(apply, x, z, b, has_input=has_input, second_order=second_order)
+            else:
+                parts = _composed(
+                    apply, tail, x, z, b, has_input=has_input, second_order=second_order
+                )
         Dx, Dz, Dxx, Dzx, Dzz = parts
         self._Dx, self._Dxx = Dx, Dxx
         self._Dz, self._Dzx, self._Dzz = (Dz, Dzx, Dzz) if has_input else (None, None, None)

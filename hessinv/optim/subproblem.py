@@ -126,10 +126,12 @@ def _output_space_solution(
         coef[keep] = y[keep] / e[keep] ** 2
         s = -torch.cat(space.apply_T((Q @ coef)[:, None]))[:, 0]
         return TrustRegionSolution(s, 0.0, False, False, fresh, 0, 0)
-    # boundary: 1/||s(lam)|| - 1/radius is concave increasing; Newton from the left
-    lo, hi = 0.0, math.inf
+    # boundary: 1/||s(lam)|| - 1/radius is concave increasing; Newton from the left.
+    # ||s(lam)|| >= sqrt(perp) / lam, so the root is at least sqrt(perp) / radius (and the
+    # iterates never reach a lam whose square underflows in perp / lam^2)
+    lo, hi = (math.sqrt(perp) / radius if perp else 0.0), math.inf
     top = float(ek.max()) if ek.numel() else 0.0
-    lam = max(math.sqrt(max(gg, 0.0)) / radius - top, 0.0) or 1e-300
+    lam = max(math.sqrt(max(gg, 0.0)) / radius - top, lo) or 1e-300
     for _ in range(200):
         n2 = norm2(lam)
         if n2 > radius * radius:
@@ -160,6 +162,13 @@ def _output_space_solution(
     return TrustRegionSolution(s, lam, True, False, fresh + (0 if F.reused_factors else 1), 1, 0)
 
 
+#: ``B + lam_tiny I`` singular to working precision: ``n_negative`` counts the eigenvalues
+#: below ``-_SINGULAR_SHIFT lam_tiny`` instead (one more factorization)
+_SINGULAR_SHIFT = 1e4
+#: upward trials from the previous multiplier while no upper bound of the root is known
+_GROWTH = 1.25
+
+
 def _counted(F) -> int:
     """1 for a new factorization (or a failed one), 0 for one that reused kept factors."""
     return 0 if F is not None and getattr(F, "reused_factors", False) else 1
@@ -175,6 +184,7 @@ def trust_region_subproblem(
     max_iter: int = 100,
     inverse_iterations: int = 3,
     lam_init: float | None = None,
+    n_negative: int | None = None,
 ) -> TrustRegionSolution:
     r"""Exact solution of ``min_s g^T s + 1/2 s^T B s  s.t. ||s|| <= radius`` (Moré-Sorensen).
 
@@ -188,9 +198,16 @@ def trust_region_subproblem(
       ``phi(lam) = 1/||s(lam)|| - 1/radius = 0`` by the Newton steps of the module
       docstring, from the left of the root;
     * the first factorization is at ``lam_tiny = 100 u ||B||`` (the diagonal's scale), not
-      at 0 (singular for any network with a softmax); its inertia gives ``n_negative``;
+      at 0 (singular for any network with a softmax); its inertia gives ``n_negative``,
+      the number of eigenvalues of ``B`` below ``-lam_tiny`` (below ``-1e4 lam_tiny`` when
+      ``B + lam_tiny I`` is singular to working precision, at one more factorization);
       ``lam_init`` (the previous step's multiplier) is the first trial of the iteration
-      when it lies in the bracket, which usually saves most of it;
+      when it lies in the bracket, which usually saves most of it; when ``B + lam_init I``
+      is not positive definite the trials grow by ``1.25x`` from there until one is, and
+      from its right the Newton steps go down by at most that factor;
+    * ``n_negative``, known from an earlier solve with the same ``B`` that ended on the
+      boundary at a larger radius (a retry with a smaller one), skips the factorization at
+      ``lam_tiny``: the solution is on the boundary again, at a larger multiplier;
     * safeguards: a bracket ``[lam_L, lam_U]`` of the root. ``lam_L`` is raised to every
       ``lam`` at which the exact inertia says ``B + lam I`` is not positive definite
       (including where ``factorize`` raises :class:`~hessinv.errors.SingularMatrixError`)
@@ -256,9 +273,17 @@ def trust_region_subproblem(
     # singular for every network with a softmax (a null direction per sample), and at
     # lam_tiny the inertia counts the negative eigenvalues of B below -lam_tiny.
     lam_tiny = 100 * torch.finfo(g.dtype).eps * scale
-    F, pd = try_factorize(curvature, lam_tiny)
-    nfact = _counted(F)
-    n_negative = None if F is None else int(F.inertia()[1])
+    if n_negative is not None and lam_init is not None and lam_init > lam_tiny:
+        # a retry with the same B and a smaller radius: boundary again, right of lam_init
+        F, pd, nfact = None, False, 0
+    else:
+        F, pd = try_factorize(curvature, lam_tiny)
+        nfact = _counted(F)
+        if F is None:  # singular to working precision at lam_tiny: count below a larger shift
+            lam_tiny *= _SINGULAR_SHIFT
+            F, pd = try_factorize(curvature, lam_tiny)
+            nfact += _counted(F)
+        n_negative = None if F is None else int(F.inertia()[1])
     if pd:
         s = -F.solve(g)
         if norm(s) <= radius * (1 + rtol):  # interior: the Newton step, to rounding of lam
@@ -275,6 +300,10 @@ def trust_region_subproblem(
 
     def bracket_trial(theta: float) -> float:
         if math.isinf(lam_U):
+            if lam_L > lam_tiny and lam_init is not None:
+                # the root moved up from the last step's multiplier: grow geometrically from
+                # there rather than jump by ||g|| / radius (Newton from far right is slow)
+                return _GROWTH * lam_L
             return 2.0 * lam_L + max(gnorm / radius, 1e-8 * scale, 1e-300)
         return lam_L + theta * (lam_U - lam_L)
 
@@ -338,6 +367,10 @@ def trust_region_subproblem(
         if snorm > 0:
             q2 = float(s @ F.solve(s))
             lam_new = lam + (snorm * snorm / q2) * (snorm - radius) / radius
+            if lam_init is not None and snorm < radius:
+                # warm start, right of the root: Newton overshoots far to the left on this
+                # concave phi; step down geometrically, as upward from lam_init
+                lam_new = max(lam_new, lam / _GROWTH)
         if not lam_L < lam_new < lam_U:
             if fallback is not None and lam_L < fallback < lam_U:
                 lam_new = fallback

@@ -26,6 +26,7 @@ that is constant in the parameters) the step is ``0`` and counts as converged.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -63,7 +64,11 @@ class TrustRegionNewton(CurvatureOptimizer):
         eta: acceptance threshold on ``rho``, in ``[0, 0.25)``.
         shrink, grow: radius factors, in ``(0, 1)`` and ``> 1``.
         max_tries: subproblem solves per step (>= 1).
-        rtol, hard_tol: tolerances of the subproblem solver.
+        rtol: a boundary step may have ``| ||s|| - radius | <= rtol radius``; it is then the
+            exact minimiser for the radius ``||s||`` (``(B + lam I) s = -g`` with
+            ``B + lam I`` positive semidefinite), so a loose ``rtol`` (default ``1e-2``)
+            changes the radius slightly, not the step's exactness, and saves factorizations.
+        hard_tol: tolerance of the subproblem's hard case.
 
     ``step`` returns the batch loss before the step as a Python float. ``opt.last_step``
     holds ``radius`` (of the last try), ``new_radius``, ``accepted``, ``step_norm``,
@@ -101,7 +106,7 @@ class TrustRegionNewton(CurvatureOptimizer):
         shrink: float = 0.25,
         grow: float = 2.0,
         max_tries: int = 5,
-        rtol: float = 1e-10,
+        rtol: float = 1e-2,
         hard_tol: float = 1e-10,
         oracle: str = "auto",
         *,
@@ -132,6 +137,8 @@ class TrustRegionNewton(CurvatureOptimizer):
             curvature=curvature,
             process_group=process_group,
         )
+        #: (the curvature, multiplier, n_negative) of the last boundary try, for a retry
+        self._last_try: tuple[weakref.ref, float, int | None] | None = None
 
     def _check_hyper(self, hyper: dict) -> None:
         max_radius = positive(hyper["max_radius"], "max_radius", allow_inf=True)
@@ -164,13 +171,21 @@ class TrustRegionNewton(CurvatureOptimizer):
 
     # ------------------------------------------------------------------ template hooks
     def _propose(self, curvature: CurvatureProtocol, g: torch.Tensor, hyper: dict) -> Proposal:
+        # a retry within the step (same curvature, smaller radius) starts where the last try
+        # ended: its multiplier and its count of negative eigenvalues (no new factorization)
+        last = self._last_try
+        retry = last if last is not None and last[0]() is curvature else None
         sol = trust_region_subproblem(
             curvature,
             g,
             hyper["radius"],
             rtol=hyper["rtol"],
             hard_tol=hyper["hard_tol"],
-            lam_init=hyper["multiplier"] or None,
+            lam_init=(retry[1] if retry else hyper["multiplier"]) or None,
+            n_negative=retry[2] if retry else None,
+        )
+        self._last_try = (
+            (weakref.ref(curvature), sol.lam, sol.n_negative) if sol.on_boundary else None
         )
         diagnostics = {
             "radius": hyper["radius"],

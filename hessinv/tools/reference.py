@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
+from hessinv.derivatives.base import quiet_forward_ad
+
 __all__ = ["dense_hessian", "CGResult", "conjugate_gradient"]
 
 
@@ -42,7 +44,8 @@ def dense_hessian(
         params = {n: t.reshape(s) for (n, _), t, s in zip(named, pieces, shapes, strict=True)}
         return loss_fn(functional_call(module, params, (inputs,)), targets)
 
-    return hessian(loss_of)(flat)
+    with quiet_forward_ad():  # torch.func.hessian is forward-over-reverse
+        return hessian(loss_of)(flat)
 
 
 class CGResult(NamedTuple):

@@ -387,6 +387,7 @@ def test_trust_region_step_matches_dense_boundary(
     expected = dense_trust_region(H, g, radius)
     assert float(expected.norm()) == pytest.approx(radius, rel=1e-9)  # a boundary case
     x0 = flat_params(model)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
     opt = TrustRegionNewton(model, loss_fn, radius=radius, curvature=curvature)
     assert opt.step(X, y) == pytest.approx(f0, rel=1e-13)
     info = opt.last_step
@@ -394,9 +395,24 @@ def test_trust_region_step_matches_dense_boundary(
     s = flat_params(model) - x0 if info["accepted"] else None
     if s is None:  # rejected: reproduce the step from the subproblem solver itself
         B = opt._build_curvature(X, y)
-        s = trust_region_subproblem(B, B.gradient(), radius).step
+        s = trust_region_subproblem(B, B.gradient(), radius, rtol=opt.defaults["rtol"]).step
+    # the default rtol (1e-2) lets ||s|| miss the radius by that much; s is then the exact
+    # minimiser for the radius ||s||
+    assert abs(float(s.norm()) - radius) <= opt.defaults["rtol"] * radius
+    exact = dense_trust_region(H, g, float(s.norm()))
+    assert rel(s, exact) < 1e-8
+    assert info["predicted_reduction"] == pytest.approx(-model_value(H, g, exact), rel=1e-8)
+    # with a tight rtol the step is that of the radius itself
+    model.load_state_dict(model_state)
+    tight = TrustRegionNewton(model, loss_fn, radius=radius, curvature=curvature, rtol=1e-10)
+    tight.step(X, y)
+    B = tight._build_curvature(X, y) if not tight.last_step["accepted"] else None
+    s = (
+        flat_params(model) - x0
+        if B is None
+        else trust_region_subproblem(B, B.gradient(), radius, rtol=1e-10).step
+    )
     assert rel(s, expected) < 1e-8
-    assert info["predicted_reduction"] == pytest.approx(-model_value(H, g, expected), rel=1e-8)
 
 
 @CURVATURES
@@ -418,8 +434,10 @@ def test_trust_region_indefinite_boundary(curvature):
     # and through the optimizer
     opt.step(X, y)
     assert opt.last_step["n_negative"] == int((evals < 0).sum())
-    if opt.last_step["accepted"]:
-        assert rel(flat_params(model) - x0, expected) < 1e-8
+    if opt.last_step["accepted"]:  # exact for the radius ||s|| (within rtol of radius)
+        s = flat_params(model) - x0
+        assert abs(float(s.norm()) - radius) <= opt.defaults["rtol"] * radius
+        assert rel(s, dense_trust_region(H, g, float(s.norm()))) < 1e-8
         assert opt.last_step["rho"] > opt.param_groups[0]["eta"]
     else:
         assert torch.equal(flat_params(model), x0)
@@ -456,7 +474,63 @@ def test_trust_region_rejection_shrinks_radius_and_restores():
     info = opt.last_step
     assert not info["accepted"] and info["rho"] < 0.25 and info["on_boundary"]
     assert torch.equal(flat_params(model), x0) and info["new_loss"] == f0
-    assert opt.radius == info["new_radius"] == pytest.approx(0.25 * info["step_norm"])
+    shrunk = 0.25 * min(info["radius"], info["step_norm"])  # ||s|| is within rtol of 50
+    assert opt.radius == info["new_radius"] == pytest.approx(shrunk, rel=1e-15)
+    assert info["step_norm"] == pytest.approx(50.0, rel=opt.defaults["rtol"])
+
+
+def test_trust_region_ggn_with_dropped_eigenvalues():
+    """A deep narrow tanh net (Kaiming gain): half of U U^T's eigenvalues are at rounding
+    level and dropped, so the gradient keeps a part outside the kept row space (perp > 0)
+    while ||g|| / radius < max eigenvalue. The output-space subproblem started at
+    lam = 1e-300 there and divided by its underflowed square (E6's TR-GGN crashed). Checked
+    by the optimality conditions of a PSD G: (G + lam I) s = -g, lam >= 0, ||s|| = radius."""
+    torch.manual_seed(0)
+    dims = [64] + [8] * 31 + [10]
+    layers: list[nn.Module] = []
+    for i in range(32):
+        lin = nn.Linear(dims[i], dims[i + 1])
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="tanh" if i < 31 else "linear")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.Tanh()] if i < 31 else [lin]
+    model = nn.Sequential(*layers).double()
+    X, y = torch.randn(64, 64, dtype=DT), torch.randint(0, 10, (64,))
+    G = hessinv.ChainGGN(model, nn.CrossEntropyLoss(), X, y, progress=False)
+    g, radius = G.gradient(), 0.5
+    e = G.spectrum()
+    assert float(e.max()) > float(g.norm()) / radius  # the start the bug needed
+    sol = trust_region_subproblem(G, g, radius, rtol=1e-10)
+    assert sol.on_boundary and sol.lam > 0
+    assert abs(float(sol.step.norm()) - radius) <= 1e-10 * radius
+    residual = G @ sol.step + sol.lam * sol.step + g
+    assert float(residual.norm()) <= 1e-10 * float(g.norm())
+
+
+def test_trust_region_retry_starts_where_the_first_try_ended():
+    """A rejected try's multiplier and negative count carry over to the retry (same B,
+    smaller radius): no second factorization at lam_tiny, every factorization counted."""
+    model, loss_fn, X, y = make_problem(3, 5, 6, "mse", 3, scale=2.5)
+    dampings: list[float] = []
+
+    def factory(*args):
+        B = dense_hessian_factory(*args)
+        factorize = B.factorize
+
+        def logged(damping=0.0, *a, **k):
+            dampings.append(float(damping))
+            return factorize(damping, *a, **k)
+
+        B.factorize = logged
+        return B
+
+    evals = torch.linalg.eigvalsh(dense_g_H(model, loss_fn, X, y)[2])
+    opt = TrustRegionNewton(model, loss_fn, radius=50.0, max_tries=2, curvature=factory)
+    opt.step(X, y)
+    info = opt.last_step
+    assert info["tries"] == 2 and info["n_negative"] == int((evals < 0).sum()) > 0
+    assert info["factorizations"] == len(dampings)
+    assert sum(d < 1e-10 for d in dampings) == 1  # lam_tiny in the first try only
+    assert info["lam"] > -float(evals[0])
 
 
 # ----------------------------------------------------------------------------- constant loss
@@ -560,8 +634,11 @@ def test_ggn_is_levenberg_marquardt(monkeypatch):
 def test_real_ggn_matches_dense_ggn(cls):
     model, loss_fn, X, y = make_problem(3, 4, 6, "ce", 3)
     model2 = copy.deepcopy(model)
-    cls(model, loss_fn, curvature="ggn").step(X, y)
-    cls(model2, loss_fn, curvature=dense_ggn_factory).step(X, y)
+    # the trust region's boundary to rounding (its default rtol lets the two solvers, whose
+    # iterations differ, stop at radii 1e-2 apart)
+    kw = {"rtol": 1e-12} if cls is TrustRegionNewton else {}
+    cls(model, loss_fn, curvature="ggn", **kw).step(X, y)
+    cls(model2, loss_fn, curvature=dense_ggn_factory, **kw).step(X, y)
     assert rel(flat_params(model), flat_params(model2)) < 1e-10
 
 

@@ -109,6 +109,41 @@ def test_e6_tiny(cfg):
         assert 1 <= int(r["steps"]) <= 3
 
 
+def test_e6_psgd_is_sgd_on_the_exact_solve(cfg):
+    """PSGD-GGN (CurvaturePreconditioner + torch.optim.SGD) takes the steps
+    ``x <- x - lr (G_big + eps I)^-1 g_minibatch``, ``eps = rel tr(G_big) / n``, with ``G_big``
+    rebuilt every ``refresh_every`` steps on the next batch of its own stream."""
+    from torch import nn
+
+    import hessinv
+    from paper import e6_deep_training as e6
+    from paper.common import Batches
+
+    data = e6.load_data("cpu")
+    n = data[0].shape[0]
+    loss_fn = nn.CrossEntropyLoss()
+    model, ref = (e6.make_model(3, 4, "tanh", 0, "cpu") for _ in range(2))
+    psgd = e6.PreconditionedSGD(model, loss_fn, 0.1, 0.5, 2, Batches(n, 12, 2000, "cpu"), data)
+    big, small = Batches(n, 12, 2000, "cpu"), Batches(n, 8, 1000, "cpu")
+    params = list(ref.parameters())
+    for k in range(5):
+        idx = small.next()
+        X, y = data[0][idx], data[1][idx]
+        if k % 2 == 0:
+            j = big.next()
+            G = hessinv.ChainGGN(ref, loss_fn, data[0][j], data[1][j], progress=False)
+            F = G.factorize(0.5 * float(G.trace()) / G.num_params)
+        g = torch.cat([q.reshape(-1) for q in torch.autograd.grad(loss_fn(ref(X), y), params)])
+        step = F.solve(g)
+        with torch.no_grad():
+            for p, d in zip(params, step.split([q.numel() for q in params]), strict=True):
+                p.sub_(0.1 * d.view_as(p))
+        psgd.step(X, y)
+    assert psgd.refreshes == 3 and psgd.eps == pytest.approx(F.damping, rel=1e-12)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-13)
+
+
 def test_e7_tiny(cfg):
     from paper import e7_least_squares as e7
 
