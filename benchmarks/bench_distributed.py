@@ -190,7 +190,10 @@ def _factor_bytes(F) -> int:
     if space is None:
         return -1
     held = [space._gram, getattr(solver, "_chol", None), *(space._eigh or ())]
-    return _tensor_bytes(*[t for t in held if t is not None])
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held if t is not None
+    }
+    return sum(storages.values())
 
 
 def run_rank(rank: int, world: int, store: str, case: str, repeats: int, result_dir: str):

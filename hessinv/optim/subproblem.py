@@ -155,7 +155,8 @@ def _output_space_solution(
         return None
     s = -F.solve(g)
     snorm = float(torch.linalg.vector_norm(s))
-    if abs(snorm - radius) > 1e-6 * radius:
+    predicted = math.sqrt(norm2(lam))  # the scalar model's ||s(lam)||, within rtol of radius
+    if abs(snorm - predicted) > 1e-6 * radius:
         return None  # the scalar model and the exact solve disagree: the general method
     if abs(snorm - radius) > rtol * radius:
         s = s * (radius / snorm)  # rounding of ||s(lam)|| only: onto the boundary

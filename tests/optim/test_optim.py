@@ -506,6 +506,33 @@ def test_trust_region_ggn_with_dropped_eigenvalues():
     assert float(residual.norm()) <= 1e-10 * float(g.norm())
 
 
+@pytest.mark.parametrize("rtol", [1e-2, 1e-10])
+def test_trust_region_on_ggn_stays_in_the_output_space(rtol):
+    """Every subproblem on G goes through the output space's eigendecomposition (one solve
+    per step), at the default rtol too: never the general method's factorizations at
+    lam_tiny (G + 1e-14 I is singular to working precision for a softmax network)."""
+    model, loss_fn, X, y = make_problem(3, 6, 12, "ce", 2)
+    dampings: list[float] = []
+
+    def factory(*args):
+        G = hessinv.ChainGGN(*args, progress=False)
+        factorize = G.factorize
+
+        def logged(damping=0.0, *a, **k):
+            dampings.append(float(damping))
+            return factorize(damping, *a, **k)
+
+        G.factorize = logged
+        return G
+
+    opt = TrustRegionNewton(model, loss_fn, radius=0.5, curvature=factory, rtol=rtol)
+    for _ in range(6):
+        opt.step(X, y)
+        assert opt.last_step["factorizations"] <= 2
+    assert len(dampings) <= 6 * opt.defaults["max_tries"]
+    assert min(dampings) > 1e-8  # no lam_tiny: the general method never ran
+
+
 def test_trust_region_retry_starts_where_the_first_try_ended():
     """A rejected try's multiplier and negative count carry over to the retry (same B,
     smaller radius): no second factorization at lam_tiny, every factorization counted."""
