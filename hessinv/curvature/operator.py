@@ -242,13 +242,17 @@ class CurvatureOperator:
         """Estimated peak bytes per route (``riccati``, ``tridiagonal``, ``dense``, and
         ``output`` for the Gauss-Newton matrix) and ``derivatives`` (held now); checked
         against the budget before a factorization allocates anything."""
-        return routes.memory_per_route(self._union())
+        union = self._union()
+        routes.prepare_bases(union)
+        return routes.memory_per_route(union)
 
     def cost_estimate(self) -> dict[str, float]:
         """Estimated floating-point operations per route, with each stage's operators
         counted as a fixed amount of work (their dispatch; docs/algorithm.md section 15):
         what ``method="auto"`` compares."""
-        return routes.cost_per_route(self._union())
+        union = self._union()
+        routes.prepare_bases(union)
+        return routes.cost_per_route(union)
 
     def factorize(
         self,

@@ -16,10 +16,11 @@ from hessinv.curvature.factorization import (
     TridiagonalFactorization,
 )
 from hessinv.curvature.memory import available_memory, check_budget, memory_estimate, route_flops
+from hessinv.derivatives.linear import LinearDerivatives, compress_linear_stages
 from hessinv.errors import MemoryBudgetError
 from hessinv.network.checks import check_bytes, finite
 
-__all__ = ["METHODS", "memory_per_route", "cost_per_route", "choose", "factorize"]
+__all__ = ["METHODS", "prepare_bases", "memory_per_route", "cost_per_route", "choose", "factorize"]
 
 #: the routes :func:`factorize` takes by name; ``"auto"`` picks among a class's ``routes``
 METHODS = ("auto", "output", "riccati", "dense", "tridiagonal")
@@ -29,6 +30,16 @@ _FACTORIZATIONS = {
     "dense": DenseFactorization,
     "tridiagonal": TridiagonalFactorization,
 }
+
+
+def prepare_bases(curvature) -> None:
+    """Give the ``Linear`` stages their row-space bases if the sweep left them unchecked (the
+    Gauss-Newton sweep does: its output space needs none, section 14): the Riccati and
+    tridiagonal routes' sizes, hence their estimates, depend on them (section 8). One
+    batched SVD per stage shape, done once."""
+    compress_linear_stages(
+        [d for d in curvature.stage_derivatives() if isinstance(d, LinearDerivatives)]
+    )
 
 
 def memory_per_route(curvature) -> dict[str, int]:
@@ -56,6 +67,8 @@ def choose(curvature, damping: float, method: str, max_memory: int | None) -> st
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     name = f"{curvature.symbol} + {damping:g} I"
+    if method in ("riccati", "tridiagonal") or curvature.output_space_or_none() is None:
+        prepare_bases(curvature)  # a route that needs the bases may be taken: size it right
     est = memory_per_route(curvature)
     if method != "auto":
         if method not in est:

@@ -143,3 +143,25 @@ def test_ggn_with_data_loader_and_parameter_subset():
     D = dense_ggn(model, loss_fn, X, y)
     keep = torch.cat([torch.arange(0, 12), torch.tensor([12 + 4 + 8, 12 + 4 + 9])])
     assert float((G.dense() - D[keep][:, keep]).abs().max()) <= 1e-13 * float(D.abs().max())
+
+
+def test_riccati_route_of_g_is_sized_with_the_bases():
+    """The Gauss-Newton sweep leaves the Linear stages' bases unchecked (its output space
+    needs none); the Riccati route must be sized with them, as it runs: a wide stage
+    (width 48, batch 4) fits where its uncompressed front would not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 3)
+    ).double()
+    X, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    loss = nn.CrossEntropyLoss()
+    H = hessinv.ChainHessian(model, loss, X, y, progress=False)
+    G = hessinv.ChainGGN(model, loss, X, y, progress=False)
+    need = H.memory_estimate()["riccati"]  # the same stages, fronts and factors
+    F = G.factorize(1e-3, method="riccati", max_memory=int(1.2 * need))
+    assert F.method.startswith("riccati")
+    assert G.memory_estimate()["riccati"] == need
+    dense = G.dense() + 1e-3 * torch.eye(G.num_params, dtype=torch.float64)
+    g = G.gradient()
+    assert torch.allclose(F.solve(g), torch.linalg.solve(dense, g), rtol=1e-9, atol=1e-12)
+    assert F.backward_error <= 1e-12

@@ -228,3 +228,18 @@ def test_e7_dense_lm_matches_hessinv_step(cfg):
         e7.DenseLM(model, st, mode).step(X, y)
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), mode
+
+
+def test_e6_digits_check_tiny(tmp_path, capsys):
+    """The digits check runs every method for a few steps, writes its JSON lines and their
+    table."""
+    from paper import e6_digits_check as check
+
+    out = tmp_path / "runs.jsonl"
+    argv = ["--depth", "3", "--width", "4", "--batch", "8", "--steps", "2", "--out", str(out)]
+    assert check.main(argv + ["--methods", *check.METHODS]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(check.METHODS)
+    assert check.main(["--table", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in check.METHODS)
