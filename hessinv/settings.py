@@ -24,6 +24,9 @@ HARD_TAU = 0.1
 #: ``INVERSE_DIAGONAL_WARN_FLOAT32`` in float32), section 14
 INVERSE_DIAGONAL_WARN_FLOAT64 = 1e-8
 INVERSE_DIAGONAL_WARN_FLOAT32 = 1e-3
+#: the output space's logdet comes from the eigendecomposition, its rounding-level eigenvalues
+#: set to zero, where they could add more than this to log det (``B r^2 u ||U U^T|| / |lam|``)
+LOGDET_ROUNDING = 1e-12
 
 # ---------------------------------------------------------------------- speed and memory
 #: stages with more parameters than this are not batched with others in the sweeps' batched

@@ -28,6 +28,7 @@ from hessinv.settings import (
     HARD_TAU,
     INVERSE_DIAGONAL_WARN_FLOAT32,
     INVERSE_DIAGONAL_WARN_FLOAT64,
+    LOGDET_ROUNDING,
     RUN_LENGTH,
 )
 
@@ -279,13 +280,25 @@ class OutputSpaceSolver(Solver):
         return out
 
     def logdet(self):
+        """``log det K + (n - B r) log |lam|``. The eigenvalues of ``U U^T`` that are zero in
+        exact arithmetic (``B r - n`` of them when ``B r > n``, more when ``U`` is rank
+        deficient) come out of any factorization at rounding level ``eps``, and each adds
+        ``log(1 + eps / lam)`` ~ ``eps / lam``: ``1e-7`` for ``lam = 1e-8`` and ``B r = 18``.
+        Where that could exceed ``1e-12`` in all, the logdet is taken from the
+        eigendecomposition with the eigenvalues below its accuracy
+        (``B r u max e``, Weyl) set to zero."""
         n, rows, lam = self.space.num_params, self.space.rows, self.damping
         like = self.space.factor
-        if self._chol is not None:
+        A = self.space.gram()
+        top = float(A.diagonal().sum()) if A.numel() else 0.0  # >= ||U U^T||
+        phantom = rows * rows * torch.finfo(like.dtype).eps * top / abs(lam)
+        if self._chol is not None and phantom <= LOGDET_ROUNDING:
             logdet_K = 2 * torch.log(self._chol.diagonal()).sum()
             sign = like.new_ones(())
         else:
-            shifted = self._e + lam
+            e = self._e if self._chol is None else self.space.eigh()[0]
+            e = torch.where(e.abs() <= _tolerance(e, rows), torch.zeros_like(e), e)
+            shifted = e + lam
             logdet_K = torch.log(shifted.abs()).sum()
             sign = torch.sign(shifted).prod()
         # eigenvalues lam of the (n - B r) directions outside the row space of U (B r > n:

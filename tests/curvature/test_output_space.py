@@ -344,3 +344,21 @@ def test_gram_blocks_and_solve_on_a_larger_batch():
     ggn = autograd_ggn(*p)
     bad = check_output_space(G, ggn, 1e-3)
     assert not bad, bad
+
+
+@pytest.mark.parametrize("damping", [1e-8, 1e-6, -1e-8])
+def test_logdet_with_more_rows_than_parameters(damping):
+    """B r = 18 > n = 9: U U^T has 9 eigenvalues that are zero exactly and at rounding level
+    in floating point, each adding ~ eps / lam to log det K (1e-7 at lam = 1e-8, found by the
+    slow sweep, seeds 8167 and 8325). G itself is well conditioned, so the dense logdet is
+    accurate to rounding."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 3)).double()
+    X, y = 1.5 * torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    G = hessinv.ChainGGN(model, nn.MSELoss(reduction="sum"), X, y, progress=False)
+    assert G.output_space().rows > G.num_params
+    M = G.dense() + damping * torch.eye(G.num_params, dtype=torch.float64)
+    want_sign, want = torch.linalg.slogdet(M)
+    sign, got = G.factorize(damping, method="output").logdet()
+    assert float(sign) == float(want_sign)
+    assert abs(float(got) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
