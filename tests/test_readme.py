@@ -37,6 +37,7 @@ def test_code_blocks_run():
     exec(compile(blocks[0], "README.md: tour", "exec"), scope)
     H, G, FG = scope["H"], scope["G"], scope["FG"]
     assert FG.method == "output space" and FG.backward_error <= 1e-12
+    assert G.output_space().rows == G.spectrum().numel() == 96  # the comments' count
     n = H.num_params
     assert scope["H3"].num_params == 16 * 8 + 16 * 4  # the two weights only
     # the loop: a few batches of the tour's data, torch imported as the tour did
