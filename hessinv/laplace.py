@@ -28,11 +28,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from hessinv.curvature.hessian import ChainGGN
 from hessinv.curvature.output_space import OutputSpace
+from hessinv.curvature.solvers import woodbury_diagonal_error
 from hessinv.derivatives import LinearDerivatives
 from hessinv.errors import AccuracyWarning
 from hessinv.network.checks import positive, positive_int
 from hessinv.network.data import resolve_batch
-from hessinv.settings import INVERSE_DIAGONAL_WARN_FLOAT32, INVERSE_DIAGONAL_WARN_FLOAT64
 
 __all__ = ["LaplaceGGN", "MarginalLikelihoodGrad", "LIKELIHOODS", "PRIOR_STRUCTURES"]
 
@@ -507,14 +507,7 @@ class LaplaceGGN:
         p = self._expand(post.p, post.structure)
         t = post.c * self._q(post) / p
         cond = 1.0 + float(post.CA.diagonal().sum())  # >= ||K|| ||K^-1|| (K >= I)
-        dtype = t.dtype
-        ratio = float((t / (1 - t).clamp_min(torch.finfo(dtype).tiny)).abs().max())
-        estimate = torch.finfo(dtype).eps * cond * max(ratio, 1.0)
-        limit = (
-            INVERSE_DIAGONAL_WARN_FLOAT64
-            if dtype == torch.float64
-            else INVERSE_DIAGONAL_WARN_FLOAT32
-        )
+        estimate, limit = woodbury_diagonal_error(t, cond)
         if estimate > limit:
             warnings.warn(
                 f"inverse_diagonal of the posterior precision: relative error up to about "

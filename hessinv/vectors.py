@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["flatten", "unflatten", "ParameterLayout", "ParameterVector"]
+__all__ = ["flatten", "unflatten", "ParameterLayout", "ParameterVector", "LayoutMetadata"]
 
 #: what the operators take and return in parameter space: a flat ``(n,)`` or ``(n, k)`` tensor,
 #: a dict ``name -> tensor shaped like the parameter``, or a list of such tensors
@@ -162,3 +162,39 @@ class ParameterLayout:
         if kind[0] == "dict":
             return dict(zip(self.names, pieces, strict=True))
         return kind[1](pieces)
+
+
+class LayoutMetadata:
+    """What an operator on the parameters of :attr:`layout` (a :class:`ParameterLayout`)
+    says about them: one definition for the curvature operators of one process and of a
+    stage pipeline."""
+
+    layout: ParameterLayout
+
+    @property
+    def num_params(self) -> int:
+        """``n``, the number of selected parameters."""
+        return self.layout.numel
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Parameter names in the model's ``named_parameters()`` order (the order of
+        ``dense()``)."""
+        return self.layout.names
+
+    @property
+    def stage_sizes(self) -> tuple[int, ...]:
+        """``(p_1, ..., p_L)``: selected parameters per stage."""
+        return self.layout.stage_sizes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device

@@ -37,12 +37,12 @@ from hessinv.network.checks import check_loss_fn, check_oracle, finite
 from hessinv.network.data import resolve_batch
 from hessinv.network.snapshot import read_chain
 from hessinv.settings import DENSE_CHUNK
-from hessinv.vectors import ParameterVector
+from hessinv.vectors import LayoutMetadata, ParameterVector
 
 __all__ = ["CurvatureOperator"]
 
 
-class CurvatureOperator:
+class CurvatureOperator(LayoutMetadata):
     """An exact symmetric curvature operator of a chain network (see :class:`ChainHessian`
     for the constructor's arguments)."""
 
@@ -99,35 +99,6 @@ class CurvatureOperator:
         """The operator whose factorizations are those of ``C``: this one (a data-parallel
         curvature's is the operator on the union of the ranks' batches, section 17)."""
         return self
-
-    # ------------------------------------------------------------------ metadata
-    @property
-    def num_params(self) -> int:
-        """``n``, the number of selected parameters."""
-        return self.layout.numel
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        """Parameter names in the model's ``named_parameters()`` order (the order of
-        ``dense()``)."""
-        return self.layout.names
-
-    @property
-    def stage_sizes(self) -> tuple[int, ...]:
-        """``(p_1, ..., p_L)``: selected parameters per stage."""
-        return self.layout.stage_sizes
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.device
 
     # ------------------------------------------------------------------ derivatives
     def stage_derivatives(self) -> tuple[StageDerivatives, ...]:

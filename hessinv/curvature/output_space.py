@@ -283,7 +283,28 @@ def gram_from_factors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], r: i
 
 
 # ---------------------------------------------------------------------- the factor
-class OutputSpace:
+class KeptEigendecomposition:
+    """``eigh()`` of a Gram matrix ``gram()``, computed once and kept (its subclasses set
+    ``_eigh = None`` and define ``gram``)."""
+
+    _eigh: tuple[torch.Tensor, torch.Tensor] | None
+
+    def gram(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, Q)``: ``A = Q diag(e) Q^T``, ``e`` ascending (computed once)."""
+        if self._eigh is None:
+            self._eigh = torch.linalg.eigh(self.gram())
+        return self._eigh
+
+    @property
+    def has_eigh(self) -> bool:
+        """Whether the eigendecomposition is kept (every shift ``lam`` then costs nothing)."""
+        return self._eigh is not None
+
+
+class OutputSpace(KeptEigendecomposition):
     """``U = F J`` of a Gauss-Newton matrix ``G = U^T U`` (docs/algorithm.md section 14).
 
     Args:
@@ -382,17 +403,6 @@ class OutputSpace:
         for l, M in self.pullbacks():
             out += stage_gram_blocks(self.stages[l], M, None if weights is None else weights[l])
         return out
-
-    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(e, Q)``: ``A = Q diag(e) Q^T``, ``e`` ascending (computed once)."""
-        if self._eigh is None:
-            self._eigh = torch.linalg.eigh(self.gram())
-        return self._eigh
-
-    @property
-    def has_eigh(self) -> bool:
-        """Whether the eigendecomposition is kept (every shift ``lam`` then costs nothing)."""
-        return self._eigh is not None
 
     def diag_quadratic(self, X: torch.Tensor) -> list[torch.Tensor]:
         """``diag(U^T X U)`` per stage, ``(p_l,)``, for a symmetric ``X`` ``(B r, B r)``."""

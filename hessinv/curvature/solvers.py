@@ -39,6 +39,7 @@ __all__ = [
     "OutputSpaceSolver",
     "DenseSolver",
     "matrix_name",
+    "woodbury_diagonal_error",
     "flat",
 ]
 
@@ -202,6 +203,36 @@ class TridiagonalSolver(Solver):
 
 
 # ---------------------------------------------------------------------- output space
+def woodbury_diagonal_error(t: torch.Tensor, cond: float) -> tuple[float, float]:
+    """``(estimate, limit)`` for a diagonal ``(1 - t_j) / lam`` computed through Woodbury:
+    the relative error of entry ``j`` is about ``u cond(K) t_j / (1 - t_j)`` (the
+    cancellation in ``1 - t_j``), ``estimate`` its largest value (at least ``u cond``), and
+    ``limit`` the level above which it is warned (``1e-8`` in float64, ``1e-3`` in
+    float32; section 14)."""
+    dtype = t.dtype
+    ratio = (
+        float((t / (1 - t).clamp_min(torch.finfo(dtype).tiny)).abs().max()) if t.numel() else 0.0
+    )
+    estimate = torch.finfo(dtype).eps * cond * max(ratio, 1.0)
+    limit = (
+        INVERSE_DIAGONAL_WARN_FLOAT64 if dtype == torch.float64 else INVERSE_DIAGONAL_WARN_FLOAT32
+    )
+    return estimate, limit
+
+
+def _check_nonsingular(shifted: torch.Tensor, tol: float, curvature, damping: float, where: str):
+    """``SingularMatrixError`` when eigenvalues ``shifted`` of ``C + damping I`` lie within
+    ``tol`` of zero; ``where`` says where, with ``{tol}`` for the tolerance."""
+    close = shifted.abs() <= tol
+    if bool(close.any()):
+        raise SingularMatrixError(
+            f"{matrix_name(curvature, damping)} is singular to working precision: "
+            f"{int(close.sum())} eigenvalue(s) " + where.format(tol=f"{tol:.1e}"),
+            damping,
+            nullity=int(close.sum()),
+        )
+
+
 def _tolerance(e: torch.Tensor, size: int) -> float:
     """Absolute accuracy of computed eigenvalues ``e`` of a ``size x size`` symmetric matrix:
     ``size u max|e|`` (backward stable ``eigh``, Weyl)."""
@@ -247,16 +278,10 @@ class OutputSpaceSolver(Solver):
                 self._chol = L
         if self._chol is None:
             e, Q = space.eigh()
-            shifted = e + damping
             tol = _tolerance(e, rows) + abs(damping) * rows * torch.finfo(e.dtype).eps
-            close = shifted.abs() <= tol
-            if bool(close.any()):
-                raise SingularMatrixError(
-                    f"{matrix_name(curvature, damping)} is singular to working precision: "
-                    f"{int(close.sum())} eigenvalue(s) of G within {tol:.1e} of {-damping:g}",
-                    damping,
-                    nullity=int(close.sum()),
-                )
+            _check_nonsingular(
+                e + damping, tol, curvature, damping, f"of G within {{tol}} of {-damping:g}"
+            )
             self._e, self._Q = e, Q
 
     # ---------------------------------------------------------------- K^-1
@@ -326,21 +351,10 @@ class OutputSpaceSolver(Solver):
         ``1e-8`` (float64)."""
         q = self.space.diag_quadratic(self._K_inverse())
         flat = torch.cat(q)
-        dtype = flat.dtype
         A = self.space.gram()
         top = float(A.diagonal().sum()) if A.numel() else 0.0  # >= ||U U^T||
         cond = (top + abs(self.damping)) / abs(self.damping)
-        ratio = (
-            float((flat / (1 - flat).clamp_min(torch.finfo(dtype).tiny)).abs().max())
-            if flat.numel()
-            else 0.0
-        )
-        estimate = torch.finfo(dtype).eps * cond * max(ratio, 1.0)
-        limit = (
-            INVERSE_DIAGONAL_WARN_FLOAT64
-            if dtype == torch.float64
-            else INVERSE_DIAGONAL_WARN_FLOAT32
-        )
+        estimate, limit = woodbury_diagonal_error(flat, cond)
         if estimate > limit:
             warnings.warn(
                 f"inverse_diagonal of {matrix_name(self._curvature, self.damping)}: the "
@@ -403,15 +417,7 @@ class DenseSolver(Solver):
         M = 0.5 * (M + M.T)
         M.diagonal().add_(damping)
         e, V = torch.linalg.eigh(M)
-        tol = _tolerance(e, M.shape[0])
-        close = e.abs() <= tol
-        if bool(close.any()):
-            raise SingularMatrixError(
-                f"{matrix_name(curvature, damping)} is singular to working precision: "
-                f"{int(close.sum())} eigenvalue(s) within {tol:.1e} of zero",
-                damping,
-                nullity=int(close.sum()),
-            )
+        _check_nonsingular(e, _tolerance(e, M.shape[0]), curvature, damping, "within {tol} of zero")
         self._e, self._V = e, V
 
     def solve(self, blocks):

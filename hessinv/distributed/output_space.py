@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from hessinv.curvature.factorization import Factorization
-from hessinv.curvature.output_space import OutputSpace, gram_from_factors, stage_gram_factors
+from hessinv.curvature.output_space import (
+    KeptEigendecomposition,
+    OutputSpace,
+    gram_from_factors,
+    stage_gram_factors,
+)
 from hessinv.curvature.solvers import OutputSpaceSolver, RiccatiSolver, Solver
 
 if TYPE_CHECKING:
@@ -37,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["DistributedOutputSpace", "DistributedOutputSpaceFactorization"]
 
 
-class DistributedOutputSpace:
+class DistributedOutputSpace(KeptEigendecomposition):
     """``U`` of the union (module docstring), with the interface of
     :class:`~hessinv.curvature.output_space.OutputSpace` that the output-space solver uses."""
 
@@ -111,15 +116,6 @@ class DistributedOutputSpace:
             lower = A.tril_()  # rank q's rows of the lower triangle are its own products
             self._gram = lower.add_(lower.tril(-1).T)
         return self._gram
-
-    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._eigh is None:
-            self._eigh = torch.linalg.eigh(self.gram())
-        return self._eigh
-
-    @property
-    def has_eigh(self) -> bool:
-        return self._eigh is not None
 
     def stored_bytes(self) -> int:
         """Peak bytes on a rank: the Gram matrix and its factor, the gathered factors."""

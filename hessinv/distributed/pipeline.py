@@ -52,7 +52,7 @@ from hessinv.network.checks import check_inputs, check_model, check_oracle, chec
 from hessinv.network.snapshot import fold_head, gc_paused
 from hessinv.network.sweep import backward_sweep, batch_size, forward_pass
 from hessinv.settings import MAX_REFINEMENT, REFINEMENT_GAIN
-from hessinv.vectors import ParameterLayout, ParameterVector
+from hessinv.vectors import LayoutMetadata, ParameterLayout, ParameterVector
 
 __all__ = ["PipelineHessian", "PipelineGGN", "PipelineFactorization", "balanced_bounds"]
 
@@ -102,7 +102,7 @@ def _tensor_bytes(*objs: Any) -> int:
     return sum(seen.values())
 
 
-class StagePipeline:
+class StagePipeline(LayoutMetadata):
     """The stage-pipelined operator (module docstring); :class:`PipelineHessian` and
     :class:`PipelineGGN` set :attr:`second_order`.
 
@@ -351,31 +351,6 @@ class StagePipeline:
                 )
             )
         return buf[4:]
-
-    # ------------------------------------------------------------------ metadata
-    @property
-    def num_params(self) -> int:
-        return self.layout.numel
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return self.layout.names
-
-    @property
-    def stage_sizes(self) -> tuple[int, ...]:
-        return self.layout.stage_sizes
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.device
 
     def stage_derivatives(self) -> tuple:
         """This rank's stages' derivative objects (:attr:`owned`)."""

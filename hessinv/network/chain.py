@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from hessinv.network.checks import parameter_named
+
 __all__ = ["Stage", "Chain", "build_chain"]
 
 # Modules whose output for one sample depends on other samples of the batch,
@@ -332,12 +334,7 @@ def _selected_ids(model, children, params) -> set[int]:
     chosen = set()
     for item in params:
         if isinstance(item, str):
-            if item not in names:
-                raise ValueError(
-                    f"params: no parameter named {item!r}; the model's parameters are "
-                    f"{sorted(names)}"
-                )
-            chosen.add(id(names[item]))
+            chosen.add(id(parameter_named(names, item)))
         elif isinstance(item, torch.Tensor):
             if id(item) not in everything:
                 raise ValueError(

@@ -22,6 +22,7 @@ __all__ = [
     "check_inputs",
     "check_targets",
     "check_bytes",
+    "parameter_named",
     "ORACLES",
 ]
 
@@ -141,3 +142,13 @@ def check_targets(targets, device: torch.device) -> None:
             raise ValueError(f"targets are on {targets.device} but the model is on {device}")
         if targets.dtype.is_floating_point and not bool(torch.isfinite(targets).all()):
             raise ValueError("targets contain NaN or Inf")
+
+
+def parameter_named(named, name: str) -> torch.Tensor:
+    """``named[name]`` for a mapping ``parameter name -> tensor``; ``ValueError`` listing the
+    model's parameter names when there is none (for ``params=`` given by name)."""
+    if name not in named:
+        raise ValueError(
+            f"params: no parameter named {name!r}; the model's parameters are {sorted(named)}"
+        )
+    return named[name]

@@ -55,7 +55,7 @@ import torch
 
 from hessinv.curvature.hessian import ChainGGN, ChainHessian
 from hessinv.distributed import DataParallelGGN, DataParallelHessian
-from hessinv.network.checks import ORACLES, check_loss_fn, check_model, positive
+from hessinv.network.checks import ORACLES, check_loss_fn, check_model, parameter_named, positive
 from hessinv.optim.protocol import CurvatureProtocol, check_curvature
 
 __all__ = ["CurvatureOptimizer", "Proposal", "Trial", "Verdict", "resolve_curvature"]
@@ -232,12 +232,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             out = []
             for item in items:
                 if isinstance(item, str):
-                    if item not in named:
-                        raise ValueError(
-                            f"params: no parameter named {item!r}; the model's parameters are "
-                            f"{sorted(named)}"
-                        )
-                    out.append(named[item])
+                    out.append(parameter_named(named, item))
                 elif isinstance(item, torch.Tensor):
                     out.append(item)
                 else:
