@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -190,10 +191,7 @@ def _factor_bytes(F) -> int:
     if space is None:
         return -1
     held = [space._gram, getattr(solver, "_chol", None), *(space._eigh or ())]
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held if t is not None
-    }
-    return sum(storages.values())
+    return _tensor_bytes(SimpleNamespace(held=held))
 
 
 def run_rank(rank: int, world: int, store: str, case: str, repeats: int, result_dir: str):
@@ -210,48 +208,35 @@ def run_rank(rank: int, world: int, store: str, case: str, repeats: int, result_
     out: dict = {"rank": rank}
     sync = dist.barrier
     warm_up(PipelineHessian if case == "pipeline" else DataParallelGGN)
+    rows = slice(rank, None, world)  # the data-parallel shard
+
+    def build():
+        if case == "pipeline":
+            return PipelineHessian(model, nn.CrossEntropyLoss(), X, y)
+        return DataParallelGGN(model, nn.CrossEntropyLoss(), X[rows], y[rows])
+
+    C = phase("construction", build, repeats, out, sync=sync)
+    out["construction"]["sent_bytes"] = sum(C.comm.traffic.values())
+    comm = C.comm
+    v = torch.randn(C.num_params, dtype=torch.float64)
+    phase("product", lambda: C @ v, repeats, out, comm, sync)
+
+    def factor():
+        if case != "pipeline":
+            C._distributed_space = None  # each repeat gathers and builds the Gram matrix again
+        return C.factorize(cfg["damping"])
+
+    F = phase("factorization", factor, repeats, out, comm, sync)
+    phase("solve", lambda: F.solve(C.gradient()), repeats, out, comm, sync)
     if case == "pipeline":
-        C = phase(
-            "construction",
-            lambda: PipelineHessian(model, nn.CrossEntropyLoss(), X, y),
-            repeats,
-            out,
-            sync=sync,
-        )
-        out["construction"]["sent_bytes"] = sum(C.comm.traffic.values())
-        comm = C.comm
-        v = torch.randn(C.num_params, dtype=torch.float64)
-        phase("product", lambda: C @ v, repeats, out, comm, sync)
-        F = phase("factorization", lambda: C.factorize(cfg["damping"]), repeats, out, comm, sync)
-        phase("solve", lambda: F.solve(C.gradient()), repeats, out, comm, sync)
         out["held"] = {"derivatives": C.memory()["derivatives"], "factors": F.memory()["factors"]}
         out["stages"] = [C.owned.start, C.owned.stop]
-        out["route"] = F.method
     else:
-        rows = slice(rank, None, world)
-        C = phase(
-            "construction",
-            lambda: DataParallelGGN(model, nn.CrossEntropyLoss(), X[rows], y[rows]),
-            repeats,
-            out,
-            sync=sync,
-        )
-        out["construction"]["sent_bytes"] = sum(C.comm.traffic.values())
-        comm = C.comm
-        v = torch.randn(C.num_params, dtype=torch.float64)
-        phase("product", lambda: C @ v, repeats, out, comm, sync)
-
-        def factor():
-            C._distributed_space = None  # each repeat gathers and builds the Gram matrix again
-            return C.factorize(cfg["damping"])
-
-        F = phase("factorization", factor, repeats, out, comm, sync)
-        phase("solve", lambda: F.solve(C.gradient()), repeats, out, comm, sync)
         out["held"] = {
             "derivatives": sum(d.stored_bytes() for d in C.stage_derivatives()),
             "factors": _factor_bytes(F),
         }
-        out["route"] = F.method
+    out["route"] = F.method
     dist.barrier()
     dist.destroy_process_group()
     Path(result_dir, f"{rank}.json").write_text(json.dumps(out))
