@@ -78,6 +78,12 @@ _STYLE = {
 }
 
 
+#: the 2-d synthetic task of both runs (depth and width per run)
+_SINES2D = dict(
+    name="sines2d", kind="synthetic", d_in=2, d_out=2, n_train=256, n_test=1024, freq=1.0
+)
+
+
 def settings(cfg: Config) -> dict:
     """The sizes of a run; :func:`run` accepts any of these keys as an override."""
     common = dict(
@@ -98,28 +104,8 @@ def settings(cfg: Config) -> dict:
         return dict(
             common,
             tasks=[
-                dict(
-                    name="sines2d",
-                    kind="synthetic",
-                    d_in=2,
-                    d_out=2,
-                    n_train=256,
-                    n_test=1024,
-                    freq=1.0,
-                    depth=16,
-                    width=32,
-                ),
-                dict(
-                    name="sines2d",
-                    kind="synthetic",
-                    d_in=2,
-                    d_out=2,
-                    n_train=256,
-                    n_test=1024,
-                    freq=1.0,
-                    depth=64,
-                    width=16,
-                ),
+                dict(_SINES2D, depth=16, width=32),
+                dict(_SINES2D, depth=64, width=16),
                 dict(name="diabetes", kind="diabetes", depth=8, width=16),
             ],
             budget_s=8.0,
@@ -131,28 +117,8 @@ def settings(cfg: Config) -> dict:
     return dict(
         common,
         tasks=[
-            dict(
-                name="sines2d",
-                kind="synthetic",
-                d_in=2,
-                d_out=2,
-                n_train=256,
-                n_test=1024,
-                freq=1.0,
-                depth=16,
-                width=32,
-            ),
-            dict(
-                name="sines2d",
-                kind="synthetic",
-                d_in=2,
-                d_out=2,
-                n_train=256,
-                n_test=1024,
-                freq=1.0,
-                depth=64,
-                width=16,
-            ),
+            dict(_SINES2D, depth=16, width=32),
+            dict(_SINES2D, depth=64, width=16),
             dict(
                 name="sines6d",
                 kind="synthetic",
