@@ -59,7 +59,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ import time
 from pathlib import Path
 
 import torch
+from _shared import free_ram_bytes, load_average, peak_rss_bytes, run_child, splice
 from torch import nn
 
 import hessinv
@@ -135,23 +135,9 @@ def now() -> float:
     return time.perf_counter()
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def free_ram_bytes() -> int:
-    """``MemAvailable`` from ``/proc/meminfo``."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def warm_up_hessinv():
@@ -604,20 +590,6 @@ def worker(kind: str, spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_child(kind: str, spec: dict, timeout: float) -> dict:
-    """Run ``this script --worker kind spec`` in a fresh interpreter; ``{"error": ...}`` if it
-    fails."""
-    command = [sys.executable, __file__, "--worker", kind, json.dumps(spec)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        return {"error": lines[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def fmt_s(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
@@ -705,7 +677,7 @@ def measure_config(
                 route=route,
                 threads=args.threads,
             )
-            runs[route].append(run_child("route", spec, args.timeout))
+            runs[route].append(run_child(__file__, "route", spec, args.timeout))
     for route, results in runs.items():
         errors = [r["error"] for r in results if "error" in r]
         if errors:
@@ -930,7 +902,7 @@ def cg_section(args) -> str:
             max_iter=args.cg_max_iter,
             default_max_iter=args.cg_default_max_iter,
         )
-        r = run_child("cg", spec, args.timeout)
+        r = run_child(__file__, "cg", spec, args.timeout)
         depth, width, batch, classes = case
         prefix = f"| {depth} | {width} | {batch} | {classes}"
         if "error" in r:
@@ -1001,7 +973,7 @@ def rhs_section(args) -> str:
         repeats=args.rhs_repeats,
         max_iter=args.cg_max_iter,
     )
-    r = run_child("rhs", spec, args.timeout)
+    r = run_child(__file__, "rhs", spec, args.timeout)
     if "error" in r:
         return head + f"\nerror: {r['error']}"
     ratio = r["block"] / r["one"]
@@ -1120,7 +1092,7 @@ def batch_tables(args, init: str, missing) -> list[str]:
             init=init,
             gain=args.batch_gain,
         )
-        r = run_child("batch", spec, args.timeout)
+        r = run_child(__file__, "batch", spec, args.timeout)
         if "error" in r:
             lines.append(f"| {batch} | error: {r['error']} |")
             continue
@@ -1185,10 +1157,6 @@ def batch_tables(args, init: str, missing) -> list[str]:
 # ----------------------------------------------------------------------------- output
 
 
-def load_average() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def commit() -> str:
     try:
         return subprocess.run(
@@ -1226,21 +1194,6 @@ HEADINGS = {
     "rhs": "## Many right-hand",
     "batch": "## Batch axis",
 }
-
-
-def splice(old: str, sections: dict[str, str]) -> str:
-    """Replace the sections of ``old`` (split at ``## `` headings) that were rerun; a part
-    never written before is appended."""
-    chunks = old.split("\n## ")
-    head, body = chunks[0], ["## " + c for c in chunks[1:]]
-    for part, text in sections.items():
-        text = text.strip("\n")
-        hits = [i for i, c in enumerate(body) if c.startswith(HEADINGS[part])]
-        if hits:
-            body[hits[0]] = text
-        else:
-            body.append(text)
-    return "\n\n".join([head.strip("\n")] + [c.strip("\n") for c in body]) + "\n"
 
 
 def parse_args(argv):
@@ -1316,12 +1269,12 @@ def main(argv=None) -> int:
         sections["rhs"] = measured(lambda: rhs_section(args))
     if "batch" in args.parts:
         sections["batch"] = measured(lambda: batch_section(args))
-    report = splice(header(args), sections)
+    report = splice(header(args), sections, HEADINGS)
     print(report)
     if args.out:
         out = Path(args.out)
         old = out.read_text() if out.exists() and set(args.parts) != set(HEADINGS) else ""
-        out.write_text(splice(old or header(args), sections))
+        out.write_text(splice(old or header(args), sections, HEADINGS))
     return 0
 
 

@@ -31,9 +31,7 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +40,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _shared import (  # noqa: E402
+    free_ram_bytes,
+    load_average,
+    peak_rss_bytes,
+    run_child,
+    splice,
+)
+
 import hessinv  # noqa: E402
 from hessinv.tools import problems  # noqa: E402
+
+#: the children import hessinv from this checkout
+CHILD_ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_width.md"
 EPS = 1e-2
@@ -134,20 +145,6 @@ def median_time(fn, repeats, device="cpu"):
         seconds, out = timed(fn, device)
         times.append(seconds)
     return statistics.median(times), out
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def free_ram_bytes() -> int:
-    """``MemAvailable`` from ``/proc/meminfo``."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def relative_residual(H, x, g):
@@ -263,22 +260,6 @@ def worker(kind: str, spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_child(kind: str, spec: dict, timeout: float, script: str = __file__) -> dict:
-    """Run ``script --worker kind spec`` in a fresh interpreter; ``{"error": ...}`` if it fails."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [sys.executable, script, "--worker", kind, json.dumps(spec)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        return {"error": lines[-1][:160]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def loglog_slope(xs, ys) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0]
@@ -307,7 +288,9 @@ def run_width_sweep(args) -> dict:
         repeats = 1 if width >= args.single_from else args.repeats
         spec = dict(width=width, repeats=repeats, threads=args.threads)
         print(f"width {width} ...", file=sys.stderr, flush=True)
-        results[width] = run_child("width", spec, args.timeout) | {"repeats": repeats}
+        results[width] = run_child(__file__, "width", spec, args.timeout, CHILD_ENV) | {
+            "repeats": repeats
+        }
     return results
 
 
@@ -386,7 +369,7 @@ def run_hvp(args) -> dict:
             threads=args.hvp_threads,
         )
         print(f"hvp {depth}x{width}x{batch} ...", file=sys.stderr, flush=True)
-        results[(depth, width, batch)] = run_child("hvp", spec, args.timeout)
+        results[(depth, width, batch)] = run_child(__file__, "hvp", spec, args.timeout, CHILD_ENV)
     return results
 
 
@@ -448,10 +431,6 @@ def reference_table(r: dict, args) -> str:
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def header() -> str:
     return (
         f"# bench_width: torch {torch.__version__}, "
@@ -467,24 +446,6 @@ def measured(section) -> str:
         f"{text}\n\nMeasured {when}; load average {start} at the start, "
         f"{load_average()} at the end."
     )
-
-
-def splice(old: str, sections: dict[str, str]) -> str:
-    """Replace the sections of ``old`` (split at its ``## `` headings) that were rerun.
-
-    Sections are matched by their heading's first words; a part never written before is
-    appended. This lets ``--parts hvp --out`` refresh one table without rerunning the rest.
-    """
-    chunks = old.split("\n## ")
-    head, body = chunks[0], ["## " + c for c in chunks[1:]]
-    for part, text in sections.items():
-        text = text.strip("\n")
-        hits = [i for i, c in enumerate(body) if c.startswith(HEADINGS[part])]
-        if hits:
-            body[hits[0]] = text
-        else:
-            body.append(text)
-    return "\n\n".join([head.strip("\n")] + [c.strip("\n") for c in body]) + "\n"
 
 
 def parse_args(argv):
@@ -534,14 +495,16 @@ def main(argv=None) -> int:
         print("reference shape ...", file=sys.stderr, flush=True)
         spec = dict(repeats=args.repeats, threads=args.threads)
         sections["reference"] = measured(
-            lambda: reference_table(run_child("reference", spec, args.timeout), args)
+            lambda: reference_table(
+                run_child(__file__, "reference", spec, args.timeout, CHILD_ENV), args
+            )
         )
-    report = splice(header(), sections)
+    report = splice(header(), sections, HEADINGS)
     print(report)
     if args.out:
         out = Path(args.out)
         old = out.read_text() if out.exists() and set(args.parts) != set(MEASUREMENTS) else ""
-        out.write_text(splice(old or header(), sections))
+        out.write_text(splice(old or header(), sections, HEADINGS))
     return 0
 
 
