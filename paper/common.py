@@ -38,6 +38,7 @@ __all__ = [
     "progress",
     "synchronize",
     "fmt",
+    "run_with_settings",
 ]
 
 DTYPE = torch.float64
@@ -511,3 +512,19 @@ class TorchOptimizerStep:
         loss.backward()
         self.opt.step()
         return float(loss.detach())
+
+
+def run_with_settings(name: str, settings: Callable, body: Callable, cfg, overrides: dict) -> str:
+    """Run experiment ``name``: ``body(cfg, st)`` with ``st = settings(cfg)`` updated by
+    ``overrides`` (``TypeError`` for a key ``settings`` does not have), on one torch thread
+    (small dense kernels; other jobs share the cores), the thread count restored after."""
+    unknown = set(overrides) - set(settings(cfg))
+    if unknown:
+        raise TypeError(f"unknown {name} settings {sorted(unknown)}")
+    st = {**settings(cfg), **overrides}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return body(cfg, st)
+    finally:
+        torch.set_num_threads(threads)

@@ -70,6 +70,7 @@ from .common import (
     Config,
     TorchOptimizerStep,
     progress,
+    run_with_settings,
     save_figure,
     synchronize,
     write_table,
@@ -532,16 +533,7 @@ def _at_step(r: dict, k: int):
 def run(cfg: Config, **overrides) -> str:
     """Run E6; ``overrides`` replace entries of :func:`settings`. Writes ``e6_*`` into
     ``cfg.outdir``."""
-    unknown = set(overrides) - set(settings(cfg))
-    if unknown:
-        raise TypeError(f"unknown E6 settings {sorted(unknown)}")
-    st = {**settings(cfg), **overrides}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small dense kernels; other jobs share the cores
-    try:
-        return _run(cfg, st)
-    finally:
-        torch.set_num_threads(threads)
+    return run_with_settings("E6", settings, _run, cfg, overrides)
 
 
 def _grid(name: str, st: dict):

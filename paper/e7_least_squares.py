@@ -64,7 +64,7 @@ from torch import nn
 
 import hessinv
 
-from .common import Config, progress, save_figure, synchronize, write_table
+from .common import Config, progress, run_with_settings, save_figure, synchronize, write_table
 
 DT = torch.float64
 METHODS = ("LM-exact", "LM-dense", "LM-dense-JJt", "L-BFGS", "Adam")
@@ -705,16 +705,7 @@ def median_step(r: dict) -> float | None:
 def run(cfg: Config, **overrides) -> str:
     """Run E7; ``overrides`` replace entries of :func:`settings`. Writes ``e7_*`` into
     ``cfg.outdir``."""
-    unknown = set(overrides) - set(settings(cfg))
-    if unknown:
-        raise TypeError(f"unknown E7 settings {sorted(unknown)}")
-    st = {**settings(cfg), **overrides}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small dense kernels; other jobs share the cores
-    try:
-        return _run(cfg, st)
-    finally:
-        torch.set_num_threads(threads)
+    return run_with_settings("E7", settings, _run, cfg, overrides)
 
 
 def _grid(name: str, st: dict):
