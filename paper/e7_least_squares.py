@@ -722,17 +722,7 @@ def _best(runs: list[dict], name: str) -> dict | None:
 def warm_up(st: dict, device) -> None:
     """A few untimed steps of every method on a tiny problem: one-time initialisations
     (``torch.func`` transforms, forward-mode AD's decompositions, ...) stay out of the clock."""
-    task = dict(
-        name="warm-up",
-        kind="synthetic",
-        d_in=2,
-        d_out=2,
-        n_train=16,
-        n_test=16,
-        freq=1.0,
-        depth=3,
-        width=4,
-    )
+    task = dict(_SINES2D, name="warm-up", n_train=16, n_test=16, depth=3, width=4)
     data = load_task(task, 0, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

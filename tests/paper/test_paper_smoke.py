@@ -150,17 +150,7 @@ def test_e7_tiny(cfg):
     md = e7.run(
         cfg,
         tasks=[
-            dict(
-                name="sines2d",
-                kind="synthetic",
-                d_in=2,
-                d_out=2,
-                n_train=12,
-                n_test=8,
-                freq=1.0,
-                depth=3,
-                width=4,
-            ),
+            dict(e7._SINES2D, n_train=12, n_test=8, depth=3, width=4),
             dict(name="diabetes", kind="diabetes", depth=2, width=3),
         ],
         budget_s=5.0,
