@@ -112,14 +112,14 @@ def stage_derivatives(
         return LinearDerivatives.from_forward(
             forward, b, has_input=has_input, second_order=second_order
         )
-    if stage.has_tail:  # the frozen tail differentiated through its input only (section 2)
-        return GenericDerivatives(
-            stage.apply_head,
-            x,
-            z,
-            b,
-            has_input=has_input,
-            second_order=second_order,
-            tail=stage.apply_tail,
-        )
-    return GenericDerivatives(stage.apply, x, z, b, has_input=has_input, second_order=second_order)
+    # without a tail the head is the whole stage; a frozen tail is differentiated through its
+    # input only (section 2)
+    return GenericDerivatives(
+        stage.apply_head,
+        x,
+        z,
+        b,
+        has_input=has_input,
+        second_order=second_order,
+        tail=stage.apply_tail if stage.has_tail else None,
+    )
